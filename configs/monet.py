@@ -1,0 +1,23 @@
+"""Monet (CycleGAN monet2photo trainA) with the NSYNC reference hyperparameters on SD 1.5.
+
+Textual inversion of one token, batch 2 per branch, AdamW 1e-3, weight decay 1e-2,
+constant LR, 8000 steps, 512 px, random flips, no clipping (METHOD.md). Run:
+    python launch/train.py --config configs/monet.py --workdir /tmp/nsync-monet
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model.source = "pretrained"
+    config.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    config.model.compute_dtype = "bfloat16"
+    config.data.source = "tfds"
+    config.negatives.source = "store"
+    config.train.scope = "textual_inversion"
+    config.train.style_token = "<monet>"
+    config.train.initializer_token = "painting"
+    config.train.num_steps = 8000
+    config.train.batch_size = 2
+    return config

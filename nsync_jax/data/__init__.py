@@ -1,0 +1,1 @@
+"""Style data: sources of (image, caption) examples, preprocessing, and the batch iterator."""

@@ -1,0 +1,36 @@
+"""Where positives and negatives come from, chosen by `config.data.source` and
+`config.negatives.source`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from nsync_jax.data import demo
+from nsync_jax.data.examples import Examples
+
+DATA_SOURCES = ("demo",)
+NEGATIVE_SOURCES = ("demo",)
+
+
+def load_positives(data_config: ml_collections.ConfigDict, resolution: int) -> Examples:
+    if data_config.source == "demo":
+        return demo.demo_examples(data_config.demo_count, resolution, data_config.demo_seed, True)
+    raise NotImplementedError(
+        f"data.source={data_config.source!r} is not available yet; sources: {DATA_SOURCES} "
+        "(TFDS and image folders come with the real-data issue)"
+    )
+
+
+def load_negatives(
+    negatives_config: ml_collections.ConfigDict,
+    data_config: ml_collections.ConfigDict,
+    resolution: int,
+) -> Examples:
+    if negatives_config.source == "demo":
+        if data_config.source != "demo":
+            raise ValueError("negatives.source='demo' pairs only with data.source='demo'")
+        return demo.demo_examples(data_config.demo_count, resolution, data_config.demo_seed, False)
+    raise NotImplementedError(
+        f"negatives.source={negatives_config.source!r} is not available yet; sources: "
+        f"{NEGATIVE_SOURCES} (the pregenerated negatives store comes with the real-data issue)"
+    )

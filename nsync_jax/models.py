@@ -1,0 +1,300 @@
+"""Stable Diffusion components: the one seam to the diffusers and transformers Flax classes.
+
+`build(config.model)` returns a `StableDiffusion` (the modules, tokenizer and noise-schedule
+config) and its parameters as `{"unet": ..., "vae": ..., "text_encoder": ...}`. The `tiny`
+source builds small random models from config, for tests and the demo; `pretrained` loads
+a diffusers directory (see `weights.py` once loading lands).
+
+diffusers 0.39 is the last release with Flax models and transformers 4.57 the last with
+`FlaxCLIPTextModel`; both log deprecation notices on every construction, which we filter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+import flax.core
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+_DEPRECATION_MARKERS = (
+    "Flax classes are deprecated",
+    "TensorFlow and JAX classes are deprecated",
+)
+
+
+class _DropDeprecationNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(marker in message for marker in _DEPRECATION_MARKERS)
+
+
+def quiet_library_logs() -> None:
+    """Drops the Flax deprecation notices diffusers/transformers log on every construction.
+
+    Their loggers propagate to a library root logger with its own handler, so the filter
+    goes on that handler (a filter on a logger sees only records logged on that logger).
+    Other warnings from these libraries still show.
+    """
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for library_logging in (diffusers_logging, transformers_logging):
+        root = library_logging.get_logger()  # Configures the library root logger once.
+        for handler in root.handlers:
+            if not any(isinstance(f, _DropDeprecationNotices) for f in handler.filters):
+                handler.addFilter(_DropDeprecationNotices())
+
+
+quiet_library_logs()
+
+# Imported after the filter is in place; the import itself logs nothing, construction does.
+from diffusers import (  # noqa: E402
+    FlaxAutoencoderKL,
+    FlaxDDPMScheduler,
+    FlaxUNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
+
+Params = dict[str, Any]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_from_name(name: str) -> jnp.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
+    """Casts floating leaves to `dtype` (diffusers' own `to_bf16` calls the removed
+    `jax.tree_map`)."""
+
+    def cast(x):
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+            return jnp.asarray(x, dtype)
+        return x
+
+    return jax.tree.map(cast, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class StableDiffusion:
+    """The Stable Diffusion parts a trainer and a sampler need; parameters live apart."""
+
+    unet: FlaxUNet2DConditionModel
+    vae: FlaxAutoencoderKL
+    text_encoder: FlaxCLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    resolution: int
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the UNet's input."""
+        side = self.resolution // self.vae_scale_factor
+        return (self.unet.config.in_channels, side, side)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def tokenize(self, texts: list[str]) -> Any:
+        """Token ids padded to the tokenizer's max length, as SD trains and samples."""
+        return self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="np",
+        ).input_ids
+
+    def encode_text(self, text_params: Params, input_ids: jax.Array) -> jax.Array:
+        return self.text_encoder(input_ids, params=text_params, train=False)[0]
+
+    def encode_images(self, vae_params: Params, pixels: jax.Array, rng: jax.Array) -> jax.Array:
+        """Scaled VAE posterior sample, NCHW, from NCHW pixels in [-1, 1]."""
+        posterior = self.vae.apply({"params": vae_params}, pixels, method=self.vae.encode)
+        latents = posterior.latent_dist.sample(rng)  # NHWC
+        return jnp.transpose(latents, (0, 3, 1, 2)) * self.vae.config.scaling_factor
+
+    def decode_latents(self, vae_params: Params, latents: jax.Array) -> jax.Array:
+        """NCHW pixels in [-1, 1] from scaled NCHW latents."""
+        latents = latents / self.vae.config.scaling_factor
+        return self.vae.apply({"params": vae_params}, latents, method=self.vae.decode).sample
+
+    def predict_noise(
+        self, unet_params: Params, latents: jax.Array, timesteps: jax.Array, context: jax.Array
+    ) -> jax.Array:
+        return self.unet.apply(
+            {"params": unet_params}, latents, timesteps, context, train=False
+        ).sample
+
+
+# Whole words of the tiny tokenizer; everything else falls back to byte-level pieces.
+TINY_WORDS = (
+    "a an the of in on with and style painting illustration photo picture drawing "
+    "digit handwritten red green blue yellow white black orange purple circle square "
+    "triangle cross ring dot big small background zero one two three four five six "
+    "seven eight nine"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, others shift up.
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def write_tiny_tokenizer(directory: str, max_length: int, words=TINY_WORDS) -> str:
+    """Writes a CLIP BPE tokenizer (vocab.json, merges.txt) that knows `words` whole.
+
+    Merges join each word left to right, so BPE turns a listed word into one token; any
+    other text splits into byte-level pieces. Real runs load SD's own tokenizer files.
+    """
+    alphabet = list(_bytes_to_unicode().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merge = f"{merged} {piece}"
+            merged += piece
+            if merge not in merges:
+                merges.append(merge)
+                vocab.append(merged)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}, f)
+    return directory
+
+
+def _tiny_scheduler_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {
+        "num_train_timesteps": cfg.num_train_timesteps,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": cfg.prediction_type,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
+
+
+def build_tiny(
+    model_config: ml_collections.ConfigDict, rng: jax.Array, tokenizer_dir: str | None = None
+) -> tuple[StableDiffusion, Params]:
+    """Random-init tiny Stable Diffusion of the real structure, from `model_config.tiny`.
+
+    Flax's UNet hard-codes GroupNorm(32), so channel counts are multiples of 32.
+    """
+    cfg = model_config.tiny
+    compute_dtype = dtype_from_name(model_config.compute_dtype)
+    for channels in (*cfg.unet_channels, *cfg.vae_channels):
+        if channels % 32:
+            raise ValueError(
+                f"model.tiny channel count {channels} is not a multiple of 32 "
+                "(diffusers' Flax UNet and VAE use GroupNorm(32))"
+            )
+    tokenizer_dir = tokenizer_dir or tempfile.mkdtemp(prefix="nsync-tokenizer-")
+    tokenizer = CLIPTokenizer.from_pretrained(
+        write_tiny_tokenizer(tokenizer_dir, cfg.max_length)
+    )
+    n_down = len(cfg.unet_channels)
+    unet = FlaxUNet2DConditionModel(
+        sample_size=model_config.resolution // 2 ** (len(cfg.vae_channels) - 1),
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * (n_down - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_down - 1),
+        block_out_channels=tuple(cfg.unet_channels),
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim,
+        cross_attention_dim=cfg.text_hidden,
+        dtype=compute_dtype,
+    )
+    vae = FlaxAutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        block_out_channels=tuple(cfg.vae_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=model_config.resolution,
+        dtype=compute_dtype,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = FlaxCLIPTextModel(text_config, dtype=compute_dtype, _do_init=False)
+    unet_rng, vae_rng, text_rng = jax.random.split(rng, 3)
+    # Jitted: eager init compiles op by op and takes several times longer.
+    params = {
+        "unet": jax.jit(unet.init_weights)(unet_rng),
+        "vae": jax.jit(vae.init_weights)(vae_rng),
+        "text_encoder": text_encoder.init_weights(text_rng, (1, cfg.max_length)),
+    }
+    params = jax.tree.map(jnp.asarray, flax.core.unfreeze(params))
+    model = StableDiffusion(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=_tiny_scheduler_config(cfg),
+        resolution=model_config.resolution,
+    )
+    return model, cast_floating(params, dtype_from_name(model_config.param_dtype))
+
+
+def build(model_config: ml_collections.ConfigDict, rng: jax.Array) -> tuple[StableDiffusion, Params]:
+    """Builds the model named by `model_config.source`: `tiny` or `pretrained`."""
+    if model_config.source == "tiny":
+        return build_tiny(model_config, rng)
+    if model_config.source == "pretrained":
+        from nsync_jax import weights  # Loading code lives apart; tiny runs never need it.
+
+        return weights.load_pretrained(model_config)
+    raise ValueError(
+        f"model.source={model_config.source!r}: expected 'tiny' or 'pretrained'"
+    )
+
+
+def make_scheduler(model: StableDiffusion) -> FlaxDDPMScheduler:
+    """The training noise scheduler (DDPM) with the model's schedule config."""
+    return FlaxDDPMScheduler.from_config(model.scheduler_config)

@@ -1,0 +1,150 @@
+"""Trainable scopes: which parameters train, and how they rejoin the frozen ones.
+
+A scope splits the model's parameters `{"unet", "vae", "text_encoder"}` into a trainable
+tree (the only one that gets gradients and optimizer state) and a frozen tree, and merges
+them back for `apply`. Scopes are chosen by name from `config.train.scope`:
+
+- `unet`: every UNet parameter trains (full fine-tuning; our headline).
+- `textual_inversion`: one new placeholder token, initialised from a word's embedding,
+  spliced into the frozen CLIP embedding table; only that row trains (what the NSYNC
+  reference code trains).
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import dataclasses
+import logging
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from nsync_jax import models
+
+Params = dict[str, Any]
+
+_EMBEDDING_PATH = ("text_model", "embeddings", "token_embedding", "embedding")
+
+
+class Scope(abc.ABC):
+    """Splits parameters into trainable and frozen trees and merges them back."""
+
+    name: str
+
+    @abc.abstractmethod
+    def split(self, params: Params) -> tuple[Any, Params]:
+        """Returns (trainable, frozen)."""
+
+    @abc.abstractmethod
+    def merge(self, trainable: Any, frozen: Params) -> Params:
+        """Returns full parameters for `apply`, differentiable in `trainable`."""
+
+
+class UnetScope(Scope):
+    name = "unet"
+
+    def split(self, params: Params) -> tuple[Any, Params]:
+        frozen = {k: v for k, v in params.items() if k != "unet"}
+        return params["unet"], frozen
+
+    def merge(self, trainable: Any, frozen: Params) -> Params:
+        return {**frozen, "unet": trainable}
+
+
+def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set_path(tree: Any, path: tuple[str, ...], value: Any) -> Any:
+    """Copy of nested dict `tree` with the leaf at `path` replaced."""
+    if not path:
+        return value
+    head, *rest = path
+    return {**tree, head: _set_path(tree[head], tuple(rest), value)}
+
+
+@dataclasses.dataclass
+class TextualInversionScope(Scope):
+    """One trainable token embedding row; everything else frozen.
+
+    Attributes:
+      token_id: the placeholder's id in the (extended) tokenizer.
+    """
+
+    token_id: int
+    name: str = "textual_inversion"
+
+    def split(self, params: Params) -> tuple[Any, Params]:
+        table = _get_path(params["text_encoder"], _EMBEDDING_PATH)
+        return {"token_embedding": table[self.token_id : self.token_id + 1]}, params
+
+    def merge(self, trainable: Any, frozen: Params) -> Params:
+        path = ("text_encoder", *_EMBEDDING_PATH)
+        table = _get_path(frozen, path)
+        row = trainable["token_embedding"].astype(table.dtype)
+        return _set_path(frozen, path, table.at[self.token_id].set(row[0]))
+
+
+def add_placeholder_token(
+    model: models.StableDiffusion, params: Params, placeholder: str, initializer: str
+) -> tuple[models.StableDiffusion, Params, int]:
+    """Adds `placeholder` to a copy of the tokenizer and a row to the embedding table.
+
+    The new row starts as the embedding of `initializer` (the mean of its tokens' rows if
+    the tokenizer splits it), as textual inversion does.
+    """
+    tokenizer = copy.deepcopy(model.tokenizer)
+    if tokenizer.add_tokens(placeholder) != 1:
+        raise ValueError(
+            f"train.style_token {placeholder!r} is already in the tokenizer; "
+            "pick a new placeholder string such as '<monet>'"
+        )
+    token_id = tokenizer.convert_tokens_to_ids(placeholder)
+    init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
+    if not init_ids:
+        raise ValueError(f"train.initializer_token {initializer!r} tokenizes to nothing")
+    if len(init_ids) > 1:
+        logging.info(
+            "initializer %r is %d tokens; the placeholder starts at their mean embedding",
+            initializer,
+            len(init_ids),
+        )
+    table = _get_path(params["text_encoder"], _EMBEDDING_PATH)
+    if token_id != table.shape[0]:
+        raise ValueError(
+            f"tokenizer has {token_id} tokens but the text encoder's embedding table has "
+            f"{table.shape[0]} rows; they must match before adding {placeholder!r}"
+        )
+    new_row = jnp.mean(table[jnp.asarray(init_ids)], axis=0, keepdims=True)
+    table = jnp.concatenate([table, new_row.astype(table.dtype)], axis=0)
+    text_params = _set_path(params["text_encoder"], _EMBEDDING_PATH, table)
+    text_config = copy.deepcopy(model.text_encoder.config)
+    text_config.vocab_size = table.shape[0]
+    text_encoder = type(model.text_encoder)(
+        text_config, dtype=model.text_encoder.dtype, _do_init=False
+    )
+    model = dataclasses.replace(model, tokenizer=tokenizer, text_encoder=text_encoder)
+    return model, {**params, "text_encoder": text_params}, token_id
+
+
+def make_scope(
+    train_config: ml_collections.ConfigDict, model: models.StableDiffusion, params: Params
+) -> tuple[Scope, models.StableDiffusion, Params]:
+    """The scope named by `train_config.scope`, with the model and params it needs."""
+    if train_config.scope == "unet":
+        return UnetScope(), model, params
+    if train_config.scope == "textual_inversion":
+        model, params, token_id = add_placeholder_token(
+            model, params, train_config.style_token, train_config.initializer_token
+        )
+        return TextualInversionScope(token_id), model, params
+    raise ValueError(
+        f"train.scope={train_config.scope!r}: expected one of {sorted(SCOPES)}"
+    )
+
+
+SCOPES = ("textual_inversion", "unet")

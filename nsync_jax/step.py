@@ -1,0 +1,139 @@
+"""The training state and the pure training step for `finetune` and `nsync`.
+
+`make_train_step(...)` returns `step(state, batch, rng) -> (state, metrics)`, compiled once
+by the loop with explicit shardings and the state donated. Each branch is one call of the
+same diffusion loss: the positive batch gives g+, the negative batch g−; the optimizer
+(`optim.make_optimizer`) projects g+ against g− before clipping and AdamW. Two calls rather
+than a `vmap` over branches: equal gradients, and faster on CPU (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from nsync_jax import diffusion, models
+from nsync_jax.scope import Scope
+
+Batch = dict[str, dict[str, jax.Array]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything the step reads and writes.
+
+    Attributes:
+      step: number of updates applied so far.
+      trainable: the parameters the scope trains (FSDP-sharded).
+      frozen: the rest of the model, never updated (FSDP-sharded too).
+      opt_state: optimizer state, for `trainable` only.
+      nonfinite_step: first step whose loss or gradient was non-finite, -1 if none; the
+        loop reads it at log and save time, so it names the step without a per-step sync.
+    """
+
+    step: jax.Array
+    trainable: Any
+    frozen: Any
+    opt_state: optax.OptState
+    nonfinite_step: jax.Array
+
+
+def init_state(trainable: Any, frozen: Any, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        frozen=frozen,
+        opt_state=tx.init(trainable),
+        nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def make_branch_loss(model: models.StableDiffusion, scope: Scope, schedule: diffusion.NoiseSchedule):
+    """`loss(trainable, frozen, branch, rng, noise_rng)`: the ε/v MSE on one batch.
+
+    `rng` draws the VAE posterior sample; `noise_rng` draws noise and timesteps, so two
+    branches can share noise by sharing `noise_rng`.
+    """
+
+    def loss(trainable, frozen, branch, rng, noise_rng):
+        params = scope.merge(trainable, frozen)
+        if "latents" in branch:  # Precomputed by a frozen VAE.
+            latents = branch["latents"]
+        else:
+            latents = model.encode_images(params["vae"], branch["pixels"], rng)
+        latents = jax.lax.stop_gradient(latents)
+        context = model.encode_text(params["text_encoder"], branch["input_ids"])
+        noise, timesteps = diffusion.sample_noise(schedule, noise_rng, latents.shape)
+        noised = diffusion.add_noise(schedule, latents, noise, timesteps)
+        prediction = model.predict_noise(params["unet"], noised.noisy, timesteps, context)
+        return diffusion.mse(prediction, noised.target)
+
+    return loss
+
+
+def make_train_step(
+    model: models.StableDiffusion,
+    scope: Scope,
+    tx: optax.GradientTransformationExtraArgs,
+    train_config: ml_collections.ConfigDict,
+    trainable_shardings: Any = None,
+):
+    """The pure step `(state, batch, rng) -> (state, metrics)` for `train_config.mode`.
+
+    Args:
+      model: the Stable Diffusion parts.
+      scope: splits and merges trainable and frozen parameters.
+      tx: the optimizer; in `nsync` mode it takes `negative_updates=`.
+      train_config: `config.train` (`mode`, `share_noise`).
+      trainable_shardings: if given, gradients are constrained to these shardings so they
+        stay FSDP-sharded like the parameters.
+    """
+    schedule = diffusion.make_schedule(model.scheduler_config)
+    grad_fn = jax.value_and_grad(make_branch_loss(model, scope, schedule))
+    nsync = train_config.mode == "nsync"
+
+    def constrain(grads):
+        if trainable_shardings is None:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, trainable_shardings)
+
+    def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(rng, state.step)
+        pos_rng, pos_noise, neg_rng, neg_noise = jax.random.split(rng, 4)
+        if train_config.share_noise:
+            neg_noise = pos_noise
+        loss_pos, g_pos = grad_fn(state.trainable, state.frozen, batch["positive"], pos_rng, pos_noise)
+        g_pos = constrain(g_pos)
+        metrics = {"loss_pos": loss_pos, "grad_norm_pos": optax.global_norm(g_pos)}
+        extra = {}
+        if nsync:
+            loss_neg, g_neg = grad_fn(
+                state.trainable, state.frozen, batch["negative"], neg_rng, neg_noise
+            )
+            g_neg = constrain(g_neg)
+            extra = {"negative_updates": g_neg}
+            metrics.update(loss_neg=loss_neg, grad_norm_neg=optax.global_norm(g_neg))
+        updates, opt_state = tx.update(g_pos, state.opt_state, state.trainable, **extra)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics["update_norm"] = optax.global_norm(updates)
+        if nsync:
+            metrics["cosine"] = optax.tree.get(opt_state, "cosine")
+            metrics["coefficient"] = optax.tree.get(opt_state, "coefficient")
+        finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+        nonfinite_step = jnp.where(
+            (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step
+        )
+        new_state = state.replace(
+            step=state.step + 1,
+            trainable=trainable,
+            opt_state=opt_state,
+            nonfinite_step=nonfinite_step,
+        )
+        return new_state, metrics
+
+    return step

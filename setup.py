@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nsync-jax",
+    version="0.1.0",
+    description="NSYNC contrastive style fine-tuning of Stable Diffusion in JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["nsync_jax", "nsync_jax.*", "configs"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "diffusers==0.39.0",  # Last release with Flax models.
+        "transformers==4.57.6",  # Last release with FlaxCLIPTextModel.
+        "orbax-checkpoint>=0.12",
+        "tensorflow-datasets>=4.9.10",  # Used without TensorFlow via tfds.data_source.
+        "ml_collections>=1.1",
+        "absl-py",
+        "numpy",
+        "pillow",
+        "safetensors>=0.6",
+        "tensorboardX>=2.6",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.15"],
+    },
+)

@@ -1,0 +1,18 @@
+"""Test set-up: eight fake CPU devices and a persistent compilation cache.
+
+Both must be set before JAX creates its backends, so they happen at import of this file.
+The cache lets tests that compile the same tiny model reuse each other's executables.
+"""
+
+import os
+import tempfile
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("NSYNC_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "nsync-jax-test-cache")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -84,10 +84,13 @@ class Trainer:
     step_rng: jax.Array
 
 
-def setup(config: ml_collections.ConfigDict) -> Trainer:
-    """Builds mesh, model, scope, optimizer, sharded state, batches and the compiled step."""
+def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
+    """Builds mesh, model, scope, optimizer, sharded state, batches and the compiled step.
+
+    `devices` defaults to all of them; tests pass a subset to compare mesh layouts.
+    """
     validate_config(config)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     if config.train.batch_size % sharding.batch_divisor(mesh):
         raise ValueError(
             f"train.batch_size={config.train.batch_size} does not divide over the "
@@ -143,10 +146,10 @@ def _check_finite(state: step_lib.TrainState) -> None:
         )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step_lib.TrainState:
     """Runs `config` in `workdir`; returns the final state. Metrics go to the workdir."""
     os.makedirs(workdir, exist_ok=True)
-    trainer = setup(config)
+    trainer = setup(config, devices)
     writer = metrics_lib.MetricWriter(workdir)
     is_main = jax.process_index() == 0
     logging.info(

@@ -98,7 +98,9 @@ def add_placeholder_token(
     the tokenizer splits it), as textual inversion does.
     """
     tokenizer = copy.deepcopy(model.tokenizer)
-    if tokenizer.add_tokens(placeholder) != 1:
+    # A word the vocabulary already has would be hijacked for every prompt that uses it.
+    known_word = len(tokenizer(placeholder, add_special_tokens=False).input_ids) == 1
+    if known_word or tokenizer.add_tokens(placeholder) != 1:
         raise ValueError(
             f"train.style_token {placeholder!r} is already in the tokenizer; "
             "pick a new placeholder string such as '<monet>'"

@@ -109,7 +109,7 @@ def make_train_step(
             neg_noise = pos_noise
         loss_pos, g_pos = grad_fn(state.trainable, state.frozen, batch["positive"], pos_rng, pos_noise)
         g_pos = constrain(g_pos)
-        metrics = {"loss_pos": loss_pos, "grad_norm_pos": optax.global_norm(g_pos)}
+        metrics = {"loss_pos": loss_pos, "grad_norm_pos": optax.tree.norm(g_pos)}
         extra = {}
         if nsync:
             loss_neg, g_neg = grad_fn(
@@ -117,10 +117,10 @@ def make_train_step(
             )
             g_neg = constrain(g_neg)
             extra = {"negative_updates": g_neg}
-            metrics.update(loss_neg=loss_neg, grad_norm_neg=optax.global_norm(g_neg))
+            metrics.update(loss_neg=loss_neg, grad_norm_neg=optax.tree.norm(g_neg))
         updates, opt_state = tx.update(g_pos, state.opt_state, state.trainable, **extra)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics["update_norm"] = optax.global_norm(updates)
+        metrics["update_norm"] = optax.tree.norm(updates)
         if nsync:
             metrics["cosine"] = optax.tree.get(opt_state, "cosine")
             metrics["coefficient"] = optax.tree.get(opt_state, "coefficient")

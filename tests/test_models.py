@@ -1,0 +1,82 @@
+import io
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import demo
+from nsync_jax import models
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.build(demo.get_config().model, jax.random.key(0))
+
+
+def test_tiny_model_shapes_and_forward(tiny):
+    model, params = tiny
+    assert set(params) == {"unet", "vae", "text_encoder"}
+    assert model.latent_shape == (4, 16, 16)
+    ids = model.tokenize(["a red circle in the style of painting"])
+    assert ids.shape == (1, 77)
+    context = model.encode_text(params["text_encoder"], ids)
+    assert context.shape == (1, 77, 32)
+    pixels = jnp.zeros((1, 3, 32, 32))
+    latents = model.encode_images(params["vae"], pixels, jax.random.key(1))
+    assert latents.shape == (1, *model.latent_shape)
+    eps = model.predict_noise(params["unet"], latents, jnp.array([10]), context)
+    assert eps.shape == latents.shape
+    assert model.decode_latents(params["vae"], latents).shape == pixels.shape
+
+
+def test_tiny_tokenizer_keeps_listed_words_whole(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(models.write_tiny_tokenizer(str(tmp_path), 77))
+    assert tok.tokenize("a red circle painting") == ["a</w>", "red</w>", "circle</w>", "painting</w>"]
+    # Unknown words fall back to byte-level pieces rather than <unk>.
+    assert "".join(tok.tokenize("zebra")).replace("</w>", "") == "zebra"
+
+
+def test_channels_must_be_multiples_of_32():
+    config = demo.get_config().model
+    config.tiny.unet_channels = (32, 48)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        models.build(config, jax.random.key(0))
+
+
+def test_cast_floating_keeps_integers():
+    tree = {"w": jnp.ones(3), "i": jnp.arange(3)}
+    cast = models.cast_floating(tree, jnp.bfloat16)
+    assert cast["w"].dtype == jnp.bfloat16 and cast["i"].dtype == tree["i"].dtype
+
+
+def test_unknown_source_and_dtype_are_errors():
+    config = demo.get_config().model
+    config.source = "nope"
+    with pytest.raises(ValueError, match="model.source"):
+        models.build(config, jax.random.key(0))
+    with pytest.raises(ValueError, match="unknown dtype"):
+        models.dtype_from_name("float8")
+
+
+def test_deprecation_notices_are_filtered():
+    import diffusers.utils.logging as dlog
+
+    handler = dlog.get_logger().handlers[0]  # The library's own stderr handler.
+    buffer = io.StringIO()
+    old = handler.setStream(buffer)
+    try:
+        unet = models.FlaxUNet2DConditionModel(
+            sample_size=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            cross_attention_dim=32,
+        )
+        jax.eval_shape(unet.init_weights, jax.random.key(0))  # setup() logs the notice.
+        dlog.get_logger("diffusers.test").warning("a real warning")
+    finally:
+        handler.setStream(old)
+    assert "Flax classes are deprecated" not in buffer.getvalue()
+    assert "a real warning" in buffer.getvalue()

@@ -1,0 +1,94 @@
+"""The training step under jit: both modes, both scopes, mesh layouts, shared noise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from nsync_jax import models, optim, sharding, step, train
+from nsync_jax import scope as scope_lib
+
+
+def _config(**train_overrides):
+    config = demo.get_config()
+    config.train.update(train_overrides)
+    return config
+
+
+def _run(config, devices, steps):
+    trainer = train.setup(config, devices)
+    state, history = trainer.state, []
+    for i in range(steps):
+        batch = sharding.global_batch(trainer.mesh, trainer.batches.batch(i))
+        state, metrics = trainer.step_fn(state, batch, trainer.step_rng)
+        history.append(jax.device_get(metrics))
+    return trainer, state, history
+
+
+def test_fsdp_mesh_matches_single_device():
+    config = _config(mode="nsync", scope="unet", batch_size=8)
+    # Adam's ε ≫ √v makes the update ≈ lr·m: continuous in the gradient, so float noise in
+    # gradients that are 0 in exact arithmetic (biases before a norm) is not amplified to
+    # ±lr as plain Adam would, and the comparison below tests the gradients themselves.
+    config.optim.update(learning_rate=1.0, eps=1.0, weight_decay=0.0)
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    mesh_trainer, mesh_state, mesh_hist = _run(config, jax.devices()[:8], 3)
+    config.mesh.data, config.mesh.fsdp = 1, 1
+    _, one_state, one_hist = _run(config, jax.devices()[:1], 3)
+
+    # Trainable params, both gradients (through their norms) and optimizer state are
+    # FSDP-sharded on the mesh: a large kernel is split 4 ways.
+    kernel = mesh_state.trainable["conv_in"]["kernel"]
+    assert "fsdp" in kernel.sharding.spec
+    assert kernel.addressable_shards[0].data.size * 4 == kernel.size
+    mu = mesh_state.opt_state[1][0].mu["conv_in"]["kernel"]
+    assert mu.sharding.spec == kernel.sharding.spec
+
+    for a, b in zip(mesh_hist, one_hist, strict=True):
+        for key in ("loss_pos", "loss_neg", "cosine"):
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+        mesh_state.trainable,
+        one_state.trainable,
+    )
+    assert int(mesh_state.step) == 3 and int(mesh_state.nonfinite_step) == -1
+    assert set(mesh_hist[0]) == {
+        "loss_pos", "loss_neg", "grad_norm_pos", "grad_norm_neg", "update_norm", "cosine",
+        "coefficient",
+    }
+
+
+def test_textual_inversion_trains_only_the_row_and_finetune_has_no_negatives():
+    config = _config(mode="finetune", scope="textual_inversion", batch_size=8)
+    trainer, state, history = _run(config, jax.devices()[:8], 2)
+    assert set(history[0]) == {"loss_pos", "grad_norm_pos", "update_norm"}
+    assert jax.tree.map(jnp.shape, state.trainable) == {"token_embedding": (1, 32)}
+    # Optimizer state exists only for the row.
+    sizes = [x.size for x in jax.tree.leaves(state.opt_state)]
+    assert max(sizes) == 32
+    table = state.frozen["text_encoder"]["text_model"]["embeddings"]["token_embedding"]
+    assert not np.allclose(state.trainable["token_embedding"][0], table["embedding"][-1])
+
+
+def _identical_branches_loss(share_noise):
+    config = _config(mode="nsync", scope="unet", share_noise=share_noise)
+    model, params = models.build(config.model, jax.random.key(0))
+    s, model, params = scope_lib.make_scope(config.train, model, params)
+    trainable, frozen = s.split(params)
+    tx = optim.make_optimizer(config)
+    fn = jax.jit(step.make_train_step(model, s, tx, config.train))
+    latents = jax.random.normal(jax.random.key(3), (2, *model.latent_shape))
+    branch = {"latents": latents, "input_ids": model.tokenize(["a red circle"] * 2)}
+    state = step.init_state(trainable, frozen, tx)
+    _, metrics = fn(state, {"positive": branch, "negative": branch}, jax.random.key(5))
+    return metrics
+
+
+def test_share_noise_flag():
+    shared = _identical_branches_loss(True)
+    assert float(shared["loss_pos"]) == float(shared["loss_neg"])
+    assert float(shared["cosine"]) == pytest.approx(1.0, abs=1e-5)
+    separate = _identical_branches_loss(False)
+    assert float(separate["loss_pos"]) != float(separate["loss_neg"])

@@ -1,7 +1,7 @@
 """Trains a style with NSYNC (or plain fine-tuning) from a config file.
 
-    python launch/train.py --config configs/demo.py --workdir /tmp/nsync-demo
-    python launch/train.py --config configs/demo.py --workdir /tmp/ft --config.train.mode=finetune
+python launch/train.py --config configs/demo.py --workdir /tmp/nsync-demo
+python launch/train.py --config configs/demo.py --workdir /tmp/ft --config.train.mode=finetune
 """
 
 from absl import app, flags, logging

@@ -223,9 +223,7 @@ def build_tiny(
                 "(diffusers' Flax UNet and VAE use GroupNorm(32))"
             )
     tokenizer_dir = tokenizer_dir or tempfile.mkdtemp(prefix="nsync-tokenizer-")
-    tokenizer = CLIPTokenizer.from_pretrained(
-        write_tiny_tokenizer(tokenizer_dir, cfg.max_length)
-    )
+    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tokenizer_dir, cfg.max_length))
     n_down = len(cfg.unet_channels)
     unet = FlaxUNet2DConditionModel(
         sample_size=model_config.resolution // 2 ** (len(cfg.vae_channels) - 1),
@@ -282,7 +280,9 @@ def build_tiny(
     return model, cast_floating(params, dtype_from_name(model_config.param_dtype))
 
 
-def build(model_config: ml_collections.ConfigDict, rng: jax.Array) -> tuple[StableDiffusion, Params]:
+def build(
+    model_config: ml_collections.ConfigDict, rng: jax.Array
+) -> tuple[StableDiffusion, Params]:
     """Builds the model named by `model_config.source`: `tiny` or `pretrained`."""
     if model_config.source == "tiny":
         return build_tiny(model_config, rng)
@@ -290,9 +290,7 @@ def build(model_config: ml_collections.ConfigDict, rng: jax.Array) -> tuple[Stab
         from nsync_jax import weights  # Loading code lives apart; tiny runs never need it.
 
         return weights.load_pretrained(model_config)
-    raise ValueError(
-        f"model.source={model_config.source!r}: expected 'tiny' or 'pretrained'"
-    )
+    raise ValueError(f"model.source={model_config.source!r}: expected 'tiny' or 'pretrained'")
 
 
 def make_scheduler(model: StableDiffusion) -> FlaxDDPMScheduler:

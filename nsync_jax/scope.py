@@ -144,9 +144,7 @@ def make_scope(
             model, params, train_config.style_token, train_config.initializer_token
         )
         return TextualInversionScope(token_id), model, params
-    raise ValueError(
-        f"train.scope={train_config.scope!r}: expected one of {sorted(SCOPES)}"
-    )
+    raise ValueError(f"train.scope={train_config.scope!r}: expected one of {sorted(SCOPES)}")
 
 
 SCOPES = ("textual_inversion", "unet")

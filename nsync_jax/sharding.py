@@ -57,9 +57,7 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 1024) -> P
 def tree_shardings(mesh: Mesh, tree: Any) -> Any:
     """FSDP `NamedSharding` for every array (or ShapeDtypeStruct) leaf of `tree`."""
     fsdp_size = mesh.shape["fsdp"]
-    return jax.tree.map(
-        lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size)), tree
-    )
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size)), tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -53,7 +53,9 @@ def init_state(trainable: Any, frozen: Any, tx: optax.GradientTransformation) ->
     )
 
 
-def make_branch_loss(model: models.StableDiffusion, scope: Scope, schedule: diffusion.NoiseSchedule):
+def make_branch_loss(
+    model: models.StableDiffusion, scope: Scope, schedule: diffusion.NoiseSchedule
+):
     """`loss(trainable, frozen, branch, rng, noise_rng)`: the ε/v MSE on one batch.
 
     `rng` draws the VAE posterior sample; `noise_rng` draws noise and timesteps, so two
@@ -107,7 +109,9 @@ def make_train_step(
         pos_rng, pos_noise, neg_rng, neg_noise = jax.random.split(rng, 4)
         if train_config.share_noise:
             neg_noise = pos_noise
-        loss_pos, g_pos = grad_fn(state.trainable, state.frozen, batch["positive"], pos_rng, pos_noise)
+        loss_pos, g_pos = grad_fn(
+            state.trainable, state.frozen, batch["positive"], pos_rng, pos_noise
+        )
         g_pos = constrain(g_pos)
         metrics = {"loss_pos": loss_pos, "grad_norm_pos": optax.tree.norm(g_pos)}
         extra = {}

@@ -34,13 +34,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"train.scope={config.train.scope!r}",
             scope_lib.SCOPES,
         ),
-        (config.nsync.rule in projection.RULES, f"nsync.rule={config.nsync.rule!r}", projection.RULES),
+        (
+            config.nsync.rule in projection.RULES,
+            f"nsync.rule={config.nsync.rule!r}",
+            projection.RULES,
+        ),
         (
             config.nsync.granularity in projection.GRANULARITIES,
             f"nsync.granularity={config.nsync.granularity!r}",
             projection.GRANULARITIES,
         ),
-        (config.model.source in ("tiny", "pretrained"), f"model.source={config.model.source!r}", ("tiny", "pretrained")),
+        (
+            config.model.source in ("tiny", "pretrained"),
+            f"model.source={config.model.source!r}",
+            ("tiny", "pretrained"),
+        ),
         (
             config.data.source in sources.DATA_SOURCES,
             f"data.source={config.data.source!r}",

@@ -13,6 +13,8 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update(
     "jax_compilation_cache_dir",
-    os.environ.get("NSYNC_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "nsync-jax-test-cache")),
+    os.environ.get(
+        "NSYNC_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "nsync-jax-test-cache")
+    ),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -21,9 +21,7 @@ def test_matches_diffusers_schedule_noise_and_target(prediction_type):
     schedule = diffusion.make_schedule(config)
     ours = FlaxDDPMScheduler.from_config(config)
     state = ours.create_state()
-    np.testing.assert_allclose(
-        schedule.alphas_cumprod, state.common.alphas_cumprod, rtol=1e-6
-    )
+    np.testing.assert_allclose(schedule.alphas_cumprod, state.common.alphas_cumprod, rtol=1e-6)
     x0 = jax.random.normal(jax.random.key(0), (3, 4, 8, 8))
     noise, t = diffusion.sample_noise(schedule, jax.random.key(1), x0.shape)
     assert t.shape == (3,) and bool(jnp.all((t >= 0) & (t < 1000)))
@@ -31,8 +29,8 @@ def test_matches_diffusers_schedule_noise_and_target(prediction_type):
     np.testing.assert_allclose(
         noised.noisy, add_noise_common(state.common, x0, noise, t), rtol=1e-5, atol=1e-6
     )
-    expected = noise if prediction_type == "epsilon" else get_velocity_common(
-        state.common, x0, noise, t
+    expected = (
+        noise if prediction_type == "epsilon" else get_velocity_common(state.common, x0, noise, t)
     )
     np.testing.assert_allclose(noised.target, expected, rtol=1e-5, atol=1e-6)
 

@@ -33,7 +33,12 @@ def test_tiny_tokenizer_keeps_listed_words_whole(tmp_path):
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(models.write_tiny_tokenizer(str(tmp_path), 77))
-    assert tok.tokenize("a red circle painting") == ["a</w>", "red</w>", "circle</w>", "painting</w>"]
+    assert tok.tokenize("a red circle painting") == [
+        "a</w>",
+        "red</w>",
+        "circle</w>",
+        "painting</w>",
+    ]
     # Unknown words fall back to byte-level pieces rather than <unk>.
     assert "".join(tok.tokenize("zebra")).replace("</w>", "") == "zebra"
 

@@ -29,7 +29,11 @@ def test_unet_scope_round_trip(tiny):
 def test_textual_inversion_adds_one_trainable_row(tiny):
     model, params = tiny
     train = demo.get_config().train
-    train.scope, train.style_token, train.initializer_token = "textual_inversion", "<s*>", "painting"
+    train.scope, train.style_token, train.initializer_token = (
+        "textual_inversion",
+        "<s*>",
+        "painting",
+    )
     s, ti_model, ti_params = scope.make_scope(train, model, params)
     old, new = _embedding(params), _embedding(ti_params)
     assert new.shape == (old.shape[0] + 1, old.shape[1])

@@ -55,7 +55,12 @@ def test_fsdp_mesh_matches_single_device():
     )
     assert int(mesh_state.step) == 3 and int(mesh_state.nonfinite_step) == -1
     assert set(mesh_hist[0]) == {
-        "loss_pos", "loss_neg", "grad_norm_pos", "grad_norm_neg", "update_norm", "cosine",
+        "loss_pos",
+        "loss_neg",
+        "grad_norm_pos",
+        "grad_norm_neg",
+        "update_norm",
+        "cosine",
         "coefficient",
     }
 
@@ -92,3 +97,28 @@ def test_share_noise_flag():
     assert float(shared["cosine"]) == pytest.approx(1.0, abs=1e-5)
     separate = _identical_branches_loss(False)
     assert float(separate["loss_pos"]) != float(separate["loss_neg"])
+
+
+def test_nonfinite_loss_is_recorded_with_its_step():
+    config = _config(mode="nsync", scope="unet")
+    model, params = models.build(config.model, jax.random.key(0))
+    s, model, params = scope_lib.make_scope(config.train, model, params)
+    trainable, frozen = s.split(params)
+    tx = optim.make_optimizer(config)
+    fn = jax.jit(step.make_train_step(model, s, tx, config.train))
+    good = jax.random.normal(jax.random.key(3), (2, *model.latent_shape))
+    ids = model.tokenize(["a red circle"] * 2)
+    state = step.init_state(trainable, frozen, tx)
+
+    def run(state, latents):
+        batch = {
+            "positive": {"latents": latents, "input_ids": ids},
+            "negative": {"latents": good, "input_ids": ids},
+        }
+        return fn(state, batch, jax.random.key(5))[0]
+
+    state = run(state, good)
+    assert int(state.nonfinite_step) == -1
+    state = run(state, good.at[0, 0, 0, 0].set(jnp.nan))
+    state = run(state, good)
+    assert int(state.step) == 3 and int(state.nonfinite_step) == 1

@@ -42,9 +42,7 @@ class Examples:
         if missing:
             raise KeyError(f"no example with id {missing[0]!r} ({len(missing)} missing)")
         rows = [index[i] for i in ids]
-        return Examples(
-            tuple(ids), self.images[rows], tuple(self.captions[r] for r in rows)
-        )
+        return Examples(tuple(ids), self.images[rows], tuple(self.captions[r] for r in rows))
 
 
 def resize_and_crop(image: Image.Image, resolution: int) -> np.ndarray:

@@ -66,9 +66,7 @@ class PairedBatches:
         self.local_batch_size = global_batch_size // self.process_count
         self.seed = seed
         self.random_flip = random_flip
-        prompts = [
-            prompt_template.format(caption=c, style=style_token) for c in positives.captions
-        ]
+        prompts = [prompt_template.format(caption=c, style=style_token) for c in positives.captions]
         self.prompts = tuple(prompts)
         self.input_ids = np.asarray(tokenize(prompts), np.int32)
 

@@ -1,0 +1,110 @@
+"""Step time of plain fine-tuning vs NSYNC on the tiny UNet, and the projection's share.
+
+Both steps are compiled once, then timed in alternating rounds (so machine noise hits both
+alike); the figures are medians over rounds. The projection's share is the time of the
+jitted projection alone on gradient trees of the UNet's shapes, over the NSYNC step time.
+
+    python benchmarks/step_time.py --output benchmarks/results/step_time.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from configs import demo
+from nsync_jax import projection, sharding, train
+
+
+def _time(fn, repeats: int) -> float:
+    """Seconds per call, calls run back to back, each waited for."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(fn())
+    return (time.perf_counter() - start) / repeats
+
+
+def _stepper(mode: str, scope: str, batch_size: int):
+    config = demo.get_config()
+    config.train.mode, config.train.scope, config.train.batch_size = mode, scope, batch_size
+    trainer = train.setup(config, jax.devices()[:1])
+    batch = sharding.global_batch(trainer.mesh, trainer.batches.batch(0))
+    holder = {"state": trainer.state}
+
+    def run():
+        holder["state"], metrics = trainer.step_fn(holder["state"], batch, trainer.step_rng)
+        return metrics
+
+    jax.block_until_ready(run())  # Compile and warm up.
+    jax.block_until_ready(run())
+    return run, trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scope", default="unet", choices=["unet", "textual_inversion"])
+    parser.add_argument("--batch_size", type=int, default=8, help="per branch")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5, help="steps per round")
+    parser.add_argument("--output", default="benchmarks/results/step_time.json")
+    args = parser.parse_args()
+
+    finetune, _ = _stepper("finetune", args.scope, args.batch_size)
+    nsync, trainer = _stepper("nsync", args.scope, args.batch_size)
+    g = jax.tree.map(
+        lambda x: np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype),
+        trainer.state.trainable,
+    )
+    g_neg = jax.tree.map(lambda x: x * 0.5 + 0.1, g)
+    project = jax.jit(lambda p, n: projection.project(p, n)[0])
+    jax.block_until_ready(project(g, g_neg))
+
+    times = {"finetune": [], "nsync": [], "projection": []}
+    for _ in range(args.rounds):
+        times["finetune"].append(_time(finetune, args.steps))
+        times["nsync"].append(_time(nsync, args.steps))
+        times["projection"].append(_time(lambda: project(g, g_neg), args.steps * 4))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "finetune_step_s": med["finetune"],
+        "nsync_step_s": med["nsync"],
+        "ratio_nsync_over_finetune": med["nsync"] / med["finetune"],
+        "projection_s": med["projection"],
+        "projection_share_of_nsync_step": med["projection"] / med["nsync"],
+        "rounds": times,
+        "settings": {
+            "config": "configs/demo.py",
+            "scope": args.scope,
+            "batch_size_per_branch": args.batch_size,
+            "resolution": demo.get_config().model.resolution,
+            "trainable_params": int(sum(x.size for x in jax.tree.leaves(g))),
+            "rounds": args.rounds,
+            "steps_per_round": args.steps,
+            "device": str(jax.devices()[0]),
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "jax": jax.__version__,
+        },
+    }
+    print(f"fine-tune step   {med['finetune'] * 1e3:8.1f} ms")
+    print(f"NSYNC step       {med['nsync'] * 1e3:8.1f} ms")
+    print(f"ratio            {result['ratio_nsync_over_finetune']:8.3f}  (target <= 2.05)")
+    print(
+        f"projection       {med['projection'] * 1e3:8.2f} ms = "
+        f"{100 * result['projection_share_of_nsync_step']:.2f}% of the NSYNC step (target <= 2%)"
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"saved {args.output}")
+
+
+if __name__ == "__main__":
+    main()

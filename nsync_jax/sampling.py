@@ -294,6 +294,25 @@ def base_model(config: ml_collections.ConfigDict) -> tuple[models.StableDiffusio
     return models.build(config.model, init_rng)
 
 
+def trained_model(
+    config: ml_collections.ConfigDict,
+    trainable: Any,
+    base: tuple[models.StableDiffusion, Params] | None = None,
+) -> tuple[models.StableDiffusion, Params]:
+    """The base model with a run's trainable parameters (e.g. restored from a checkpoint).
+
+    The scope of `config.train` adapts the model first (textual inversion adds its
+    placeholder token to the tokenizer and embedding table), then `trainable` replaces
+    what that scope trains.
+    """
+    from nsync_jax import scope as scope_lib  # Only trained-model sampling needs scopes.
+
+    model, params = base or base_model(config)
+    scope, model, params = scope_lib.make_scope(config.train, model, params)
+    _, frozen = scope.split(params)
+    return model, scope.merge(trainable, frozen)
+
+
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
     lines: list[str] = []
     for word in text.split():

@@ -30,6 +30,10 @@ def _pixels(path):
     return {n: np.asarray(Image.open(os.path.join(folder, n))) for n in sorted(os.listdir(folder))}
 
 
+def _no_tokens(texts):
+    return np.zeros((len(texts), 4), np.int32)
+
+
 def _manifest_lines(path):
     with open(os.path.join(path, "manifest.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -137,7 +141,7 @@ def test_store_pairs_with_positives_by_id(full_store):
     batches = pipeline.PairedBatches(
         positives,
         negs,
-        tokenize=lambda texts: np.zeros((len(texts), 4), np.int32),
+        tokenize=_no_tokens,
         prompt_template=config.train.prompt_template,
         style_token=config.train.style_token,
         global_batch_size=4,
@@ -168,8 +172,7 @@ def test_store_errors_name_what_is_wrong(full_store, tmp_path):
     positives = sources.load_positives(config.data, 32)
     negs = sources.load_negatives(config.negatives, config.data, 32)
     with pytest.raises(KeyError, match="demo-00003"):
-        pipeline.PairedBatches(positives, negs, lambda t: np.zeros((len(t), 4)), "{caption}",
-                               "<s>", 2, 0, False)  # fmt: skip
+        pipeline.PairedBatches(positives, negs, _no_tokens, "{caption}", "<s>", 2, 0, False)
     # A corrupt or missing PNG is named.
     corrupt = tmp_path / "corrupt"
     os.makedirs(corrupt / negatives.IMAGES)

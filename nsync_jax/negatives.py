@@ -213,6 +213,11 @@ def generate_store(
 
         _write_atomic(os.path.join(path, SETTINGS), write)
 
+    if process == 0:
+        # Temporaries of an interrupted run. Safe: no process can finish a batch (and
+        # write) before every process, this one included, has joined the first.
+        for stale in glob.glob(os.path.join(path, IMAGES, "*.tmp-*")):
+            os.remove(stale)
     positives = sources.load_positives(config.data, config.model.resolution)
     done = read_manifest(path, repair=True)
     captions = dict(zip(positives.ids, positives.captions, strict=True))

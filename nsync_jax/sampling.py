@@ -248,6 +248,7 @@ class Sampler:
             raise ValueError("image seeds must lie in [0, 2**32)")
         total = max(len(prompts), pad_to or 0)
         input_ids = np.asarray(self.model.tokenize(list(prompts)), np.int32) if prompts else None
+        previous = None
         for offset in range(0, total, self.local_batch):
             count = max(0, min(self.local_batch, len(prompts) - offset))
             ids = np.zeros((self.local_batch, len(self.uncond_ids[0])), np.int32)
@@ -258,8 +259,13 @@ class Sampler:
                 batch_seeds[:count] = seeds[offset : offset + count]
             ids, batch_seeds = sharding.global_batch(self.mesh, (ids, batch_seeds))
             images = self._generate(self.params, ids, self.uncond_ids, batch_seeds, self.seed)
-            if count:
-                yield offset, _local_rows(images)[:count]
+            # Dispatch is asynchronous: fetch the previous batch only now, so the device
+            # denoises this one while the caller writes the last one out.
+            if previous is not None:
+                yield previous[0], _local_rows(previous[2])[: previous[1]]
+            previous = (offset, count, images) if count else None
+        if previous is not None:
+            yield previous[0], _local_rows(previous[2])[: previous[1]]
 
     def generate(self, prompts: Sequence[str], image_seeds: Sequence[int]) -> np.ndarray:
         """uint8 [N, H, W, 3] images, one per prompt."""

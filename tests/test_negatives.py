@@ -99,10 +99,13 @@ def test_interrupted_run_resumes_to_the_same_store(base, full_store, tmp_path):
     with open(manifest, "w") as f:
         f.write(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
     os.remove(os.path.join(tmp_path, last["file"]))
+    stale = tmp_path / negatives.IMAGES / "demo-00001_0.png.tmp-123"
+    stale.write_bytes(b"half a png")
     second = negatives.generate_store(config, model_and_params=base)
     assert second.complete and second.generated == COUNT * K - 2
     lines = _manifest_lines(tmp_path)
     assert len(lines) == len({(e["id"], e["k"]) for e in lines}) == COUNT * K
+    assert not stale.exists()
     resumed, full = _pixels(str(tmp_path)), _pixels(full_store)
     assert sorted(resumed) == sorted(full)
     for name in full:  # Other batch rows and devices: equal up to rounding.

@@ -302,21 +302,27 @@ def base_model(config: ml_collections.ConfigDict) -> tuple[models.StableDiffusio
 
 def trained_model(
     config: ml_collections.ConfigDict,
-    trainable: Any,
+    restore: Callable[[Any], Any],
     base: tuple[models.StableDiffusion, Params] | None = None,
 ) -> tuple[models.StableDiffusion, Params]:
-    """The base model with a run's trainable parameters (e.g. restored from a checkpoint).
+    """The base model with a run's trained parameters, for sampling a checkpoint.
 
     The scope of `config.train` adapts the model first (textual inversion adds its
-    placeholder token to the tokenizer and embedding table), then `trainable` replaces
-    what that scope trains.
+    placeholder token to the tokenizer and embedding table); `restore` then maps the
+    freshly initialised trainable tree (a template of shapes, dtypes and shardings) to the
+    trained one, e.g. `lambda t: checkpoint.restore_trainable(workdir, abstract_like(t))[0]`.
+
+    Args:
+      config: the run's config (the one its checkpoint was trained with).
+      restore: template trainable tree -> trained trainable tree.
+      base: the base model and parameters if already built.
     """
     from nsync_jax import scope as scope_lib  # Only trained-model sampling needs scopes.
 
     model, params = base or base_model(config)
     scope, model, params = scope_lib.make_scope(config.train, model, params)
-    _, frozen = scope.split(params)
-    return model, scope.merge(trainable, frozen)
+    trainable, frozen = scope.split(params)
+    return model, scope.merge(restore(trainable), frozen)
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:

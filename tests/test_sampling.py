@@ -174,7 +174,12 @@ def test_trained_model_samples_with_the_learned_token(tiny):
     config.train.scope = "textual_inversion"
     width = params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
     learned = {"token_embedding": np.full((1, width.shape[1]), 0.5, np.float32)}
-    trained, trained_params = sampling.trained_model(config, learned, base=(model, params))
+
+    def restore(template):
+        assert jax.tree.map(np.shape, template) == jax.tree.map(np.shape, learned)
+        return learned
+
+    trained, trained_params = sampling.trained_model(config, restore, base=(model, params))
     token_id = trained.tokenizer.convert_tokens_to_ids(config.train.style_token)
     table = trained_params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]
     np.testing.assert_array_equal(table["embedding"][token_id], learned["token_embedding"][0])

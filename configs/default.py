@@ -37,7 +37,28 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.random_flip = True  # Random horizontal flips, per branch.
 
     config.negatives = ml_collections.ConfigDict()
-    config.negatives.source = "demo"  # Where negatives come from: "demo" (made in-process).
+    config.negatives.source = "demo"  # Where negatives come from: "demo" or "store" (a folder).
+    config.negatives.path = ""  # Store folder (launch/generate_negatives.py writes it).
+    config.negatives.prompt_template = "{caption} in the style of painting"  # Initializer word.
+    config.negatives.per_example = 1  # K images generated per training caption.
+    config.negatives.pair_k = 0  # Which of the K images the trainer pairs with each positive.
+    config.negatives.scheduler = "pndm"  # "pndm" (SD 1.5's), "ddim", "euler" or "dpm_solver".
+    config.negatives.num_steps = 50  # Denoising steps.
+    config.negatives.guidance_scale = 7.5  # Classifier-free guidance weight (1 disables).
+    config.negatives.negative_prompt = ""  # Unconditional prompt of guidance.
+    config.negatives.size = 256  # Side of the saved PNGs in px; 0 keeps the model resolution.
+    config.negatives.seed = 0  # Base seed; each image's noise folds in a hash of (id, k).
+    config.negatives.batch_per_device = 4  # Images each device denoises at once.
+
+    config.sample = ml_collections.ConfigDict()
+    config.sample.prompt_template = "{caption} in the style of {style}"  # For --split captions.
+    config.sample.scheduler = "pndm"  # "pndm" (SD 1.5's), "ddim", "euler" or "dpm_solver".
+    config.sample.num_steps = 50  # Denoising steps.
+    config.sample.guidance_scale = 7.5  # Classifier-free guidance weight (1 disables).
+    config.sample.negative_prompt = ""  # Unconditional prompt of guidance.
+    config.sample.size = 0  # Side of the saved PNGs in px; 0 keeps the model resolution.
+    config.sample.seed = 0  # Base seed; image j of prompt i folds in i * num_per_prompt + j.
+    config.sample.batch_per_device = 4  # Images each device denoises at once.
 
     config.train = ml_collections.ConfigDict()
     config.train.mode = "nsync"  # "nsync" (projected g+) or "finetune" (the baseline).

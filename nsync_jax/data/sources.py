@@ -9,7 +9,7 @@ from nsync_jax.data import demo
 from nsync_jax.data.examples import Examples
 
 DATA_SOURCES = ("demo",)
-NEGATIVE_SOURCES = ("demo",)
+NEGATIVE_SOURCES = ("demo", "store")
 
 
 def load_positives(data_config: ml_collections.ConfigDict, resolution: int) -> Examples:
@@ -30,6 +30,10 @@ def load_negatives(
         if data_config.source != "demo":
             raise ValueError("negatives.source='demo' pairs only with data.source='demo'")
         return demo.demo_examples(data_config.demo_count, resolution, data_config.demo_seed, False)
+    if negatives_config.source == "store":
+        from nsync_jax import negatives  # Lazy: it imports this module.
+
+        return negatives.load_store(negatives_config.path, resolution, k=negatives_config.pair_k)
     raise NotImplementedError(
         f"negatives.source={negatives_config.source!r} is not available yet; sources: "
         f"{NEGATIVE_SOURCES} (the pregenerated negatives store comes with the real-data issue)"

@@ -1,0 +1,433 @@
+"""Text-to-image sampling with classifier-free guidance, spread over the devices of a mesh.
+
+The denoising loop is one jitted function: text encoding, the scheduler's loop as a
+`jax.lax.fori_loop`, and VAE decoding. Schedulers are diffusers' Flax ones, picked by name
+(`SCHEDULERS`) and configured from the model's own scheduler config, so a pretrained
+model samples with the noise schedule it was trained with.
+
+Determinism: image i's initial noise is `normal(fold_in(key(seed), image_seeds[i]))`, and
+every later operation acts on each image alone (GroupNorm, attention and the schedulers
+are per-sample), so an image's pixels depend on its prompt and seeds only, not on which
+batch, batch position or device produced it (up to float rounding of batched kernels).
+
+The batch is sharded over every device of the mesh; parameters use the project's FSDP
+shardings (replicated when `mesh.fsdp == 1`). In multi-host runs each process passes its
+own prompts and gets its own images back; all processes must run the same number of
+batches (`pad_to`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from diffusers import (
+    FlaxDDIMScheduler,
+    FlaxDPMSolverMultistepScheduler,
+    FlaxEulerDiscreteScheduler,
+    FlaxPNDMScheduler,
+)
+from PIL import Image, ImageDraw, ImageFont
+
+from nsync_jax import models, sharding
+
+Params = dict[str, Any]
+
+SCHEDULERS = {
+    "pndm": FlaxPNDMScheduler,  # SD 1.5's default; PRK warm-up unless skip_prk_steps.
+    "ddim": FlaxDDIMScheduler,
+    "euler": FlaxEulerDiscreteScheduler,
+    "dpm_solver": FlaxDPMSolverMultistepScheduler,
+}
+
+
+def make_scheduler(name: str, scheduler_config: dict[str, Any]) -> Any:
+    """The Flax scheduler `name` with the model's noise-schedule config."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} is not one of {sorted(SCHEDULERS)}")
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    return SCHEDULERS[name].from_config(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """What decides the pixels, besides the model, prompt and seeds.
+
+    Attributes:
+      scheduler: a key of `SCHEDULERS`.
+      num_steps: inference steps (the scheduler may run a few more model calls, e.g.
+        PNDM's Runge-Kutta warm-up).
+      guidance_scale: classifier-free guidance weight; 1 turns guidance off.
+      negative_prompt: the unconditional prompt of guidance ("" as SD samples).
+    """
+
+    scheduler: str
+    num_steps: int
+    guidance_scale: float
+    negative_prompt: str
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {self.scheduler!r} is not one of {sorted(SCHEDULERS)}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.scheduler == "pndm" and self.num_steps < 4:
+            # PNDM's PRK warm-up indexes the last 4 inference steps.
+            raise ValueError(f"the pndm scheduler needs num_steps >= 4, got {self.num_steps}")
+        if self.guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
+
+    @classmethod
+    def from_config(cls, group: ml_collections.ConfigDict) -> SamplerSettings:
+        """From a config group with the sampler fields (`sample` or `negatives`)."""
+        return cls(
+            scheduler=group.scheduler,
+            num_steps=group.num_steps,
+            guidance_scale=float(group.guidance_scale),
+            negative_prompt=group.negative_prompt,
+        )
+
+
+def initial_noise(seed: jax.Array, image_seeds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Standard normal noise of `shape` per image, from `fold_in(key(seed), image_seed)`."""
+    base = jax.random.key(seed)
+
+    def one(image_seed):
+        return jax.random.normal(jax.random.fold_in(base, image_seed), shape, jnp.float32)
+
+    return jax.vmap(one)(image_seeds)
+
+
+def make_generate_fn(
+    model: models.StableDiffusion, settings: SamplerSettings
+) -> Callable[[Params, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]:
+    """`generate(params, input_ids, uncond_ids, image_seeds, seed) -> images`, to be jitted.
+
+    Args of the returned function:
+      params: `{"unet", "vae", "text_encoder"}`.
+      input_ids: [B, L] prompt token ids.
+      uncond_ids: [1, L] token ids of the negative prompt.
+      image_seeds: [B] uint32, one per image.
+      seed: uint32 scalar, the base seed.
+    Returns float32 [B, H, W, 3] images in [0, 1].
+    """
+    scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
+    guided = settings.guidance_scale != 1.0
+    scale = jnp.float32(settings.guidance_scale)
+
+    def generate(params, input_ids, uncond_ids, image_seeds, seed):
+        batch = input_ids.shape[0]
+        shape = (batch, *model.latent_shape)
+        context = model.encode_text(params["text_encoder"], input_ids)
+        if guided:
+            uncond = model.encode_text(params["text_encoder"], uncond_ids)
+            uncond = jnp.broadcast_to(uncond, context.shape).astype(context.dtype)
+            # Interleaved (rows 2i, 2i+1 are image i's), not concatenated: under a batch
+            # sharding every device then keeps its own images' rows, with no resharding.
+            context = jnp.stack([uncond, context], axis=1).reshape((2 * batch,) + context.shape[1:])
+        state = scheduler.set_timesteps(scheduler.create_state(), settings.num_steps, shape)
+        # After set_timesteps: Euler's sigma depends on the inference timesteps.
+        latents = initial_noise(seed, image_seeds, model.latent_shape) * state.init_noise_sigma
+
+        def body(i, carry):
+            latents, state = carry
+            t = state.timesteps[i]
+            model_input = scheduler.scale_model_input(state, latents, t)
+            if guided:
+                model_input = jnp.repeat(model_input, 2, axis=0)
+            # Float timesteps: Euler's are fractional; integer ones embed identically.
+            timesteps = jnp.full((model_input.shape[0],), t, jnp.float32)
+            prediction = model.predict_noise(
+                params["unet"], model_input.astype(model.unet.dtype), timesteps, context
+            ).astype(jnp.float32)
+            if guided:
+                prediction = prediction.reshape((batch, 2) + prediction.shape[1:])
+                uncond_pred, cond_pred = prediction[:, 0], prediction[:, 1]
+                prediction = uncond_pred + scale * (cond_pred - uncond_pred)
+            latents, state = scheduler.step(state, prediction, t, latents, return_dict=False)
+            return latents, state
+
+        # The loop length is the scheduler's, not num_steps: PNDM adds PRK/PLMS steps.
+        num_calls = state.timesteps.shape[0]
+        latents, _ = jax.lax.fori_loop(0, num_calls, body, (latents, state))
+        pixels = model.decode_latents(params["vae"], latents.astype(model.vae.dtype))
+        images = jnp.transpose(pixels.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5
+        return jnp.clip(images, 0.0, 1.0)
+
+    return generate
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] floats to uint8, rounding."""
+    return np.round(np.asarray(images, np.float32) * 255.0).astype(np.uint8)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Square uint8 HWC `image` to `size` px (bicubic, antialiased); 0 keeps it."""
+    if size == 0 or image.shape[0] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    shards = {}
+    for shard in array.addressable_shards:
+        start = shard.index[0].start or 0
+        shards.setdefault(start, shard.data)  # Replicas hold the same rows.
+    return np.concatenate([np.asarray(shards[s]) for s in sorted(shards)])
+
+
+class Sampler:
+    """Generates images for prompts with fixed parameters, settings and base seed.
+
+    Args:
+      model: the Stable Diffusion parts.
+      params: `{"unet", "vae", "text_encoder"}` (placed on the mesh here).
+      mesh: the device mesh; the batch is split over all its devices.
+      settings: scheduler, steps, guidance and negative prompt.
+      seed: base seed; image i's noise comes from `fold_in(key(seed), image_seed_i)`.
+      batch_per_device: images each device denoises at once.
+    """
+
+    def __init__(
+        self,
+        model: models.StableDiffusion,
+        params: Params,
+        mesh: jax.sharding.Mesh,
+        settings: SamplerSettings,
+        seed: int,
+        batch_per_device: int,
+    ):
+        if batch_per_device < 1:
+            raise ValueError(f"batch_per_device must be >= 1, got {batch_per_device}")
+        self.model = model
+        self.mesh = mesh
+        self.settings = settings
+        self.seed = np.uint32(seed)
+        local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        self.local_batch = batch_per_device * len(local_devices)
+        self.global_batch = batch_per_device * mesh.devices.size
+        params = {k: params[k] for k in ("unet", "vae", "text_encoder")}
+        param_shardings = sharding.tree_shardings(mesh, params)
+        self.params = jax.device_put(params, param_shardings)
+        self.uncond_ids = np.asarray(model.tokenize([settings.negative_prompt]), np.int32)
+        batch_sharding = sharding.batch_sharding(mesh)
+        replicated = sharding.replicated(mesh)
+        self._generate = jax.jit(
+            make_generate_fn(model, settings),
+            in_shardings=(param_shardings, batch_sharding, replicated, batch_sharding, replicated),
+            out_shardings=batch_sharding,
+        )
+
+    def iterate(
+        self, prompts: Sequence[str], image_seeds: Sequence[int], pad_to: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields (offset, float32 [n, H, W, 3] images in [0, 1]) batch by batch.
+
+        Args:
+          prompts: this process's prompts.
+          image_seeds: one non-negative int < 2**32 per prompt.
+          pad_to: run as many batches as `pad_to` prompts need (multi-host: the same
+            number on every process); the padding's images are dropped.
+        """
+        if len(prompts) != len(image_seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(image_seeds)} image seeds")
+        seeds = np.asarray(image_seeds, np.int64)
+        if seeds.size and (seeds.min() < 0 or seeds.max() >= 2**32):
+            raise ValueError("image seeds must lie in [0, 2**32)")
+        total = max(len(prompts), pad_to or 0)
+        input_ids = np.asarray(self.model.tokenize(list(prompts)), np.int32) if prompts else None
+        previous = None
+        for offset in range(0, total, self.local_batch):
+            count = max(0, min(self.local_batch, len(prompts) - offset))
+            ids = np.zeros((self.local_batch, len(self.uncond_ids[0])), np.int32)
+            ids[:] = self.uncond_ids[0]  # Padding rows: the negative prompt, seed 0.
+            batch_seeds = np.zeros(self.local_batch, np.uint32)
+            if count:
+                ids[:count] = input_ids[offset : offset + count]
+                batch_seeds[:count] = seeds[offset : offset + count]
+            ids, batch_seeds = sharding.global_batch(self.mesh, (ids, batch_seeds))
+            images = self._generate(self.params, ids, self.uncond_ids, batch_seeds, self.seed)
+            # Dispatch is asynchronous: fetch the previous batch only now, so the device
+            # denoises this one while the caller writes the last one out.
+            if previous is not None:
+                yield previous[0], _local_rows(previous[2])[: previous[1]]
+            previous = (offset, count, images) if count else None
+        if previous is not None:
+            yield previous[0], _local_rows(previous[2])[: previous[1]]
+
+    def generate(self, prompts: Sequence[str], image_seeds: Sequence[int]) -> np.ndarray:
+        """uint8 [N, H, W, 3] images, one per prompt."""
+        height = self.model.resolution
+        out = np.zeros((len(prompts), height, height, 3), np.uint8)
+        for offset, images in self.iterate(prompts, image_seeds):
+            out[offset : offset + len(images)] = to_uint8(images)
+        return out
+
+
+def make_sampler(
+    config: ml_collections.ConfigDict,
+    group: ml_collections.ConfigDict,
+    model: models.StableDiffusion,
+    params: Params,
+    devices: Sequence[jax.Device] | None = None,
+) -> Sampler:
+    """A `Sampler` on `config.mesh` with the sampler fields of `group` (`sample`/`negatives`)."""
+    return Sampler(
+        model,
+        params,
+        sharding.make_mesh(config.mesh, devices),
+        SamplerSettings.from_config(group),
+        seed=group.seed,
+        batch_per_device=group.batch_per_device,
+    )
+
+
+def base_model(config: ml_collections.ConfigDict) -> tuple[models.StableDiffusion, Params]:
+    """The frozen base model, built as `train.setup` builds it (same init key for `tiny`)."""
+    init_rng, _ = jax.random.split(jax.random.key(config.seed))
+    return models.build(config.model, init_rng)
+
+
+def trained_model(
+    config: ml_collections.ConfigDict,
+    restore: Callable[[Any], Any],
+    base: tuple[models.StableDiffusion, Params] | None = None,
+) -> tuple[models.StableDiffusion, Params]:
+    """The base model with a run's trained parameters, for sampling a checkpoint.
+
+    The scope of `config.train` adapts the model first (textual inversion adds its
+    placeholder token to the tokenizer and embedding table); `restore` then maps the
+    freshly initialised trainable tree (a template of shapes, dtypes and shardings) to the
+    trained one, e.g. `lambda t: checkpoint.restore_trainable(workdir, abstract_like(t))[0]`.
+
+    Args:
+      config: the run's config (the one its checkpoint was trained with).
+      restore: template trainable tree -> trained trainable tree.
+      base: the base model and parameters if already built.
+    """
+    from nsync_jax import scope as scope_lib  # Only trained-model sampling needs scopes.
+
+    model, params = base or base_model(config)
+    scope, model, params = scope_lib.make_scope(config.train, model, params)
+    trainable, frozen = scope.split(params)
+    return model, scope.merge(restore(trainable), frozen)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def labelled_grid(
+    images: Sequence[np.ndarray], labels: Sequence[str], columns: int = 0
+) -> Image.Image:
+    """One image: tiles in rows of `columns` (0: about square), each label under its tile."""
+    if len(images) != len(labels) or not images:
+        raise ValueError(
+            f"need as many labels as images (> 0), got {len(images)} and {len(labels)}"
+        )
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    side = images[0].shape[0]
+    font = ImageFont.load_default()
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(scratch, label, font, side - 4) for label in labels]
+    line_height = scratch.textbbox((0, 0), "Ag", font=font)[3] + 2
+    text_height = line_height * max(len(w) for w in wrapped) + 4
+    grid = Image.new("RGB", (columns * side, rows * (side + text_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, lines) in enumerate(zip(images, wrapped, strict=True)):
+        x, y = (i % columns) * side, (i // columns) * (side + text_height)
+        grid.paste(Image.fromarray(image), (x, y))
+        for j, line in enumerate(lines):
+            draw.text((x + 2, y + side + 2 + j * line_height), line, fill="black", font=font)
+    return grid
+
+
+def split_prompts(config: ml_collections.ConfigDict, split: str) -> list[str]:
+    """The evaluation prompts: `sample.prompt_template` over the captions of data `split`."""
+    from nsync_jax.data import sources  # Only this path reads data.
+
+    data_config = ml_collections.ConfigDict(config.data.to_dict())
+    data_config.split = split  # Whatever split field the source reads is overridden.
+    positives = sources.load_positives(data_config, config.model.resolution)
+    return [
+        config.sample.prompt_template.format(caption=c, style=config.train.style_token)
+        for c in positives.captions
+    ]
+
+
+def sample_to_dir(
+    config: ml_collections.ConfigDict,
+    prompts: Sequence[str],
+    out_dir: str,
+    num_per_prompt: int = 1,
+    model_and_params: tuple[models.StableDiffusion, Params] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> list[str]:
+    """Writes `num_per_prompt` PNGs per prompt, `prompts.jsonl` and a labelled `grid.png`.
+
+    Image j of prompt i has image seed `i * num_per_prompt + j` under `sample.seed`.
+    Uses the base model unless `model_and_params` is given. Returns the PNG paths.
+    """
+    if not prompts:
+        raise ValueError("no prompts to sample")
+    if num_per_prompt < 1:
+        raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
+    model, params = model_and_params or base_model(config)
+    sampler = make_sampler(config, config.sample, model, params, devices)
+    expanded = [p for p in prompts for _ in range(num_per_prompt)]
+    images = generate_all_processes(sampler, expanded, list(range(len(expanded))))
+    images = [resize(image, config.sample.size) for image in images]
+    if jax.process_index() != 0:
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    with open(os.path.join(out_dir, "prompts.jsonl"), "w") as f:
+        for i, (prompt, image) in enumerate(zip(expanded, images, strict=True)):
+            path = os.path.join(out_dir, f"{i:05d}.png")
+            Image.fromarray(image).save(path)
+            paths.append(path)
+            record = {"file": os.path.basename(path), "prompt": prompt}
+            f.write(json.dumps({**record, "seed": config.sample.seed, "image_seed": i}) + "\n")
+    labelled_grid(images, expanded).save(os.path.join(out_dir, "grid.png"))
+    return paths
+
+
+def generate_all_processes(
+    sampler: Sampler, prompts: Sequence[str], image_seeds: Sequence[int]
+) -> np.ndarray:
+    """uint8 images for all `prompts`, each process generating a share; every process
+    gets them all."""
+    processes = jax.process_count()
+    if processes == 1:
+        return sampler.generate(prompts, image_seeds)
+    from jax.experimental import multihost_utils
+
+    share = -(-len(prompts) // processes)
+    start = jax.process_index() * share
+    mine = np.zeros((share, sampler.model.resolution, sampler.model.resolution, 3), np.uint8)
+    local = list(range(start, min(start + share, len(prompts))))
+    for offset, images in sampler.iterate(
+        [prompts[i] for i in local], [image_seeds[i] for i in local], pad_to=share
+    ):
+        mine[offset : offset + len(images)] = to_uint8(images)
+    gathered = np.asarray(multihost_utils.process_allgather(mine))
+    return gathered.reshape((-1,) + mine.shape[1:])[: len(prompts)]

@@ -266,7 +266,9 @@ def build_tiny(
     params = {
         "unet": jax.jit(unet.init_weights)(unet_rng),
         "vae": jax.jit(vae.init_weights)(vae_rng),
-        "text_encoder": text_encoder.init_weights(text_rng, (1, cfg.max_length)),
+        "text_encoder": jax.jit(text_encoder.init_weights, static_argnums=1)(
+            text_rng, (1, cfg.max_length)
+        ),
     }
     params = jax.tree.map(jnp.asarray, flax.core.unfreeze(params))
     model = StableDiffusion(

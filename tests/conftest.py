@@ -18,3 +18,18 @@ jax.config.update(
     ),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    """The demo config's tiny Stable Diffusion and its params, built once per session.
+
+    Treat as read-only: jax arrays are immutable, and scopes return copies of what they change.
+    """
+    from configs import demo
+    from nsync_jax import models
+
+    return models.build(demo.get_config().model, jax.random.key(0))

@@ -180,6 +180,11 @@ def to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def is_torch_buffer(key: str) -> bool:
+    """Whether `key` is a non-parameter buffer some checkpoints store (ignored)."""
+    return bool(_TORCH_BUFFERS.search(key))
+
+
 def _legacy_torch_key(key: str) -> str | None:
     for new, old in _LEGACY_TORCH.items():
         if new in key:
@@ -193,7 +198,10 @@ def _describe(names: list[str], limit: int = 5) -> str:
     return shown + more
 
 
-def _mismatch_error(source: str, missing, unexpected, misshapen) -> ValueError:
+def mismatch_error(
+    source: str, missing: list[str], unexpected: list[str], misshapen: list[str]
+) -> ValueError:
+    """One error naming (the first few of) each kind of mismatched tensor."""
     problems = []
     if missing:
         problems.append(f"missing {_describe(missing)}")
@@ -230,9 +238,9 @@ def match_torch_keys(
         if tuple(available[key]) != want:
             misshapen.append(f"{key} {tuple(available[key])} (expected {want})")
         found[path] = key
-    unexpected = sorted(k for k in available if k not in used and not _TORCH_BUFFERS.search(k))
+    unexpected = sorted(k for k in available if k not in used and not is_torch_buffer(k))
     if missing or unexpected or misshapen:
-        raise _mismatch_error(source, missing, unexpected, misshapen)
+        raise mismatch_error(source, missing, unexpected, misshapen)
     return found
 
 
@@ -240,7 +248,7 @@ def match_torch_keys(
 # Weight files.
 
 
-def _torch_weight_files(directory: str, component: str, variant: str) -> list[str]:
+def torch_weight_files(directory: str, component: str, variant: str = "") -> list[str]:
     """The safetensors file(s) of a component: one file, or the shards its index names."""
     stem = TORCH_STEMS[component] + (f".{variant}" if variant else "")
     single = os.path.join(directory, f"{stem}.safetensors")
@@ -260,7 +268,7 @@ def find_weights(directory: str, component: str, variant: str = "") -> tuple[str
     Raises:
       FileNotFoundError: naming the folder and the file names looked for.
     """
-    files = _torch_weight_files(directory, component, variant)
+    files = torch_weight_files(directory, component, variant)
     if files:
         return "torch", files
     flax_file = os.path.join(directory, FLAX_FILES[component])
@@ -346,7 +354,7 @@ def load_component_params(
             if p in stored and np.shape(stored[p]) != tuple(leaf.shape)
         ]
         if missing or unexpected or misshapen:
-            raise _mismatch_error(source, missing, unexpected, misshapen)
+            raise mismatch_error(source, missing, unexpected, misshapen)
         for path in flat_expected:
             flat[path] = _place(np.asarray(stored.pop(path)), param_dtype, flat_shardings.get(path))
     return unflatten_dict(flat)
@@ -469,7 +477,7 @@ def resolve_pretrained(model_config: ml_collections.ConfigDict) -> str:
     lacking = [
         c
         for c in COMPONENTS
-        if not _torch_weight_files(os.path.join(directory, c), c, model_config.variant)
+        if not torch_weight_files(os.path.join(directory, c), c, model_config.variant)
     ]
     if lacking:
         directory = huggingface_hub.snapshot_download(

@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.source = "pretrained"  # "pretrained" (a diffusers folder or hub id) or "tiny".
     config.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Folder or hub id.
     config.model.revision = ""  # Hub revision; "" for the default branch.
+    config.model.variant = ""  # Weight file variant ("fp16" reads *.fp16.safetensors); "" none.
     config.model.resolution = 512  # Training image side in pixels.
     config.model.param_dtype = "float32"  # Dtype the parameters are held in.
     config.model.compute_dtype = "float32"  # Dtype of activations ("bfloat16" on TPU/GPU).

@@ -105,7 +105,9 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             f"{sharding.batch_divisor(mesh)} devices of mesh {dict(mesh.shape)}"
         )
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-    model, params = models.build(config.model, init_rng)
+    model, params = models.build(
+        config.model, init_rng, shardings_fn=lambda tree: sharding.tree_shardings(mesh, tree)
+    )
     scope, model, params = scope_lib.make_scope(config.train, model, params)
     trainable, frozen = scope.split(params)
     tx = optim.make_optimizer(config)

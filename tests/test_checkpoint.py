@@ -295,17 +295,21 @@ def finetune_reference():
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_loop_resumes_in_process_exactly_and_keeps_the_newest(finetune_reference, tmp_path, caplog):
+def test_loop_saves_every_k_and_at_the_end_and_resumes_exactly(
+    finetune_reference, tmp_path, caplog
+):
     ref_dir, expected = finetune_reference
-    # Saves every 2 steps and at the end (5), keeping 2.
+    # Saved every 2 steps and at the end (5), keeping the newest 2.
     assert checkpoint.saved_steps(ref_dir) == [4, 5]
-    _train_in_process(tmp_path, **{"train.mode": "finetune", "train.num_steps": 3})
-    assert checkpoint.saved_steps(tmp_path) == [2, 3]  # 3: the end of that run.
+    # A run that stopped after step 4: its checkpoint 4 is the reference's.
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    shutil.rmtree(checkpoint.step_dir(workdir, 5))
     with caplog.at_level("INFO"):
-        final = _train_in_process(tmp_path, **{"train.mode": "finetune"})
-    assert "resuming from step 3" in caplog.text
+        final = _train_in_process(workdir, **{"train.mode": "finetune"})
+    assert "resuming from step 4" in caplog.text
     _assert_trees_equal(final, expected)
-    assert checkpoint.saved_steps(tmp_path) == [4, 5]
+    assert checkpoint.saved_steps(workdir) == [4, 5]
 
 
 def test_loop_refuses_a_changed_config(finetune_reference):
@@ -323,6 +327,7 @@ def test_loop_refuses_a_changed_config(finetune_reference):
         )
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # TensorStore.
 def test_loop_stops_on_a_damaged_latest_checkpoint(finetune_reference, tmp_path):
     ref_dir, _ = finetune_reference
     workdir = tmp_path / "run"

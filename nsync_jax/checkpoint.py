@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import zlib
 from typing import Any
 
@@ -565,8 +566,13 @@ class PreemptionWatcher:
         self._multihost = jax.process_count() > 1
 
     def __enter__(self) -> PreemptionWatcher:
-        if not self._multihost:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if self._multihost:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            # Python only lets the main thread install handlers; SIGTERM then just kills.
+            logging.warning("not on the main thread: SIGTERM will not save a checkpoint")
+            return self
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def __exit__(self, *exc_info) -> None:

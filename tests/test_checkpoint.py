@@ -321,6 +321,10 @@ def test_loop_refuses_a_changed_config(finetune_reference):
             _demo_config(**{"train.mode": "finetune", "model.tiny.unet_channels": (32, 32)}),
             ref_dir,
         )
+    with pytest.raises(FileNotFoundError, match="restore_step=3: no such checkpoint"):
+        train_lib.train(
+            _demo_config(**{"train.mode": "finetune", "checkpoint.restore_step": 3}), ref_dir
+        )
     with pytest.raises(ValueError, match="newer checkpoints \\[5\\]"):
         train_lib.train(
             _demo_config(**{"train.mode": "finetune", "checkpoint.restore_step": 4}), ref_dir

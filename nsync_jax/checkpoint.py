@@ -565,20 +565,28 @@ class PreemptionWatcher:
         self._previous = None
         self._multihost = jax.process_count() > 1
 
-    def __enter__(self) -> PreemptionWatcher:
+    def install(self) -> None:
+        """Installs the SIGTERM handler (single process, main thread only)."""
         if self._multihost:
-            return self
+            return
         if threading.current_thread() is not threading.main_thread():
             # Python only lets the main thread install handlers; SIGTERM then just kills.
             logging.warning("not on the main thread: SIGTERM will not save a checkpoint")
-            return self
+            return
         self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
 
-    def __exit__(self, *exc_info) -> None:
+    def uninstall(self) -> None:
+        """Puts back the handler that was there before `install`."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+    def __enter__(self) -> PreemptionWatcher:
+        self.install()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.uninstall()
 
     def _handle(self, signum, frame) -> None:
         del signum, frame

@@ -173,9 +173,7 @@ def _resume_step(config: ml_collections.ConfigDict, workdir: str, steps: list[in
     return wanted
 
 
-def train(
-    config: ml_collections.ConfigDict, workdir: str, devices=None
-) -> step_lib.TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step_lib.TrainState:
     """Runs `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
     Saves every `checkpoint.every` steps, at the end, and on SIGTERM (then returns early;
@@ -218,40 +216,38 @@ def train(
     tick, tick_step = time.perf_counter(), start
     bar = tqdm.trange(start, config.train.num_steps, disable=not is_main, desc="train")
     every = config.checkpoint.every
+    preemption = checkpoint.PreemptionWatcher()
+    preemption.install()
     try:
-        with checkpoint.PreemptionWatcher() as preemption:
-            for step in bar:
-                batch = sharding.global_batch(trainer.mesh, trainer.batches.batch(step))
-                state, metrics = trainer.step_fn(state, batch, step_rng)
-                sums = metrics if sums is None else jax.tree.map(operator.add, sums, metrics)
-                count += 1
-                done = step + 1
-                stop = preemption.should_stop(done)
-                log_now = done % config.log.every == 0 or done == config.train.num_steps
-                save_now = stop or done == config.train.num_steps or (every and done % every == 0)
-                if log_now or save_now:
-                    _check_finite(state)  # Never log or save past a non-finite value.
-                if log_now:
-                    means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-                    now = time.perf_counter()
-                    steps_per_s = (done - tick_step) / (now - tick)
-                    means.update(
-                        steps_per_s=steps_per_s, images_per_s=steps_per_s * images_per_step
-                    )
-                    writer.write(done, means)
-                    bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss_pos", "steps_per_s")})
-                    sums, count = None, 0
-                    tick, tick_step = now, done
-                if save_now:
-                    checkpoint.save(manager, state, step_rng, config, frozen_summary, data)
-                if stop:
-                    logging.warning(
-                        "preempted: saved step %d to %s; rerun the same command to resume",
-                        done,
-                        checkpoint.step_dir(workdir, done),
-                    )
-                    break
+        for step in bar:
+            batch = sharding.global_batch(trainer.mesh, trainer.batches.batch(step))
+            state, metrics = trainer.step_fn(state, batch, step_rng)
+            sums = metrics if sums is None else jax.tree.map(operator.add, sums, metrics)
+            count += 1
+            done = step + 1
+            if done % config.log.every == 0 or done == config.train.num_steps:
+                _check_finite(state)
+                means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+                now = time.perf_counter()
+                steps_per_s = (done - tick_step) / (now - tick)
+                means.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * images_per_step)
+                writer.write(done, means)
+                bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss_pos", "steps_per_s")})
+                sums, count = None, 0
+                tick, tick_step = now, done
+            stop = preemption.should_stop(done)
+            if stop or done == config.train.num_steps or (every and done % every == 0):
+                _check_finite(state)  # Never save a state past a non-finite value.
+                checkpoint.save(manager, state, step_rng, config, frozen_summary, data)
+            if stop:
+                logging.warning(
+                    "preempted: saved step %d to %s; rerun the same command to resume",
+                    done,
+                    checkpoint.step_dir(workdir, done),
+                )
+                break
     finally:
+        preemption.uninstall()
         bar.close()
         writer.close()
         manager.wait_until_finished()  # An async save in flight completes (or raises) here.

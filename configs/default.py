@@ -90,6 +90,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.data = -1  # Data-parallel axis size; -1 takes the devices left.
     config.mesh.fsdp = 1  # FSDP axis size (parameters and optimizer state sharded).
 
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every = 1000  # Steps between async saves; 0 saves only at the end/SIGTERM.
+    config.checkpoint.keep = 3  # Newest checkpoints kept in <workdir>/checkpoints.
+    config.checkpoint.restore_step = -1  # Resume from this saved step; -1 for the newest.
+
     config.log = ml_collections.ConfigDict()
     config.log.every = 50  # Steps between metric writes (and the non-finite check).
     return config

@@ -348,33 +348,16 @@ def export_run(
     checkpoint holds (they are rebuilt, not saved), restores the trainable parameters and
     exports their merge, copying untouched components from the pretrained folder.
     """
-    # TODO(ckpt): nsync_jax.checkpoint is on the `ckpt` branch, not yet on main; this
-    # uses its API as written there (load_run_config, restore_trainable, abstract_like,
-    # load_metadata()["frozen"], tree_summary, compare_summaries).
-    from nsync_jax import checkpoint  # The exporter itself does not need orbax.
+    from nsync_jax import runs  # The exporter itself does not need orbax.
 
-    if config is None:
-        config = checkpoint.load_run_config(workdir, step)
-    init_rng, _ = jax.random.split(jax.random.key(config.seed))  # As train.setup splits.
-    model, params = models.build(config.model, init_rng)
-    scope, model, params = scope_lib.make_scope(config.train, model, params)
-    trainable, frozen = scope.split(params)
-    trainable, step = checkpoint.restore_trainable(
-        workdir, checkpoint.abstract_like(trainable), step
-    )
-    saved_frozen = checkpoint.load_metadata(workdir, step)["frozen"]
-    problems = checkpoint.compare_summaries(saved_frozen, checkpoint.tree_summary(frozen))
-    if problems:
-        raise ValueError(
-            f"the rebuilt frozen parameters differ from those that trained step {step} in "
-            f"{workdir} (model source or seed changed?): {problems[:5]}"
-        )
+    run = runs.load_trained(workdir, step, config)
+    config, model, scope = run.config, run.model, run.scope
     base_dir = None
     if config.model.source == "pretrained":
         base_dir = weights.resolve_pretrained(config.model)
     return export_pipeline(
         model,
-        scope.merge(trainable, frozen),
+        run.params,
         output_dir,
         scope=scope,
         base_dir=base_dir,

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import tqdm
 
-from nsync_jax import checkpoint, models, optim, projection, sharding
+from nsync_jax import checkpoint, models, optim, projection, runs, sharding
 from nsync_jax import metrics as metrics_lib
 from nsync_jax import scope as scope_lib
 from nsync_jax import step as step_lib
@@ -110,9 +110,9 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             f"train.batch_size={config.train.batch_size} does not divide over the "
             f"{sharding.batch_divisor(mesh)} devices of mesh {dict(mesh.shape)}"
         )
-    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-    model, params = models.build(
-        config.model, init_rng, shardings_fn=lambda tree: sharding.tree_shardings(mesh, tree)
+    _, step_rng = runs.run_keys(config.seed)
+    model, params = runs.build_base(
+        config, shardings_fn=lambda tree: sharding.tree_shardings(mesh, tree)
     )
     scope, model, params = scope_lib.make_scope(config.train, model, params)
     trainable, frozen = scope.split(params)

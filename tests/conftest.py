@@ -27,11 +27,11 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_sd():
-    """The demo config's tiny Stable Diffusion and its params, built once per session.
+    """The demo config's tiny Stable Diffusion and its params as training builds them, once.
 
     Treat as read-only: jax arrays are immutable, and scopes return copies of what they change.
     """
     from configs import demo
-    from nsync_jax import models
+    from nsync_jax import runs
 
-    return models.build(demo.get_config().model, jax.random.key(0))
+    return runs.build_base(demo.get_config())

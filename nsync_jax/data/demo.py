@@ -40,7 +40,9 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.nda
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(shape: str, colour: str, size: int, rng: np.random.Generator, styled: bool) -> np.ndarray:
+def render(
+    shape: str, colour: str, size: int, rng: np.random.Generator, styled: bool
+) -> np.ndarray:
     """One uint8 HWC image of a `colour` `shape`, plain or in the demo style."""
     cx, cy = rng.uniform(0.35, 0.65, size=2) * size
     r = rng.uniform(0.22, 0.32) * size

@@ -8,6 +8,7 @@ batches → the step compiled once with explicit shardings and the state donated
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import operator
 import os
@@ -55,6 +56,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 sources.NEGATIVE_SOURCES,
             )
         )
+    checks.append(
+        (
+            config.data.on_bad_image in pipeline.ON_BAD_IMAGE,
+            f"data.on_bad_image={config.data.on_bad_image!r}",
+            pipeline.ON_BAD_IMAGE,
+        )
+    )
     for ok, what, allowed in checks:
         if not ok:
             raise ValueError(f"{what} is not one of {tuple(allowed)}")
@@ -120,7 +128,15 @@ def setup(config: ml_collections.ConfigDict) -> Trainer:
         global_batch_size=config.train.batch_size,
         seed=config.seed,
         random_flip=config.data.random_flip,
+        on_bad_image=config.data.on_bad_image,
     )
+    if config.data.cache_latents:
+        # The VAE is frozen in every scope, so its posterior moments never change.
+        if "vae" not in state.frozen:
+            raise ValueError(f"data.cache_latents needs a frozen VAE; scope {scope.name} trains it")
+        vae_params = state.frozen["vae"]
+        moments = jax.jit(functools.partial(step_lib.posterior_moments, model))
+        batches.cache_latents(lambda px: moments(vae_params, px), config.data.latent_batch_size)
     step = step_lib.make_train_step(
         model, scope, tx, config.train, trainable_shardings=state_sharding.trainable
     )

@@ -136,7 +136,11 @@ def setup(config: ml_collections.ConfigDict) -> Trainer:
             raise ValueError(f"data.cache_latents needs a frozen VAE; scope {scope.name} trains it")
         vae_params = state.frozen["vae"]
         moments = jax.jit(functools.partial(step_lib.posterior_moments, model))
-        batches.cache_latents(lambda px: moments(vae_params, px), config.data.latent_batch_size)
+        batches.cache_latents(
+            lambda px: moments(vae_params, px),
+            config.data.latent_batch_size,
+            config.model.resolution,
+        )
     step = step_lib.make_train_step(
         model, scope, tx, config.train, trainable_shardings=state_sharding.trainable
     )

@@ -183,10 +183,20 @@ class PairedBatches:
             out[name]["input_ids"] = self.input_ids[rows]
         return out
 
-    def cache_latents(self, moments_fn: MomentsFn, batch_size: int) -> None:
-        """Encodes both branches once (both flips) and serves moments from then on."""
+    def cache_latents(self, moments_fn: MomentsFn, batch_size: int, resolution: int) -> None:
+        """Encodes both branches once (both flips; each host its share, all-gathered) and
+        serves moments from then on."""
         caches = {
-            name: build_latent_cache(examples, moments_fn, batch_size, self.on_bad_image, name)
+            name: build_latent_cache(
+                examples,
+                moments_fn,
+                batch_size,
+                self.on_bad_image,
+                resolution,
+                name,
+                self.process_index,
+                self.process_count,
+            )
             for name, examples in self.branches.items()
         }
         self.use_latents(caches)

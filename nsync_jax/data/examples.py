@@ -10,7 +10,6 @@ a lazy set decodes only those images.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -138,7 +137,6 @@ class LazyExamples:
         self._rows = tuple(range(len(self.ids))) if rows is None else tuple(rows)
         # Keyed by the underlying reader's index, so `select` views share one cache.
         self._store = {} if _store is None else _store
-        self._lock = threading.Lock()
         self.reads = 0  # Images decoded so far (tests check hosts decode only their rows).
 
     def __len__(self) -> int:
@@ -159,10 +157,9 @@ class LazyExamples:
             pixels = resize_and_crop(decoded, self.resolution)
         except DECODE_ERRORS as e:
             raise BadImageError(self.ids[index], self.names[index], e) from e
-        with self._lock:
-            self.reads += 1
-            if self.cache:
-                self._store[row] = pixels
+        self.reads += 1
+        if self.cache:
+            self._store[row] = pixels
         return pixels
 
     def select(self, ids: Sequence[str]) -> LazyExamples:

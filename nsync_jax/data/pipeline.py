@@ -159,13 +159,6 @@ class PairedBatches:
             return candidate, images
         raise ValueError(f"every one of the {n} examples has a bad image")
 
-    def rows(self, step: int) -> np.ndarray:
-        """Indices of the examples this process serves at `step` (after substitution)."""
-        first = step * self.global_batch_size + self.process_index * self.local_batch_size
-        return np.asarray(
-            [self._row(int(i))[0] for i in self._stream(first, self.local_batch_size)]
-        )
-
     def batch(self, step: int) -> dict[str, dict[str, np.ndarray]]:
         """This process's rows of the global batch of `step`."""
         first = step * self.global_batch_size + self.process_index * self.local_batch_size

@@ -1,16 +1,18 @@
 """The training loop: set up, then step, log and stop on non-finite values.
 
 Order of set-up and resume: config check → the latest checkpoint's saved config compared
-with this one (cheap, before anything is built) → mesh → model and parameters → scope split
-→ optimizer → state built under `jax.jit(out_shardings=...)` → batches → the step compiled
-once with explicit shardings and the state donated → if resuming: data and frozen-parameter
-fingerprints checked, then trainable parameters, optimizer state, step and RNG restored
-straight into the state's shardings (checkpoint.py).
+with this one (cheap, before anything is built) → mesh → style data and negatives (opened
+before the model: a missing data set should not wait for gigabytes of weights) → model and
+parameters → scope split → optimizer → state built under `jax.jit(out_shardings=...)` →
+batches → the step compiled once with explicit shardings and the state donated → if
+resuming: data and frozen-parameter fingerprints checked, then trainable parameters,
+optimizer state, step and RNG restored straight into the state's shardings (checkpoint.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import operator
 import os
@@ -66,6 +68,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 sources.NEGATIVE_SOURCES,
             )
         )
+    checks.append(
+        (
+            config.data.on_bad_image in pipeline.ON_BAD_IMAGE,
+            f"data.on_bad_image={config.data.on_bad_image!r}",
+            pipeline.ON_BAD_IMAGE,
+        )
+    )
     for ok, what, allowed in checks:
         if not ok:
             raise ValueError(f"{what} is not one of {tuple(allowed)}")
@@ -99,7 +108,7 @@ class Trainer:
 
 
 def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
-    """Builds mesh, model, scope, optimizer, sharded state, batches and the compiled step.
+    """Builds mesh, data, model, scope, optimizer, sharded state, batches, the compiled step.
 
     `devices` defaults to all of them; tests pass a subset to compare mesh layouts.
     """
@@ -110,6 +119,10 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             f"train.batch_size={config.train.batch_size} does not divide over the "
             f"{sharding.batch_divisor(mesh)} devices of mesh {dict(mesh.shape)}"
         )
+    positives = sources.load_positives(config.data, config.model.resolution)
+    negatives = None
+    if config.train.mode == "nsync":
+        negatives = sources.load_negatives(config.negatives, config.data, config.model.resolution)
     _, step_rng = runs.run_keys(config.seed)
     model, params = runs.build_base(
         config, shardings_fn=lambda tree: sharding.tree_shardings(mesh, tree)
@@ -126,10 +139,6 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     state = jax.jit(init, out_shardings=state_sharding)(trainable, frozen)
     del params, trainable, frozen
 
-    positives = sources.load_positives(config.data, config.model.resolution)
-    negatives = None
-    if config.train.mode == "nsync":
-        negatives = sources.load_negatives(config.negatives, config.data, config.model.resolution)
     batches = pipeline.PairedBatches(
         positives,
         negatives,
@@ -139,7 +148,19 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
         global_batch_size=config.train.batch_size,
         seed=config.seed,
         random_flip=config.data.random_flip,
+        on_bad_image=config.data.on_bad_image,
     )
+    if config.data.cache_latents:
+        # The VAE is frozen in every scope, so its posterior moments never change.
+        if "vae" not in state.frozen:
+            raise ValueError(f"data.cache_latents needs a frozen VAE; scope {scope.name} trains it")
+        vae_params = state.frozen["vae"]
+        moments = jax.jit(functools.partial(step_lib.posterior_moments, model))
+        batches.cache_latents(
+            lambda px: moments(vae_params, px),
+            config.data.latent_batch_size,
+            config.model.resolution,
+        )
     step = step_lib.make_train_step(
         model, scope, tx, config.train, trainable_shardings=state_sharding.trainable
     )

@@ -105,13 +105,18 @@ def test_compare_folders_writes_json(tmp_path, mesh, tiny_embedders, monkeypatch
         (tmp_path / name).mkdir()
         for i, pixels in enumerate(_images(3, seed)):
             Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
-    (tmp_path / "gen" / "prompts.jsonl").write_text("{}\n")  # not an image: skipped
+    Image.fromarray(_images(1, 5)[0]).save(tmp_path / "real" / "notes.txt.png")
+    # A sample_to_dir folder: only the files prompts.jsonl lists count (not grid.png).
+    Image.fromarray(_images(1, 6)[0]).save(tmp_path / "gen" / "grid.png")
+    records = [json.dumps({"file": f"{i}.png", "prompt": "p"}) for i in range(3)]
+    (tmp_path / "gen" / "prompts.jsonl").write_text("\n".join(records) + "\n")
     config = default.get_config().eval
     config.metrics = ("cmmd",)
     config.real_dir, config.generated_dir = str(tmp_path / "real"), str(tmp_path / "gen")
     monkeypatch.setattr(compare, "build_embedder", lambda kind, cfg: tiny_embedders[kind])
     out = str(tmp_path / "report" / "metrics.json")
     report = compare.compare_folders(config, mesh, out)
-    assert json.loads(open(out).read()) == report and report["n_generated"] == 3
+    assert json.loads(open(out).read()) == report
+    assert report["n_generated"] == 3 and report["n_real"] == 4
     with pytest.raises(ValueError, match="no images"):
         images.list_images(str(tmp_path / "report"))

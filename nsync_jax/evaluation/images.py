@@ -8,12 +8,14 @@ whose bicubic and bilinear filters antialias when downsampling).
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MANIFEST = "prompts.jsonl"  # What sampling.sample_to_dir writes beside its images.
 
 # OpenAI CLIP's normalisation (CSD and CMMD both use it).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -23,17 +25,26 @@ ImageLike = str | Image.Image | np.ndarray
 
 
 def list_images(folder: str) -> list[str]:
-    """Image files directly in `folder`, sorted by name; an error when there are none."""
+    """The images of `folder`: those its `prompts.jsonl` lists, else every image file.
+
+    `sampling.sample_to_dir` writes `prompts.jsonl` (one record with a `file` per
+    generated image) beside a `grid.png` that must not count as a sample; other folders
+    (a test split) list their image files sorted by name. An empty set is an error.
+    """
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"image folder {folder!r} does not exist")
-    paths = sorted(
-        os.path.join(folder, name)
-        for name in os.listdir(folder)
-        if name.lower().endswith(IMAGE_SUFFIXES)
-    )
-    if not paths:
+    manifest = os.path.join(folder, MANIFEST)
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            names = [json.loads(line)["file"] for line in f if line.strip()]
+        missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
+        if missing:
+            raise FileNotFoundError(f"{manifest} lists {missing[0]!r}, which does not exist")
+    else:
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+    if not names:
         raise ValueError(f"image folder {folder!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return paths
+    return [os.path.join(folder, name) for name in names]
 
 
 def load_rgb(image: ImageLike) -> Image.Image:

@@ -285,3 +285,15 @@ def test_preprocess_ranges_and_sizes():
     flat = Image.new("RGB", (64, 40), (255, 0, 0))
     x = inception.preprocess(flat, "pytorch_fid")
     np.testing.assert_allclose(x[..., 0], 1.0) and np.testing.assert_allclose(x[..., 1], -1.0)
+
+
+def test_trunk_has_torchvisions_parameter_count():
+    # torchvision's inception_v3 has 27,161,264 parameters; minus fc (2048·1000 + 1000) and
+    # AuxLogits (3,326,696) leaves the pool3 trunk. BatchNorm statistics are buffers there.
+    shapes = inception.param_shapes("torchvision", size=299)
+    count = sum(
+        int(np.prod(leaf.shape))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
+        if not weights.path_name(path).endswith(("/mean", "/var"))
+    )
+    assert count == 27_161_264 - 2_049_000 - 3_326_696

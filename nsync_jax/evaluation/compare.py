@@ -154,9 +154,11 @@ def compare(
     embedders = dict(embedders or {})
     report: dict[str, Any] = {"n_real": len(real), "n_generated": len(generated)}
     features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for kind in dict.fromkeys(EMBEDDER_OF[n] for n in names):
+    kinds = list(dict.fromkeys(EMBEDDER_OF[n] for n in names))
+    for kind in kinds:  # Load every model first: a bad path fails before any embedding.
         if kind not in embedders:
             embedders[kind] = build_embedder(kind, eval_config)
+    for kind in kinds:
         embedder = embedders[kind]
         features[kind] = (
             embed(embedder, real, eval_config.batch_size, mesh, "real"),

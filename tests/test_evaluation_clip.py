@@ -254,3 +254,15 @@ def test_cmmd_preprocess_crops_square_then_resizes():
         x, images.clip_normalize(np.asarray(square, np.float32) / 255.0), atol=1e-6
     )
     assert x.shape == (336, 336, 3)
+
+
+def test_cmmd_reads_pytorch_model_bin(tmp_path):
+    torch.manual_seed(3)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_VISION))
+    model.save_pretrained(tmp_path / "st", safe_serialization=True)
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "pytorch_model.bin").exists()
+    _, a = clip_embed.load_hf(str(tmp_path / "st"))
+    _, b = clip_embed.load_hf(str(tmp_path / "bin"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)

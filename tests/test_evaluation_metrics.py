@@ -145,6 +145,24 @@ def test_fid_with_fewer_images_than_dimensions_is_finite():
     assert np.isfinite(value) and value > 0
 
 
+def test_fid_retries_a_non_finite_sqrtm_with_eps(monkeypatch):
+    rng = np.random.default_rng(10)
+    x, y = rng.normal(size=(20, 3)), rng.normal(size=(20, 3))
+    real_sqrtm, calls = metrics.scipy.linalg.sqrtm, []
+
+    def flaky_sqrtm(a):
+        calls.append(a)
+        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", flaky_sqrtm)
+    eps = 1e-3
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    value = metrics.frechet_distance(x.mean(0), s1, y.mean(0), s2, eps=eps)
+    offset = eps * np.eye(3)
+    np.testing.assert_allclose(calls[1], (s1 + offset) @ (s2 + offset))
+    assert np.isfinite(value) and value == pytest.approx(metrics.fid(x, y), abs=1e-2)
+
+
 def test_fid_bootstrap_is_seeded():
     rng = np.random.default_rng(9)
     x, y = rng.normal(size=(20, 3)), rng.normal(size=(20, 3)) + 1

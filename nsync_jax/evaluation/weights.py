@@ -6,7 +6,7 @@ Weights come only from paths the user configures. Accepted files:
     `weights_only=True` (argparse `Namespace` allowed, which training scripts store);
     a `model_state_dict` / `state_dict` entry is used when present;
   * a Hugging Face folder (`config.json` plus `model.safetensors`, a sharded
-    `model.safetensors.index.json`, or `flax_model.msgpack`).
+    `model.safetensors.index.json`, `flax_model.msgpack` or `pytorch_model.bin`).
 Nothing is downloaded and nothing falls back to random weights: a missing file, a missing
 array or a wrong shape raises an error naming the metric, the path and the first wrong key.
 """
@@ -118,7 +118,8 @@ def read_file(path: str, metric: str) -> Flat:
 def read_hf_folder(path: str, metric: str) -> tuple[dict[str, Any], Flat]:
     """`config.json` and the arrays of a Hugging Face model folder.
 
-    Prefers `model.safetensors` (or its sharded index), then `flax_model.msgpack`.
+    Prefers `model.safetensors` (or its sharded index), then `flax_model.msgpack`, then
+    `pytorch_model.bin` (needs torch).
     Safetensors keys use PyTorch names (`...weight`); msgpack keys Flax names (`...kernel`).
     """
     _require(metric, path)
@@ -143,8 +144,11 @@ def read_hf_folder(path: str, metric: str) -> tuple[dict[str, Any], Flat]:
         return config, flat
     if os.path.exists(msgpack):
         return config, read_file(msgpack, metric)
+    if os.path.exists(torch_bin := os.path.join(path, "pytorch_model.bin")):
+        return config, read_file(torch_bin, metric)
     raise FileNotFoundError(
-        f"{metric}: {path!r} has neither model.safetensors(.index.json) nor flax_model.msgpack"
+        f"{metric}: {path!r} has none of model.safetensors(.index.json), flax_model.msgpack, "
+        "pytorch_model.bin"
     )
 
 

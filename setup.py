@@ -23,6 +23,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.15"],
+        # torch (CPU build) and diffusers' PyTorch classes check our loading and export.
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.15", "torch==2.13.0"],
     },
 )

@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.source = "pretrained"  # "pretrained" (a diffusers folder or hub id) or "tiny".
     config.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Folder or hub id.
     config.model.revision = ""  # Hub revision; "" for the default branch.
+    config.model.variant = ""  # Weight file variant ("fp16" reads *.fp16.safetensors); "" none.
     config.model.resolution = 512  # Training image side in pixels.
     config.model.param_dtype = "float32"  # Dtype the parameters are held in.
     config.model.compute_dtype = "float32"  # Dtype of activations ("bfloat16" on TPU/GPU).
@@ -31,10 +32,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.tiny.prediction_type = "epsilon"  # "epsilon" (SD 1.x) or "v_prediction".
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "demo"  # Where positives come from: "demo" (made in-process).
+    config.data.source = "demo"  # Where positives come from: "demo", "tfds" or "folder".
     config.data.demo_count = 40  # Number of demo style images.
     config.data.demo_seed = 0  # Seed of the demo images' layouts.
     config.data.random_flip = True  # Random horizontal flips, per branch.
+    config.data.tfds_name = "cycle_gan/monet2photo"  # TFDS dataset (source="tfds").
+    config.data.split = "trainA"  # TFDS split; CycleGAN's style side is trainA / testA.
+    config.data.tfds_data_dir = ""  # Prepared TFDS data dir; "" means TFDS_DATA_DIR or the default.
+    config.data.tfds_download = False  # Let tfds download and prepare (array_record) if missing.
+    config.data.path = ""  # Image folder with metadata.jsonl (source="folder").
+    config.data.captions_file = ""  # JSON/JSONL {example id: caption}; overrides the source's.
+    config.data.caption_template = "a painting"  # Caption where none exist (logged when used).
+    config.data.caption_fallback = False  # Template for ids the captions file lacks, not an error.
+    config.data.on_bad_image = "error"  # Unreadable image: "error" names it, "skip" counts it.
+    config.data.cache_images = True  # Keep decoded, resized images in host memory once read.
+    config.data.cache_latents = False  # Encode images (both flips) once with the frozen VAE.
+    config.data.latent_batch_size = 16  # Images per VAE call when building the latent cache.
 
     config.negatives = ml_collections.ConfigDict()
     config.negatives.source = "demo"  # Where negatives come from: "demo" or "store" (a folder).
@@ -102,6 +115,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # Data-parallel axis size; -1 takes the devices left.
     config.mesh.fsdp = 1  # FSDP axis size (parameters and optimizer state sharded).
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every = 1000  # Steps between async saves; 0 saves only at the end/SIGTERM.
+    config.checkpoint.keep = 3  # Newest checkpoints kept in <workdir>/checkpoints.
+    config.checkpoint.restore_step = -1  # Resume from this saved step; -1 for the newest.
 
     config.log = ml_collections.ConfigDict()
     config.log.every = 50  # Steps between metric writes (and the non-finite check).

@@ -1,7 +1,10 @@
 """Monet (CycleGAN monet2photo trainA) with the NSYNC reference hyperparameters on SD 1.5.
 
 Textual inversion of one token, batch 2 per branch, AdamW 1e-3, weight decay 1e-2,
-constant LR, 8000 steps, 512 px, random flips, no clipping (METHOD.md). Run:
+constant LR, 8000 steps, 512 px, random flips, no clipping (METHOD.md). The data must be
+prepared once (needs TensorFlow and network; see docs/data.md):
+    tfds build cycle_gan/monet2photo --file_format=array_record --data_dir=$TFDS_DATA_DIR
+Run:
     python launch/train.py --config configs/monet.py --workdir /tmp/nsync-monet
 """
 
@@ -14,6 +17,12 @@ def get_config():
     config.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     config.model.compute_dtype = "bfloat16"
     config.data.source = "tfds"
+    config.data.tfds_name = "cycle_gan/monet2photo"
+    config.data.split = "trainA"  # The style side: 1072 paintings (testA: 121).
+    config.data.tfds_data_dir = ""  # Where `tfds build ... --file_format=array_record` wrote.
+    config.data.captions_file = ""  # VLM captions keyed by "trainA-00000"...; "" = template.
+    config.data.caption_template = "a painting"
+    config.data.cache_latents = True  # VAE frozen under textual inversion: encode once.
     config.negatives.source = "store"
     config.train.scope = "textual_inversion"
     config.train.style_token = "<monet>"

@@ -1,4 +1,5 @@
-"""Samples images from the base model for prompts, writing PNGs and a labelled grid.
+"""Samples images from a run's checkpoint (--workdir) or the base model, writing PNGs and a
+labelled grid.
 
 Prompts come from --prompt (repeatable), --prompts_file (one per line) or --split (the
 captions of that data split through sample.prompt_template, the evaluation protocol).
@@ -6,12 +7,17 @@ captions of that data split through sample.prompt_template, the evaluation proto
     python launch/sample.py --config configs/demo.py --out /tmp/samples \
         --prompt "a red circle" --prompt "a blue square" --num_per_prompt 2
     python launch/sample.py --config configs/monet.py --out /tmp/monet-eval --split testA
+    python launch/sample.py --config configs/demo.py --workdir /tmp/nsync-demo --out /tmp/s \
+        --prompt "a red circle in the style of <s*>"
+
+With --workdir the model is the run's (its saved config, scope and trained parameters at
+--step, the newest by default); --config then supplies only the `sample` settings.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nsync_jax import sampling
+from nsync_jax import runs, sampling
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Folder for the PNGs, prompts.jsonl and grid.png.")
@@ -19,6 +25,8 @@ _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for more.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file, one prompt per line.")
 _SPLIT = flags.DEFINE_string("split", None, "Use this data split's captions as prompts.")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run to sample from.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir; newest if unset.")
 flags.mark_flags_as_required(["config", "out"])
 
 
@@ -33,7 +41,14 @@ def main(argv):
         prompts += sampling.split_prompts(_CONFIG.value, _SPLIT.value)
     if not prompts:
         raise app.UsageError("give --prompt, --prompts_file or --split")
-    paths = sampling.sample_to_dir(_CONFIG.value, prompts, _OUT.value, _NUM_PER_PROMPT.value)
+    model_and_params = None
+    if _WORKDIR.value:
+        run = runs.load_trained(_WORKDIR.value, _STEP.value)
+        model_and_params = (run.model, run.params)
+        logging.info("sampling step %d of %s", run.step, _WORKDIR.value)
+    paths = sampling.sample_to_dir(
+        _CONFIG.value, prompts, _OUT.value, _NUM_PER_PROMPT.value, model_and_params
+    )
     logging.info("wrote %d images and grid.png to %s", len(paths), _OUT.value)
 
 

@@ -3,7 +3,7 @@
 `build(config.model)` returns a `StableDiffusion` (the modules, tokenizer and noise-schedule
 config) and its parameters as `{"unet": ..., "vae": ..., "text_encoder": ...}`. The `tiny`
 source builds small random models from config, for tests and the demo; `pretrained` loads
-a diffusers directory (see `weights.py` once loading lands).
+a diffusers folder or hub id (`weights.py`; `export.py` writes one back for PyTorch).
 
 diffusers 0.39 is the last release with Flax models and transformers 4.57 the last with
 `FlaxCLIPTextModel`; both log deprecation notices on every construction, which we filter.
@@ -266,7 +266,9 @@ def build_tiny(
     params = {
         "unet": jax.jit(unet.init_weights)(unet_rng),
         "vae": jax.jit(vae.init_weights)(vae_rng),
-        "text_encoder": text_encoder.init_weights(text_rng, (1, cfg.max_length)),
+        "text_encoder": jax.jit(text_encoder.init_weights, static_argnums=1)(
+            text_rng, (1, cfg.max_length)
+        ),
     }
     params = jax.tree.map(jnp.asarray, flax.core.unfreeze(params))
     model = StableDiffusion(
@@ -281,15 +283,19 @@ def build_tiny(
 
 
 def build(
-    model_config: ml_collections.ConfigDict, rng: jax.Array
+    model_config: ml_collections.ConfigDict, rng: jax.Array, shardings_fn=None
 ) -> tuple[StableDiffusion, Params]:
-    """Builds the model named by `model_config.source`: `tiny` or `pretrained`."""
+    """Builds the model named by `model_config.source`: `tiny` or `pretrained`.
+
+    `shardings_fn` (parameter shapes -> shardings) lets `pretrained` place each loaded
+    tensor straight into its shards; `tiny` ignores it (its params are small).
+    """
     if model_config.source == "tiny":
         return build_tiny(model_config, rng)
     if model_config.source == "pretrained":
         from nsync_jax import weights  # Loading code lives apart; tiny runs never need it.
 
-        return weights.load_pretrained(model_config)
+        return weights.load_pretrained(model_config, shardings_fn)
     raise ValueError(f"model.source={model_config.source!r}: expected 'tiny' or 'pretrained'")
 
 

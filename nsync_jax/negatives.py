@@ -39,7 +39,7 @@ import numpy as np
 import tqdm
 from PIL import Image
 
-from nsync_jax import models, sampling
+from nsync_jax import models, runs, sampling
 from nsync_jax.data import sources
 from nsync_jax.data.examples import Examples, resize_and_crop
 
@@ -252,7 +252,7 @@ def generate_store(
         path,
         len(mine),
     )
-    model, params = model_and_params or sampling.base_model(config)
+    model, params = model_and_params or runs.build_base(config)
     sampler = sampling.make_sampler(config, neg, model, params, devices)
     manifest = open(os.path.join(path, _manifest_name(process)), "a")
     bar = tqdm.tqdm(total=len(mine), unit="img", desc="negatives", disable=process != 0)

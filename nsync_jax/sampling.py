@@ -37,7 +37,7 @@ from diffusers import (
 )
 from PIL import Image, ImageDraw, ImageFont
 
-from nsync_jax import models, sharding
+from nsync_jax import models, runs, sharding
 
 Params = dict[str, Any]
 
@@ -294,37 +294,6 @@ def make_sampler(
     )
 
 
-def base_model(config: ml_collections.ConfigDict) -> tuple[models.StableDiffusion, Params]:
-    """The frozen base model, built as `train.setup` builds it (same init key for `tiny`)."""
-    init_rng, _ = jax.random.split(jax.random.key(config.seed))
-    return models.build(config.model, init_rng)
-
-
-def trained_model(
-    config: ml_collections.ConfigDict,
-    restore: Callable[[Any], Any],
-    base: tuple[models.StableDiffusion, Params] | None = None,
-) -> tuple[models.StableDiffusion, Params]:
-    """The base model with a run's trained parameters, for sampling a checkpoint.
-
-    The scope of `config.train` adapts the model first (textual inversion adds its
-    placeholder token to the tokenizer and embedding table); `restore` then maps the
-    freshly initialised trainable tree (a template of shapes, dtypes and shardings) to the
-    trained one, e.g. `lambda t: checkpoint.restore_trainable(workdir, abstract_like(t))[0]`.
-
-    Args:
-      config: the run's config (the one its checkpoint was trained with).
-      restore: template trainable tree -> trained trainable tree.
-      base: the base model and parameters if already built.
-    """
-    from nsync_jax import scope as scope_lib  # Only trained-model sampling needs scopes.
-
-    model, params = base or base_model(config)
-    scope, model, params = scope_lib.make_scope(config.train, model, params)
-    trainable, frozen = scope.split(params)
-    return model, scope.merge(restore(trainable), frozen)
-
-
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
     lines: list[str] = []
     for word in text.split():
@@ -391,7 +360,7 @@ def sample_to_dir(
         raise ValueError("no prompts to sample")
     if num_per_prompt < 1:
         raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
-    model, params = model_and_params or base_model(config)
+    model, params = model_and_params or runs.build_base(config)
     sampler = make_sampler(config, config.sample, model, params, devices)
     expanded = [p for p in prompts for _ in range(num_per_prompt)]
     images = generate_all_processes(sampler, expanded, list(range(len(expanded))))

@@ -53,18 +53,40 @@ def init_state(trainable: Any, frozen: Any, tx: optax.GradientTransformation) ->
     )
 
 
+def posterior_moments(
+    model: models.StableDiffusion, vae_params: Any, pixels: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(mean, std) of the VAE posterior of NCHW `pixels`, in the encoder's NHWC layout and
+    unscaled: what `data/latents.py` caches and `sample_posterior` draws from."""
+    posterior = model.vae.apply({"params": vae_params}, pixels, method=model.vae.encode)
+    return posterior.latent_dist.mean, posterior.latent_dist.std
+
+
+def sample_posterior(
+    model: models.StableDiffusion, mean: jax.Array, std: jax.Array, rng: jax.Array
+) -> jax.Array:
+    """Scaled NCHW latents `mean + std·ε`, drawn exactly as `model.encode_images` draws
+    them (same ε for the same rng), so the cached and pixel paths agree."""
+    latents = mean + std * jax.random.normal(rng, mean.shape)
+    return jnp.transpose(latents, (0, 3, 1, 2)) * model.vae.config.scaling_factor
+
+
 def make_branch_loss(
     model: models.StableDiffusion, scope: Scope, schedule: diffusion.NoiseSchedule
 ):
     """`loss(trainable, frozen, branch, rng, noise_rng)`: the ε/v MSE on one batch.
 
+    A branch holds `input_ids` and one of: `pixels` (encoded here), `latent_mean` and
+    `latent_std` (cached posterior moments, `data/latents.py`), or `latents` (fixed).
     `rng` draws the VAE posterior sample; `noise_rng` draws noise and timesteps, so two
     branches can share noise by sharing `noise_rng`.
     """
 
     def loss(trainable, frozen, branch, rng, noise_rng):
         params = scope.merge(trainable, frozen)
-        if "latents" in branch:  # Precomputed by a frozen VAE.
+        if "latent_mean" in branch:  # Cached by a frozen VAE; still a fresh sample per step.
+            latents = sample_posterior(model, branch["latent_mean"], branch["latent_std"], rng)
+        elif "latents" in branch:  # Precomputed by a frozen VAE.
             latents = branch["latents"]
         else:
             latents = model.encode_images(params["vae"], branch["pixels"], rng)

@@ -1,13 +1,18 @@
 """The training loop: set up, then step, log and stop on non-finite values.
 
-Order of set-up (and, once checkpoints land, of resume): config check → mesh → model and
+Order of set-up and resume: config check → the latest checkpoint's saved config compared
+with this one (cheap, before anything is built) → mesh → style data and negatives (opened
+before the model: a missing data set should not wait for gigabytes of weights) → model and
 parameters → scope split → optimizer → state built under `jax.jit(out_shardings=...)` →
-batches → the step compiled once with explicit shardings and the state donated.
+batches → the step compiled once with explicit shardings and the state donated → if
+resuming: data and frozen-parameter fingerprints checked, then trainable parameters,
+optimizer state, step and RNG restored straight into the state's shardings (checkpoint.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import operator
 import os
@@ -18,8 +23,8 @@ import jax
 import ml_collections
 import tqdm
 
+from nsync_jax import checkpoint, models, optim, projection, runs, sharding
 from nsync_jax import metrics as metrics_lib
-from nsync_jax import models, optim, projection, sharding
 from nsync_jax import scope as scope_lib
 from nsync_jax import step as step_lib
 from nsync_jax.data import pipeline, sources
@@ -63,6 +68,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 sources.NEGATIVE_SOURCES,
             )
         )
+    checks.append(
+        (
+            config.data.on_bad_image in pipeline.ON_BAD_IMAGE,
+            f"data.on_bad_image={config.data.on_bad_image!r}",
+            pipeline.ON_BAD_IMAGE,
+        )
+    )
     for ok, what, allowed in checks:
         if not ok:
             raise ValueError(f"{what} is not one of {tuple(allowed)}")
@@ -71,6 +83,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"train.{name} must be >= 1, got {config.train[name]}")
     if config.log.every < 1:
         raise ValueError(f"log.every must be >= 1, got {config.log.every}")
+    for name, low in (("every", 0), ("keep", 1), ("restore_step", -1)):
+        if config.checkpoint[name] < low:
+            raise ValueError(f"checkpoint.{name} must be >= {low}, got {config.checkpoint[name]}")
     if "{caption}" not in config.train.prompt_template:
         raise ValueError(
             f"train.prompt_template {config.train.prompt_template!r} has no {{caption}}"
@@ -93,7 +108,7 @@ class Trainer:
 
 
 def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
-    """Builds mesh, model, scope, optimizer, sharded state, batches and the compiled step.
+    """Builds mesh, data, model, scope, optimizer, sharded state, batches, the compiled step.
 
     `devices` defaults to all of them; tests pass a subset to compare mesh layouts.
     """
@@ -104,8 +119,14 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             f"train.batch_size={config.train.batch_size} does not divide over the "
             f"{sharding.batch_divisor(mesh)} devices of mesh {dict(mesh.shape)}"
         )
-    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-    model, params = models.build(config.model, init_rng)
+    positives = sources.load_positives(config.data, config.model.resolution)
+    negatives = None
+    if config.train.mode == "nsync":
+        negatives = sources.load_negatives(config.negatives, config.data, config.model.resolution)
+    _, step_rng = runs.run_keys(config.seed)
+    model, params = runs.build_base(
+        config, shardings_fn=lambda tree: sharding.tree_shardings(mesh, tree)
+    )
     scope, model, params = scope_lib.make_scope(config.train, model, params)
     trainable, frozen = scope.split(params)
     tx = optim.make_optimizer(config)
@@ -118,10 +139,6 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     state = jax.jit(init, out_shardings=state_sharding)(trainable, frozen)
     del params, trainable, frozen
 
-    positives = sources.load_positives(config.data, config.model.resolution)
-    negatives = None
-    if config.train.mode == "nsync":
-        negatives = sources.load_negatives(config.negatives, config.data, config.model.resolution)
     batches = pipeline.PairedBatches(
         positives,
         negatives,
@@ -131,7 +148,19 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
         global_batch_size=config.train.batch_size,
         seed=config.seed,
         random_flip=config.data.random_flip,
+        on_bad_image=config.data.on_bad_image,
     )
+    if config.data.cache_latents:
+        # The VAE is frozen in every scope, so its posterior moments never change.
+        if "vae" not in state.frozen:
+            raise ValueError(f"data.cache_latents needs a frozen VAE; scope {scope.name} trains it")
+        vae_params = state.frozen["vae"]
+        moments = jax.jit(functools.partial(step_lib.posterior_moments, model))
+        batches.cache_latents(
+            lambda px: moments(vae_params, px),
+            config.data.latent_batch_size,
+            config.model.resolution,
+        )
     step = step_lib.make_train_step(
         model, scope, tx, config.train, trainable_shardings=state_sharding.trainable
     )
@@ -154,10 +183,51 @@ def _check_finite(state: step_lib.TrainState) -> None:
         )
 
 
+def _resume_step(config: ml_collections.ConfigDict, workdir: str, steps: list[int]) -> int | None:
+    """The checkpoint to resume from: the newest, or `checkpoint.restore_step` if set."""
+    wanted = config.checkpoint.restore_step
+    if wanted < 0:
+        return steps[-1] if steps else None
+    where = checkpoint.checkpoint_dir(workdir)
+    if wanted not in steps:
+        raise FileNotFoundError(
+            f"checkpoint.restore_step={wanted}: no such checkpoint in {where}; saved: {steps}"
+        )
+    newer = [s for s in steps if s > wanted]
+    if newer:
+        # Training on from an older step would collide with (and be silently skipped by
+        # orbax at) the newer steps; the user decides what happens to them.
+        raise ValueError(
+            f"checkpoint.restore_step={wanted} but newer checkpoints {newer} exist in "
+            f"{where}; move them away (or use a new workdir) to train on from step {wanted}"
+        )
+    return wanted
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step_lib.TrainState:
-    """Runs `config` in `workdir`; returns the final state. Metrics go to the workdir."""
+    """Runs `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+    Saves every `checkpoint.every` steps, at the end, and on SIGTERM (then returns early;
+    rerun the same command to resume). Returns the final state. Metrics go to the workdir.
+    """
+    validate_config(config)
     os.makedirs(workdir, exist_ok=True)
+    manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep)
+    resume_step = _resume_step(config, workdir, sorted(manager.all_steps()))
+    meta = None
+    if resume_step is not None:  # A changed config stops here, before anything is built.
+        meta = checkpoint.check_resumable(workdir, resume_step, config)
     trainer = setup(config, devices)
+    frozen_summary = checkpoint.tree_summary(trainer.state.frozen)
+    data = checkpoint.data_fingerprint(trainer.batches)
+    state, step_rng = trainer.state, trainer.step_rng
+    if resume_step is not None:
+        logging.info(
+            "resuming from step %d (%s)", resume_step, checkpoint.step_dir(workdir, resume_step)
+        )
+        state, step_rng = checkpoint.restore_state(
+            manager, workdir, resume_step, meta, state, frozen_summary, data
+        )
     writer = metrics_lib.MetricWriter(workdir)
     is_main = jax.process_index() == 0
     logging.info(
@@ -172,15 +242,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     images_per_step = config.train.batch_size * (2 if config.train.mode == "nsync" else 1)
-    state = trainer.state
     start = int(jax.device_get(state.step))
     sums, count = None, 0
     tick, tick_step = time.perf_counter(), start
     bar = tqdm.trange(start, config.train.num_steps, disable=not is_main, desc="train")
+    every = config.checkpoint.every
+    preemption = checkpoint.PreemptionWatcher()
+    preemption.install()
     try:
         for step in bar:
             batch = sharding.global_batch(trainer.mesh, trainer.batches.batch(step))
-            state, metrics = trainer.step_fn(state, batch, trainer.step_rng)
+            state, metrics = trainer.step_fn(state, batch, step_rng)
             sums = metrics if sums is None else jax.tree.map(operator.add, sums, metrics)
             count += 1
             done = step + 1
@@ -194,7 +266,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step
                 bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss_pos", "steps_per_s")})
                 sums, count = None, 0
                 tick, tick_step = now, done
+            stop = preemption.should_stop(done)
+            if stop or done == config.train.num_steps or (every and done % every == 0):
+                _check_finite(state)  # Never save a state past a non-finite value.
+                checkpoint.save(manager, state, step_rng, config, frozen_summary, data)
+            if stop:
+                logging.warning(
+                    "preempted: saved step %d to %s; rerun the same command to resume",
+                    done,
+                    checkpoint.step_dir(workdir, done),
+                )
+                break
     finally:
+        preemption.uninstall()
         bar.close()
         writer.close()
+        manager.wait_until_finished()  # An async save in flight completes (or raises) here.
+        manager.close()
     return state

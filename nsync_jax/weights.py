@@ -1,14 +1,521 @@
-"""Loading pretrained Stable Diffusion weights into the Flax modules of `models.py`."""
+"""Loading pretrained Stable Diffusion weights into the Flax modules of `models.py`.
+
+A diffusers folder (local, or a hub id fetched with `huggingface_hub.snapshot_download`)
+holds `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/`. The Flax modules are
+built from the components' `config.json`; their weights come from PyTorch `.safetensors`
+files, read with safetensors' NumPy API (no torch at run time), or from Flax `.msgpack`.
+
+PyTorch and Flax name the same tensor differently. One rule, `torch_key`, maps every Flax
+parameter path to its PyTorch state-dict key, and `to_flax_layout` / `to_torch_layout`
+move the tensor between the two layouts; loading and `export.py` both use them, so the
+two directions cannot drift apart:
+
+    Flax                                        PyTorch
+    down_blocks_0/attentions_0/.../to_out_0     down_blocks.0.attentions.0....to_out.0
+    encoder/mid_block/attentions_0/query        encoder.mid_block.attentions.0.to_q  (VAE)
+    text_model/encoder/layers/0/...             text_model.encoder.layers.0....
+    kernel (conv, HWIO)                         weight (OIHW)
+    kernel (dense, in x out)                    weight (out x in)
+    scale (norm), embedding                     weight
+    bias                                        bias
+
+Every Flax parameter must be found with the expected shape and every tensor in the file
+must be used: a missing, unexpected or misshapen tensor is an error naming it, never a
+silently random-initialised parameter.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import flax.core
+import flax.serialization
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors import safe_open
+
+from nsync_jax import models
+
+Params = dict[str, Any]
+Path = tuple[str, ...]
+ShardingsFn = Callable[[Params], Any]
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+# PyTorch weight file stems per component (diffusers' for UNet/VAE, transformers' for CLIP).
+TORCH_STEMS = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+FLAX_FILES = {
+    "unet": "diffusion_flax_model.msgpack",
+    "vae": "diffusion_flax_model.msgpack",
+    "text_encoder": "flax_model.msgpack",
+}
+
+# Flax names the i-th module of a list `<list>_<i>`; PyTorch nests it as `<list>.<i>`.
+# Listed explicitly: `time_embedding.linear_1` keeps its underscore in PyTorch too.
+_LIST_MODULES = frozenset(
+    {
+        "down_blocks",
+        "up_blocks",
+        "attentions",
+        "resnets",
+        "transformer_blocks",
+        "downsamplers",
+        "upsamplers",
+        "net",
+        "to_out",
+    }
+)
+# diffusers' Flax VAE attention block keeps the pre-0.14 names; PyTorch renamed them.
+_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+# Older PyTorch VAE checkpoints still use those old names; diffusers renames them at load.
+_LEGACY_TORCH = {
+    ".to_q.": ".query.",
+    ".to_k.": ".key.",
+    ".to_v.": ".value.",
+    ".to_out.0.": ".proj_attn.",
+}
+# Buffers (not parameters) some PyTorch checkpoints store, e.g. older CLIP text encoders.
+_TORCH_BUFFERS = re.compile(r"(^|\.)position_ids$")
+_FLAX_LEAVES = ("kernel", "scale", "embedding", "bias")
+
+# PyTorch config fields the Flax classes do not have, with the only value the Flax
+# classes implement; any other value would build a different network, so it is an error.
+_UNSUPPORTED = {
+    "unet": {
+        "center_input_sample": False,
+        "act_fn": "silu",
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "dual_cross_attention": False,
+        "class_embed_type": None,
+        "num_class_embeds": None,
+        "encoder_hid_dim": None,
+        "resnet_time_scale_shift": "default",
+        "resnet_skip_time_act": False,
+        "resnet_out_scale_factor": 1.0,
+        "time_embedding_type": "positional",
+        "time_embedding_dim": None,
+        "time_embedding_act_fn": None,
+        "timestep_post_act": None,
+        "time_cond_proj_dim": None,
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "attention_type": "default",
+        "class_embeddings_concat": False,
+        "mid_block_only_cross_attention": None,
+        "cross_attention_norm": None,
+    },
+    "vae": {
+        "shift_factor": None,
+        "use_quant_conv": True,
+        "use_post_quant_conv": True,
+        "mid_block_add_attention": True,
+    },
+}
 
 
-def load_pretrained(model_config: ml_collections.ConfigDict):
-    """Loads UNet, VAE, text encoder, tokenizer and scheduler config from a diffusers folder."""
-    raise NotImplementedError(
-        "model.source='pretrained' needs the Stable Diffusion weight loader, which is not "
-        f"written yet (tracked in the real-data issue); cannot load {model_config.pretrained!r}. "
-        "Use model.source='tiny' (configs/demo.py) meanwhile."
+# ---------------------------------------------------------------------------------------
+# Names and layouts, shared with export.py.
+
+
+def torch_key(path: Path) -> str:
+    """The PyTorch state-dict key of the Flax parameter at `path`."""
+    *modules, leaf = path
+    if leaf not in _FLAX_LEAVES:
+        raise ValueError(f"Flax parameter {'/'.join(path)} has an unknown leaf name {leaf!r}")
+    parts = []
+    for name in modules:
+        if name in _VAE_ATTENTION:
+            parts.append(_VAE_ATTENTION[name])
+            continue
+        base, sep, index = name.rpartition("_")
+        if sep and index.isdigit() and base in _LIST_MODULES:
+            parts += [base, index]
+        else:
+            parts.append(name)
+    parts.append("bias" if leaf == "bias" else "weight")
+    return ".".join(parts)
+
+
+def torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the PyTorch tensor holding a Flax leaf of `flax_shape`."""
+    if leaf == "kernel" and len(flax_shape) == 4:  # HWIO -> OIHW
+        h, w, i, o = flax_shape
+        return (o, i, h, w)
+    if leaf == "kernel" and len(flax_shape) == 2:  # (in, out) -> (out, in)
+        return tuple(reversed(flax_shape))
+    return tuple(flax_shape)
+
+
+def to_flax_layout(leaf: str, array: np.ndarray) -> np.ndarray:
+    """A PyTorch tensor in the layout of the Flax leaf named `leaf`."""
+    if leaf == "kernel" and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T
+    return array
+
+
+def to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
+    """A Flax leaf in PyTorch layout (contiguous, as safetensors writes it)."""
+    if leaf == "kernel" and array.ndim == 4:
+        array = array.transpose(3, 2, 0, 1)
+    elif leaf == "kernel" and array.ndim == 2:
+        array = array.T
+    return np.ascontiguousarray(array)
+
+
+def is_torch_buffer(key: str) -> bool:
+    """Whether `key` is a non-parameter buffer some checkpoints store (ignored)."""
+    return bool(_TORCH_BUFFERS.search(key))
+
+
+def _legacy_torch_key(key: str) -> str | None:
+    for new, old in _LEGACY_TORCH.items():
+        if new in key:
+            return key.replace(new, old)
+    return None
+
+
+def _describe(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    more = f", ... ({len(names)} in all)" if len(names) > limit else f" ({len(names)})"
+    return shown + more
+
+
+def mismatch_error(
+    source: str, missing: list[str], unexpected: list[str], misshapen: list[str]
+) -> ValueError:
+    """One error naming (the first few of) each kind of mismatched tensor."""
+    problems = []
+    if missing:
+        problems.append(f"missing {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_describe(unexpected)}")
+    if misshapen:
+        problems.append(f"wrong shape {_describe(misshapen)}")
+    return ValueError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def match_torch_keys(
+    source: str, expected: Mapping[Path, Any], available: Mapping[str, tuple[int, ...]]
+) -> dict[Path, str]:
+    """Maps each expected Flax path to its key among `available` PyTorch tensors.
+
+    Args:
+      source: what `available` came from, for error messages.
+      expected: flat Flax parameters (anything with `.shape`) by path.
+      available: PyTorch tensor shapes by key.
+
+    Raises:
+      ValueError: naming the missing, unexpected (buffers aside) and misshapen tensors.
+    """
+    found, missing, misshapen, used = {}, [], [], set()
+    for path, leaf in expected.items():
+        key = torch_key(path)
+        if key not in available and _legacy_torch_key(key) in available:
+            key = _legacy_torch_key(key)
+        if key not in available:
+            missing.append(key)
+            continue
+        used.add(key)
+        want = torch_shape(path[-1], tuple(leaf.shape))
+        if tuple(available[key]) != want:
+            misshapen.append(f"{key} {tuple(available[key])} (expected {want})")
+        found[path] = key
+    unexpected = sorted(k for k in available if k not in used and not is_torch_buffer(k))
+    if missing or unexpected or misshapen:
+        raise mismatch_error(source, missing, unexpected, misshapen)
+    return found
+
+
+# ---------------------------------------------------------------------------------------
+# Weight files.
+
+
+def torch_weight_files(directory: str, component: str, variant: str = "") -> list[str]:
+    """The safetensors file(s) of a component: one file, or the shards its index names."""
+    stem = TORCH_STEMS[component] + (f".{variant}" if variant else "")
+    single = os.path.join(directory, f"{stem}.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    index = single + ".index.json"
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(directory, shard) for shard in shards]
+    return []
+
+
+def find_weights(directory: str, component: str, variant: str = "") -> tuple[str, list[str]]:
+    """("torch" | "flax", files) for a component folder; PyTorch safetensors first.
+
+    Raises:
+      FileNotFoundError: naming the folder and the file names looked for.
+    """
+    files = torch_weight_files(directory, component, variant)
+    if files:
+        return "torch", files
+    flax_file = os.path.join(directory, FLAX_FILES[component])
+    if os.path.isfile(flax_file):
+        return "flax", [flax_file]
+    stem = TORCH_STEMS[component] + (f".{variant}" if variant else "")
+    raise FileNotFoundError(
+        f"no {component} weights in {directory}: looked for {stem}.safetensors (or its "
+        f".index.json) and {FLAX_FILES[component]}; PyTorch .bin files are not read "
+        "(convert them to safetensors)"
     )
+
+
+@contextlib.contextmanager
+def _open_safetensors(files: list[str]) -> Iterator[dict[str, Any]]:
+    """Key -> open safetensors handle (NumPy framework), over all shards."""
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for name in files:
+            handle = stack.enter_context(safe_open(name, framework="np"))
+            for key in handle.keys():
+                handles[key] = handle
+        yield handles
+
+
+def safetensors_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from safetensors headers, without reading the tensors."""
+    with _open_safetensors(files) as handles:
+        return {k: tuple(h.get_slice(k).get_shape()) for k, h in handles.items()}
+
+
+def _place(array: np.ndarray, dtype: jnp.dtype, sharding: Any) -> jax.Array:
+    if np.issubdtype(array.dtype, np.floating) or array.dtype == jnp.bfloat16:
+        array = array.astype(dtype)
+    if sharding is None:
+        return jnp.asarray(array)
+    # Each device (and each host) builds only its own shard; no replicated full copy.
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def load_component_params(
+    directory: str,
+    component: str,
+    expected: Params,
+    param_dtype: jnp.dtype,
+    shardings: Any = None,
+    variant: str = "",
+) -> Params:
+    """Reads one component's weights into the tree structure of `expected`.
+
+    Args:
+      directory: the component folder, e.g. `<pipeline>/unet`.
+      component: "unet", "vae" or "text_encoder" (picks the file names).
+      expected: the Flax parameter tree as shapes (from `jax.eval_shape` of the init).
+      param_dtype: dtype of the floating parameters returned.
+      shardings: a tree of shardings like `expected`, or None for the default device.
+      variant: weight file variant, e.g. "fp16" for `*.fp16.safetensors`.
+
+    Raises:
+      FileNotFoundError: no weight file.
+      ValueError: a missing, unexpected or misshapen tensor (named).
+    """
+    fmt, files = find_weights(directory, component, variant)
+    flat_expected = flatten_dict(flax.core.unfreeze(expected))
+    flat_shardings = flatten_dict(flax.core.unfreeze(shardings)) if shardings is not None else {}
+    source = ", ".join(files)
+    flat = {}
+    if fmt == "torch":
+        with _open_safetensors(files) as handles:
+            shapes = {k: tuple(h.get_slice(k).get_shape()) for k, h in handles.items()}
+            keys = match_torch_keys(source, flat_expected, shapes)
+            for path, key in keys.items():
+                array = to_flax_layout(path[-1], handles[key].get_tensor(key))
+                flat[path] = _place(array, param_dtype, flat_shardings.get(path))
+    else:
+        with open(files[0], "rb") as f:
+            stored = flatten_dict(flax.serialization.msgpack_restore(f.read()))
+        missing = ["/".join(p) for p in flat_expected if p not in stored]
+        unexpected = ["/".join(p) for p in stored if p not in flat_expected]
+        misshapen = [
+            f"{'/'.join(p)} {np.shape(stored[p])} (expected {tuple(leaf.shape)})"
+            for p, leaf in flat_expected.items()
+            if p in stored and np.shape(stored[p]) != tuple(leaf.shape)
+        ]
+        if missing or unexpected or misshapen:
+            raise mismatch_error(source, missing, unexpected, misshapen)
+        for path in flat_expected:
+            flat[path] = _place(np.asarray(stored.pop(path)), param_dtype, flat_shardings.get(path))
+    return unflatten_dict(flat)
+
+
+# ---------------------------------------------------------------------------------------
+# Modules from config files.
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found (is this a diffusers pipeline folder?)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_supported(component: str, config: dict[str, Any], path: str) -> None:
+    for field, value in _UNSUPPORTED.get(component, {}).items():
+        if field in config and config[field] != value:
+            raise ValueError(
+                f"{path}: {field}={config[field]!r} is not supported by the Flax "
+                f"{component} (only {value!r})"
+            )
+
+
+def load_modules(directory: str, model_config: ml_collections.ConfigDict) -> models.StableDiffusion:
+    """The Flax modules, tokenizer and scheduler config of a local diffusers folder."""
+    compute_dtype = models.dtype_from_name(model_config.compute_dtype)
+    unet_path = os.path.join(directory, "unet", "config.json")
+    unet_config = _read_json(unet_path)
+    _check_supported("unet", unet_config, unet_path)
+    if unet_config.get("upcast_attention"):
+        logging.warning(
+            "%s sets upcast_attention, which the Flax UNet lacks: attention runs in "
+            "model.compute_dtype=%s (fine in float32; may overflow in float16)",
+            unet_path,
+            model_config.compute_dtype,
+        )
+    vae_path = os.path.join(directory, "vae", "config.json")
+    vae_config = _read_json(vae_path)
+    _check_supported("vae", vae_config, vae_path)
+    text_path = os.path.join(directory, "text_encoder", "config.json")
+    _read_json(text_path)  # A clear FileNotFoundError before transformers' own.
+    text_config = models.CLIPTextConfig.from_pretrained(os.path.dirname(text_path))
+    tokenizer = models.CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
+    if len(tokenizer) != text_config.vocab_size:
+        raise ValueError(
+            f"{directory}: tokenizer has {len(tokenizer)} tokens but the text encoder's "
+            f"vocab_size is {text_config.vocab_size}"
+        )
+    scheduler_config = _read_json(os.path.join(directory, "scheduler", "scheduler_config.json"))
+    return models.StableDiffusion(
+        unet=models.FlaxUNet2DConditionModel.from_config(unet_config, dtype=compute_dtype),
+        vae=models.FlaxAutoencoderKL.from_config(vae_config, dtype=compute_dtype),
+        text_encoder=models.FlaxCLIPTextModel(text_config, dtype=compute_dtype, _do_init=False),
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        resolution=model_config.resolution,
+    )
+
+
+def param_shapes(model: models.StableDiffusion, param_dtype: jnp.dtype) -> Params:
+    """Every component's parameter tree as `jax.ShapeDtypeStruct`s, in `param_dtype`."""
+    rng = jax.random.key(0)
+    seq_len = model.text_encoder.config.max_position_embeddings
+    shapes = {
+        "unet": jax.eval_shape(model.unet.init_weights, rng),
+        "vae": jax.eval_shape(model.vae.init_weights, rng),
+        "text_encoder": jax.eval_shape(
+            lambda r: model.text_encoder.init_weights(r, (1, seq_len)), rng
+        ),
+    }
+
+    def in_dtype(x):
+        dtype = param_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        return jax.ShapeDtypeStruct(x.shape, dtype)
+
+    return jax.tree.map(in_dtype, flax.core.unfreeze(shapes))
+
+
+# ---------------------------------------------------------------------------------------
+# Entry points.
+
+
+def _hub_patterns(variant: str) -> list[str]:
+    suffix = f".{variant}" if variant else ""
+    patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*"]
+    for component in COMPONENTS:
+        stem = f"{component}/{TORCH_STEMS[component]}{suffix}"
+        patterns += [
+            f"{component}/config.json",
+            f"{stem}.safetensors",
+            f"{stem}.safetensors.index.json",
+        ]
+        # Shards of an indexed checkpoint, e.g. model-00001-of-00002.safetensors.
+        patterns.append(f"{component}/{TORCH_STEMS[component]}-*{suffix}.safetensors")
+    return patterns
+
+
+def resolve_pretrained(model_config: ml_collections.ConfigDict) -> str:
+    """A local folder for `model.pretrained`: the folder itself, or a hub snapshot.
+
+    From the hub only configs, tokenizer and PyTorch safetensors are fetched; a component
+    without safetensors is then fetched as Flax msgpack.
+    """
+    name = os.path.expanduser(model_config.pretrained)
+    if os.path.isdir(name):
+        return name
+    if name.startswith((".", "/")) or name.count("/") != 1:
+        raise FileNotFoundError(
+            f"model.pretrained={model_config.pretrained!r} is neither a folder nor a hub id "
+            "like 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+        )
+    import huggingface_hub  # Only hub runs need it.
+
+    revision = model_config.revision or None
+    directory = huggingface_hub.snapshot_download(
+        name, revision=revision, allow_patterns=_hub_patterns(model_config.variant)
+    )
+    lacking = [
+        c
+        for c in COMPONENTS
+        if not torch_weight_files(os.path.join(directory, c), c, model_config.variant)
+    ]
+    if lacking:
+        directory = huggingface_hub.snapshot_download(
+            name, revision=revision, allow_patterns=[f"{c}/{FLAX_FILES[c]}" for c in lacking]
+        )
+    return directory
+
+
+def load_pretrained(
+    model_config: ml_collections.ConfigDict, shardings_fn: ShardingsFn | None = None
+) -> tuple[models.StableDiffusion, Params]:
+    """Loads UNet, VAE, text encoder, tokenizer and scheduler config of `model.pretrained`.
+
+    Args:
+      model_config: the `model` config group (`pretrained`, `revision`, `variant`,
+        `param_dtype`, `compute_dtype`, `resolution`).
+      shardings_fn: maps the parameter tree of `jax.ShapeDtypeStruct`s to a tree of
+        shardings (e.g. `lambda t: sharding.tree_shardings(mesh, t)`); each parameter is
+        then built shard by shard on its devices. None puts them on the default device.
+
+    Returns:
+      The model and `{"unet", "vae", "text_encoder"}` parameters in `model.param_dtype`.
+    """
+    directory = resolve_pretrained(model_config)
+    model = load_modules(directory, model_config)
+    param_dtype = models.dtype_from_name(model_config.param_dtype)
+    shapes = param_shapes(model, param_dtype)
+    shardings = shardings_fn(shapes) if shardings_fn is not None else None
+    params = {
+        component: load_component_params(
+            os.path.join(directory, component),
+            component,
+            shapes[component],
+            param_dtype,
+            shardings[component] if shardings is not None else None,
+            model_config.variant,
+        )
+        for component in COMPONENTS
+    }
+    logging.info("loaded %s (%s parameters)", directory, model_config.param_dtype)
+    return model, params

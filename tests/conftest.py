@@ -8,6 +8,8 @@ import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No test may reach a model hub: fail at once instead of retrying a network that is not there.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -18,3 +20,18 @@ jax.config.update(
     ),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    """The demo config's tiny Stable Diffusion and its params as training builds them, once.
+
+    Treat as read-only: jax arrays are immutable, and scopes return copies of what they change.
+    """
+    from configs import demo
+    from nsync_jax import runs
+
+    return runs.build_base(demo.get_config())

@@ -8,9 +8,9 @@ from configs import demo
 from nsync_jax import models
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return models.build(demo.get_config().model, jax.random.key(0))
+@pytest.fixture
+def tiny(tiny_sd):
+    return tiny_sd
 
 
 def test_tiny_model_shapes_and_forward(tiny):

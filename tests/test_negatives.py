@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from nsync_jax import negatives, sampling
+from nsync_jax import negatives, runs
 from nsync_jax.data import pipeline, sources
 
 COUNT = 5  # Demo examples; with K=2, ten images: two batches of eight on eight devices.
@@ -41,7 +41,7 @@ def _manifest_lines(path):
 
 @pytest.fixture(scope="module")
 def base():
-    return sampling.base_model(demo.get_config())
+    return runs.build_base(demo.get_config())
 
 
 @pytest.fixture(scope="module")

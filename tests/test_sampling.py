@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from nsync_jax import sampling, sharding
+from nsync_jax import runs, sampling, sharding
 
 PROMPTS = ["a red circle", "a blue square", "a green ring", "a yellow cross", "a purple dot"]
 SEEDS = [11, 12, 13, 14, 15]
@@ -42,7 +42,7 @@ def _floats(sampler, prompts, seeds):
 @pytest.fixture(scope="module")
 def tiny():
     config = demo.get_config()
-    model, params = sampling.base_model(config)
+    model, params = runs.build_base(config)
     return config, model, params
 
 
@@ -166,23 +166,3 @@ def test_split_prompts_use_the_evaluation_template():
     config.data.demo_count = 3
     prompts = sampling.split_prompts(config, "test")
     assert prompts == [f"a red {s} in the style of <s*>" for s in ("circle", "square", "triangle")]
-
-
-def test_trained_model_samples_with_the_learned_token(tiny):
-    config, model, params = tiny
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.train.scope = "textual_inversion"
-    width = params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
-    learned = {"token_embedding": np.full((1, width.shape[1]), 0.5, np.float32)}
-
-    def restore(template):
-        assert jax.tree.map(np.shape, template) == jax.tree.map(np.shape, learned)
-        return learned
-
-    trained, trained_params = sampling.trained_model(config, restore, base=(model, params))
-    token_id = trained.tokenizer.convert_tokens_to_ids(config.train.style_token)
-    table = trained_params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]
-    np.testing.assert_array_equal(table["embedding"][token_id], learned["token_embedding"][0])
-    prompt = [f"a red circle in the style of {config.train.style_token}"]
-    assert token_id in trained.tokenize(prompt)[0]  # One token, not byte pieces.
-    assert set(trained_params) == {"unet", "vae", "text_encoder"}

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 
 from configs import demo
-from nsync_jax import models, scope
+from nsync_jax import scope
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return models.build(demo.get_config().model, jax.random.key(0))
+@pytest.fixture
+def tiny(tiny_sd):
+    return tiny_sd
 
 
 def _embedding(params):

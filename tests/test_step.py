@@ -122,3 +122,25 @@ def test_nonfinite_loss_is_recorded_with_its_step():
     state = run(state, good.at[0, 0, 0, 0].set(jnp.nan))
     state = run(state, good)
     assert int(state.step) == 3 and int(state.nonfinite_step) == 1
+
+
+def test_bf16_compute_keeps_fp32_params():
+    config = _config(mode="nsync", scope="unet")
+    config.model.compute_dtype = "bfloat16"
+    model, params = models.build(config.model, jax.random.key(0))
+    s, model, params = scope_lib.make_scope(config.train, model, params)
+    trainable, frozen = s.split(params)
+    tx = optim.make_optimizer(config)
+    fn = jax.jit(step.make_train_step(model, s, tx, config.train))
+    latents = jax.random.normal(jax.random.key(3), (2, *model.latent_shape))
+    branch = {"latents": latents, "input_ids": model.tokenize(["a red circle"] * 2)}
+    state, metrics = fn(
+        step.init_state(trainable, frozen, tx),
+        {"positive": branch, "negative": branch},
+        jax.random.key(5),
+    )
+    assert all(bool(jnp.isfinite(v)) for v in metrics.values())
+    assert {x.dtype for x in jax.tree.leaves(state.trainable)} == {jnp.dtype("float32")}
+    # The UNet really computes in bf16.
+    out = model.predict_noise(state.trainable, latents, jnp.array([1, 2]), jnp.zeros((2, 77, 32)))
+    assert out.dtype == jnp.bfloat16

@@ -1,11 +1,71 @@
-"""`Examples`: an in-memory set of images with ids and captions, and its preprocessing."""
+"""Sets of (id, image, caption) examples: in memory (`Examples`) or read on demand
+(`LazyExamples`), and the shared preprocessing.
+
+Both kinds answer the same questions: `ids`, `captions`, `len()`, `image(i)` (uint8 HWC at
+training resolution), `name(i)` (what to print when image i is bad) and `select(ids)`.
+The batch iterator (`pipeline.PairedBatches`) only ever asks for the rows a host needs, so
+a lazy set decodes only those images.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
+
+# What PIL (and TFDS's PIL/OpenCV decoders) raise on truncated or unrecognised images:
+# UnidentifiedImageError and truncation are OSErrors, some broken PNGs raise SyntaxError.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError)
+
+
+class BadImageError(ValueError):
+    """An image that cannot be read or decoded; the message names the example."""
+
+    def __init__(self, example_id: str, name: str, cause: BaseException | str):
+        self.example_id = example_id
+        self.name = name
+        super().__init__(f"cannot read image of example {example_id!r} ({name}): {cause}")
+
+
+class ExampleSet(Protocol):
+    """What the batch iterator needs of a style set or a negatives set."""
+
+    ids: tuple[str, ...]
+    captions: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+
+    def image(self, index: int) -> np.ndarray:
+        """uint8 [R, R, 3] of example `index`; raises `BadImageError` naming it."""
+
+    def name(self, index: int) -> str:
+        """Where example `index` comes from (a file, a TFDS record), for messages."""
+
+    def select(self, ids: Sequence[str]) -> ExampleSet:
+        """The examples with `ids`, in that order; a missing id is a KeyError naming it."""
+
+
+def _check_ids_and_captions(ids: tuple[str, ...], captions: tuple[str, ...]) -> None:
+    if len(captions) != len(ids):
+        raise ValueError(f"{len(ids)} ids and {len(captions)} captions differ")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        duplicate = next(i for i in ids if i in seen or seen.add(i))
+        raise ValueError(f"example id {duplicate!r} is not unique")
+    for example_id, caption in zip(ids, captions, strict=True):
+        if not caption or not caption.strip():
+            raise ValueError(f"example {example_id!r} has an empty caption")
+
+
+def _rows_of(all_ids: tuple[str, ...], ids: Sequence[str]) -> list[int]:
+    index = {example_id: i for i, example_id in enumerate(all_ids)}
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise KeyError(f"no example with id {missing[0]!r} ({len(missing)} missing)")
+    return [index[i] for i in ids]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,32 +77,115 @@ class Examples:
     captions: tuple[str, ...]
 
     def __post_init__(self):
-        n = len(self.ids)
         if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
             raise ValueError(
                 f"images must be uint8 [N, H, W, 3], got {self.images.dtype} {self.images.shape}"
             )
-        if len(self.images) != n or len(self.captions) != n:
-            raise ValueError(
-                f"{n} ids, {len(self.images)} images and {len(self.captions)} captions differ"
-            )
-        if len(set(self.ids)) != n:
-            raise ValueError("example ids are not unique")
-        for example_id, caption in zip(self.ids, self.captions, strict=True):
-            if not caption or not caption.strip():
-                raise ValueError(f"example {example_id!r} has an empty caption")
+        if len(self.images) != len(self.ids):
+            raise ValueError(f"{len(self.ids)} ids and {len(self.images)} images differ")
+        _check_ids_and_captions(self.ids, self.captions)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def select(self, ids: list[str] | tuple[str, ...]) -> Examples:
-        """The examples with `ids`, in that order; a missing id is an error naming it."""
-        index = {example_id: i for i, example_id in enumerate(self.ids)}
-        missing = [i for i in ids if i not in index]
-        if missing:
-            raise KeyError(f"no example with id {missing[0]!r} ({len(missing)} missing)")
-        rows = [index[i] for i in ids]
+    def image(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+    def name(self, index: int) -> str:
+        return f"in-memory example {self.ids[index]}"
+
+    def select(self, ids: Sequence[str]) -> Examples:
+        rows = _rows_of(self.ids, ids)
         return Examples(tuple(ids), self.images[rows], tuple(self.captions[r] for r in rows))
+
+
+class LazyExamples:
+    """Examples whose images are read, decoded and resized only when first asked for.
+
+    Args:
+      ids: one unique id per example.
+      captions: one caption per example.
+      names: what to call example i in messages (file path, TFDS split and index).
+      read: index -> decoded image (PIL image or uint8 HWC array) at any size; may raise
+        any of `DECODE_ERRORS` (reported as `BadImageError`).
+      resolution: output side; images are resized and centre-cropped to it.
+      cache: keep each decoded, resized image in memory after its first read
+        (N·R²·3 bytes at most: 840 MB for 1072 images at 512 px).
+      rows: which of `read`'s indices this set holds (a `select` view); all by default.
+    """
+
+    def __init__(
+        self,
+        ids: Sequence[str],
+        captions: Sequence[str],
+        names: Sequence[str],
+        read: Callable[[int], Image.Image | np.ndarray],
+        resolution: int,
+        cache: bool,
+        rows: Sequence[int] | None = None,
+        _store: dict[int, np.ndarray] | None = None,
+    ):
+        self.ids = tuple(ids)
+        self.captions = tuple(captions)
+        self.names = tuple(names)
+        _check_ids_and_captions(self.ids, self.captions)
+        if len(self.names) != len(self.ids):
+            raise ValueError(f"{len(self.ids)} ids and {len(self.names)} names differ")
+        self._read = read
+        self.resolution = resolution
+        self.cache = cache
+        self._rows = tuple(range(len(self.ids))) if rows is None else tuple(rows)
+        # Keyed by the underlying reader's index, so `select` views share one cache.
+        self._store = {} if _store is None else _store
+        self.reads = 0  # Images decoded so far (tests check hosts decode only their rows).
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def name(self, index: int) -> str:
+        return self.names[index]
+
+    def image(self, index: int) -> np.ndarray:
+        row = self._rows[index]
+        cached = self._store.get(row)
+        if cached is not None:
+            return cached
+        try:
+            decoded = self._read(row)
+            if isinstance(decoded, np.ndarray):
+                decoded = Image.fromarray(_as_rgb_uint8(decoded))
+            pixels = resize_and_crop(decoded, self.resolution)
+        except DECODE_ERRORS as e:
+            raise BadImageError(self.ids[index], self.names[index], e) from e
+        self.reads += 1
+        if self.cache:
+            self._store[row] = pixels
+        return pixels
+
+    def select(self, ids: Sequence[str]) -> LazyExamples:
+        picked = _rows_of(self.ids, ids)
+        return LazyExamples(
+            ids=[self.ids[r] for r in picked],
+            captions=[self.captions[r] for r in picked],
+            names=[self.names[r] for r in picked],
+            read=self._read,
+            resolution=self.resolution,
+            cache=self.cache,
+            rows=[self._rows[r] for r in picked],
+            _store=self._store,
+        )
+
+
+def _as_rgb_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {array.dtype}")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an HWC image with 1, 3 or 4 channels, got {array.shape}")
+    return np.ascontiguousarray(array[..., :3])
 
 
 def resize_and_crop(image: Image.Image, resolution: int) -> np.ndarray:

@@ -3,18 +3,32 @@
 The batch of step s is a pure function of (seed, s): the example stream is a concatenation
 of per-epoch permutations, step s takes stream positions [s·B, (s+1)·B), and each process
 keeps its contiguous slice of those rows. So the iterator's whole position is the step
-number, which the checkpoint already holds, and a resumed run reads exactly the batches
-an uninterrupted one would. Negatives are paired with positives by example id.
+number, which the checkpoint already holds, a resumed run reads exactly the batches an
+uninterrupted one would, and the batches do not depend on how many hosts share them.
+Negatives are paired with positives by example id.
+
+Images are read lazily: a host decodes only the rows of its slice (sets from `folder.py`
+and `tfds_source.py` cache each decoded image after its first read). With cached latents
+(`data/latents.py`) a branch yields its VAE posterior moments instead of pixels.
+
+A bad image (unreadable, corrupt) raises `BadImageError` naming it; with
+`on_bad_image="skip"` its example is replaced, wherever the stream draws it, by the next
+readable example in id order. That rule depends only on the data, so every host makes the
+same substitution without talking to the others and the purity in (seed, s) holds.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from nsync_jax.data.examples import Examples
+from nsync_jax.data.examples import BadImageError, ExampleSet
+from nsync_jax.data.latents import LatentCache, MomentsFn, build_latent_cache
+
+ON_BAD_IMAGE = ("error", "skip")
 
 
 def _to_pixels(images: np.ndarray, flip: np.ndarray) -> np.ndarray:
@@ -37,12 +51,13 @@ class PairedBatches:
       seed: shuffling and flip seed.
       random_flip: horizontal flips, drawn independently per branch.
       process_index, process_count: this host's slice; default jax's.
+      on_bad_image: "error" or "skip" (see the module docstring).
     """
 
     def __init__(
         self,
-        positives: Examples,
-        negatives: Examples | None,
+        positives: ExampleSet,
+        negatives: ExampleSet | None,
         tokenize: Callable[[list[str]], np.ndarray],
         prompt_template: str,
         style_token: str,
@@ -51,6 +66,7 @@ class PairedBatches:
         random_flip: bool,
         process_index: int | None = None,
         process_count: int | None = None,
+        on_bad_image: str = "error",
     ):
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
@@ -58,6 +74,8 @@ class PairedBatches:
             raise ValueError(
                 f"batch size {global_batch_size} does not split over {self.process_count} processes"
             )
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"data.on_bad_image={on_bad_image!r} is not one of {ON_BAD_IMAGE}")
         if len(positives) == 0:
             raise ValueError("the style set is empty")
         self.positives = positives
@@ -66,12 +84,34 @@ class PairedBatches:
         self.local_batch_size = global_batch_size // self.process_count
         self.seed = seed
         self.random_flip = random_flip
+        self.on_bad_image = on_bad_image
+        self.bad: set[int] = set()  # Example indices found unreadable (on either branch).
+        self.latents: dict[str, LatentCache] | None = None
         prompts = [prompt_template.format(caption=c, style=style_token) for c in positives.captions]
         self.prompts = tuple(prompts)
         self.input_ids = np.asarray(tokenize(prompts), np.int32)
 
     def __len__(self) -> int:
         return len(self.positives)
+
+    @property
+    def branches(self) -> dict[str, ExampleSet]:
+        out = {"positive": self.positives}
+        if self.negatives is not None:
+            out["negative"] = self.negatives
+        return out
+
+    def use_latents(self, caches: dict[str, LatentCache]) -> None:
+        """Serve posterior moments from `caches` (one per branch) instead of pixels."""
+        if set(caches) != set(self.branches):
+            raise ValueError(
+                f"latent caches for {sorted(caches)}, branches {sorted(self.branches)}"
+            )
+        for name, cache in caches.items():
+            if len(cache) != len(self):
+                raise ValueError(f"{name} latent cache has {len(cache)} rows, data {len(self)}")
+            self.bad |= {int(i) for i in np.flatnonzero(cache.bad)}
+        self.latents = caches
 
     def _stream(self, start: int, count: int) -> np.ndarray:
         """Example indices at stream positions [start, start + count)."""
@@ -90,18 +130,66 @@ class PairedBatches:
         rng = np.random.default_rng([self.seed, 1 + branch, start])
         return rng.random(count) < 0.5
 
+    def _mark_bad(self, index: int, error: BadImageError) -> None:
+        if self.on_bad_image == "error":
+            raise error
+        self.bad.add(index)
+        logging.warning(
+            "skipping bad image (%d skipped so far, data.on_bad_image='skip'): %s",
+            len(self.bad),
+            error,
+        )
+        if len(self.bad) == len(self):
+            raise ValueError(f"every one of the {len(self)} examples has a bad image") from error
+
+    def _row(self, index: int) -> tuple[int, dict[str, np.ndarray]]:
+        """(the example index served for `index`, its image per branch)."""
+        n = len(self)
+        for offset in range(n):
+            candidate = (index + offset) % n
+            if candidate in self.bad:
+                continue
+            if self.latents is not None:
+                return candidate, {}
+            try:
+                images = {k: s.image(candidate) for k, s in self.branches.items()}
+            except BadImageError as e:
+                self._mark_bad(candidate, e)
+                continue
+            return candidate, images
+        raise ValueError(f"every one of the {n} examples has a bad image")
+
     def batch(self, step: int) -> dict[str, dict[str, np.ndarray]]:
         """This process's rows of the global batch of `step`."""
         first = step * self.global_batch_size + self.process_index * self.local_batch_size
-        rows = self._stream(first, self.local_batch_size)
-        branches = {"positive": self.positives}
-        if self.negatives is not None:
-            branches["negative"] = self.negatives
+        served = [self._row(int(i)) for i in self._stream(first, self.local_batch_size)]
+        rows = np.asarray([r for r, _ in served])
         out = {}
-        for branch, (name, examples) in enumerate(branches.items()):
+        for branch, name in enumerate(self.branches):
             flips = self._flips(first, self.local_batch_size, branch)
-            out[name] = {
-                "pixels": _to_pixels(examples.images[rows], flips),
-                "input_ids": self.input_ids[rows],
-            }
+            if self.latents is not None:
+                mean, std = self.latents[name].moments(rows, flips)
+                out[name] = {"latent_mean": mean, "latent_std": std}
+            else:
+                images = np.stack([images[name] for _, images in served])
+                out[name] = {"pixels": _to_pixels(images, flips)}
+            out[name]["input_ids"] = self.input_ids[rows]
         return out
+
+    def cache_latents(self, moments_fn: MomentsFn, batch_size: int, resolution: int) -> None:
+        """Encodes both branches once (both flips; each host its share, all-gathered) and
+        serves moments from then on."""
+        caches = {
+            name: build_latent_cache(
+                examples,
+                moments_fn,
+                batch_size,
+                self.on_bad_image,
+                resolution,
+                name,
+                self.process_index,
+                self.process_count,
+            )
+            for name, examples in self.branches.items()
+        }
+        self.use_latents(caches)

@@ -5,27 +5,30 @@ from __future__ import annotations
 
 import ml_collections
 
-from nsync_jax.data import demo
-from nsync_jax.data.examples import Examples
+from nsync_jax.data import demo, folder, tfds_source
+from nsync_jax.data.examples import ExampleSet
 
-DATA_SOURCES = ("demo",)
+DATA_SOURCES = ("demo", "tfds", "folder")
 NEGATIVE_SOURCES = ("demo", "store")
 
 
-def load_positives(data_config: ml_collections.ConfigDict, resolution: int) -> Examples:
+def load_positives(data_config: ml_collections.ConfigDict, resolution: int) -> ExampleSet:
+    """The style set named by `data_config.source`; real sources decode images lazily."""
     if data_config.source == "demo":
         return demo.demo_examples(data_config.demo_count, resolution, data_config.demo_seed, True)
-    raise NotImplementedError(
-        f"data.source={data_config.source!r} is not available yet; sources: {DATA_SOURCES} "
-        "(TFDS and image folders come with the real-data issue)"
-    )
+    if data_config.source == "tfds":
+        return tfds_source.tfds_examples(data_config, resolution)
+    if data_config.source == "folder":
+        return folder.folder_examples(data_config, resolution)
+    raise ValueError(f"data.source={data_config.source!r} is not one of {DATA_SOURCES}")
 
 
 def load_negatives(
     negatives_config: ml_collections.ConfigDict,
     data_config: ml_collections.ConfigDict,
     resolution: int,
-) -> Examples:
+) -> ExampleSet:
+    """The negatives named by `negatives_config.source`, paired with positives by id."""
     if negatives_config.source == "demo":
         if data_config.source != "demo":
             raise ValueError("negatives.source='demo' pairs only with data.source='demo'")
@@ -34,7 +37,6 @@ def load_negatives(
         from nsync_jax import negatives  # Lazy: it imports this module.
 
         return negatives.load_store(negatives_config.path, resolution, k=negatives_config.pair_k)
-    raise NotImplementedError(
-        f"negatives.source={negatives_config.source!r} is not available yet; sources: "
-        f"{NEGATIVE_SOURCES} (the pregenerated negatives store comes with the real-data issue)"
+    raise ValueError(
+        f"negatives.source={negatives_config.source!r} is not one of {NEGATIVE_SOURCES}"
     )

@@ -1,0 +1,601 @@
+"""Orbax checkpoints that resume a run exactly, and read-back for export and sampling.
+
+A checkpoint lives in `<workdir>/checkpoints/<step>/` and holds three orbax items:
+
+- `trainable`: the trained parameters (sharded arrays, OCDBT/Zarr).
+- `opt_state`: the optimizer state, NSYNC projection state included.
+- `meta` (JSON): step, nonfinite_step, the step RNG's key data, the data position and a
+  fingerprint of the data set, the run's config, a fingerprint of the frozen parameters
+  (which are not saved: they are rebuilt from the model source), and checksums of the
+  saved arrays.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint intact. A resume checks, in order: the saved
+config against the current one (fields in `RESUMABLE_FIELDS` may change), the data and the
+frozen parameters against their fingerprints, the saved shapes against the live state's,
+then restores straight into the live state's shardings and verifies the checksums. Any
+failure is a `CheckpointError` (or `ValueError` for a changed config) naming the checkpoint;
+nothing falls back to a fresh start or an older step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT_VERSION = 1
+TRAINABLE, OPT_STATE, META = "trainable", "opt_state", "meta"
+
+# Config fields (exact names or dotted prefixes ending in ".") that may differ between a
+# run and its resume: how long to train, how often to log and save, and the mesh (restoring
+# reshards to whatever the new mesh asks for).
+RESUMABLE_FIELDS = ("train.num_steps", "log.", "checkpoint.", "mesh.")
+
+# Checksums are float32 sums; a resume on another mesh may sum in another order.
+_CHECKSUM_RTOL = 1e-4
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: damaged, incomplete or incompatible."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """Where a run in `workdir` keeps its checkpoints."""
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def step_dir(workdir: str, step: int) -> str:
+    """The directory of checkpoint `step` (orbax's default step naming)."""
+    return os.path.join(checkpoint_dir(workdir), str(step))
+
+
+def make_manager(
+    workdir: str, keep: int | None = None, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """An orbax `CheckpointManager` for `<workdir>/checkpoints`.
+
+    Args:
+      workdir: the run's directory.
+      keep: newest checkpoints kept (older ones deleted after each save); None keeps all.
+      read_only: for export and sampling: never creates, saves or deletes anything.
+
+    Returns:
+      A manager whose saves are async; the caller decides when to save (`force=True`) and
+      must call `wait_until_finished()` and `close()`.
+    """
+    if keep is not None and keep < 1:
+        raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=not read_only,
+        read_only=read_only,
+        save_interval_steps=0 if read_only else 1,  # Orbax warns unless 0 when read-only.
+        enable_async_checkpointing=True,
+        # A run killed mid-save leaves a tmp directory; orbax ignores it, this removes it.
+        cleanup_tmp_directories=not read_only,
+    )
+    handlers = {
+        TRAINABLE: ocp.StandardCheckpointHandler(),
+        OPT_STATE: ocp.StandardCheckpointHandler(),
+        META: ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """Complete checkpoints in `workdir`, oldest first; [] if there are none."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return []
+    with make_manager(workdir, read_only=True) as manager:
+        return sorted(manager.all_steps())
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest complete checkpoint's step in `workdir`, or None if there is none."""
+    steps = saved_steps(workdir)
+    return steps[-1] if steps else None
+
+
+def _pick_step(workdir: str, step: int | None) -> int:
+    steps = saved_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {checkpoint_dir(workdir)}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; saved steps: {steps}"
+        )
+    return step
+
+
+# --- Fingerprints and checksums ------------------------------------------------------------
+
+
+@jax.jit
+def _leaf_sums(leaves: list[jax.Array]) -> list[jax.Array]:
+    # Sum of |x| and of x², both non-negative, so a relative tolerance is meaningful; each
+    # sharded leaf reduces where it lives and only scalars come back.
+    out = []
+    for x in leaves:
+        x = x.astype(jnp.float32)
+        out.append(jnp.stack([jnp.sum(jnp.abs(x)), jnp.sum(x * x)]))
+    return out
+
+
+def tree_summary(tree: Any) -> dict[str, dict[str, Any]]:
+    """Shape, dtype and float32 checksums (sum |x|, sum x²) of every leaf, by key path."""
+    flat = jax.tree.flatten_with_path(tree)[0]
+    sums = jax.device_get(_leaf_sums([x for _, x in flat])) if flat else []
+    return {
+        jax.tree_util.keystr(path): {
+            "shape": list(np.shape(x)),
+            "dtype": str(np.dtype(x.dtype)),
+            "sums": [float(s) for s in leaf_sums],
+        }
+        for (path, x), leaf_sums in zip(flat, sums, strict=True)
+    }
+
+
+def compare_summaries(saved: dict, live: dict, checksums: bool = True) -> list[str]:
+    """Human-readable differences between two `tree_summary` results ([] if equal)."""
+    problems = []
+    for name in sorted(set(saved) | set(live)):
+        if name not in live:
+            problems.append(f"{name}: in the checkpoint, not in this run")
+        elif name not in saved:
+            problems.append(f"{name}: in this run, not in the checkpoint")
+        elif (saved[name]["shape"], saved[name]["dtype"]) != (
+            live[name]["shape"],
+            live[name]["dtype"],
+        ):
+            problems.append(
+                f"{name}: saved {saved[name]['dtype']}{saved[name]['shape']}, "
+                f"this run {live[name]['dtype']}{live[name]['shape']}"
+            )
+        elif checksums and not np.allclose(
+            saved[name]["sums"], live[name]["sums"], rtol=_CHECKSUM_RTOL, atol=0.0
+        ):
+            problems.append(
+                f"{name}: checksums (sum|x|, sum x²) saved {saved[name]['sums']}, "
+                f"now {live[name]['sums']}"
+            )
+    return problems
+
+
+def _format_problems(problems: list[str], limit: int = 8) -> str:
+    shown = "\n  ".join(problems[:limit])
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"\n  {shown}{more}"
+
+
+def data_fingerprint(batches: Any) -> dict[str, Any]:
+    """What identifies the training data of a `pipeline.PairedBatches`.
+
+    The batch of step s is a pure function of (seed, s) and these examples, so this plus
+    the step is the iterator's whole position. A CRC of the images catches a data set
+    whose files changed under the same names.
+    """
+    ids_and_prompts = hashlib.sha256(
+        json.dumps([batches.positives.ids, batches.prompts]).encode()
+    ).hexdigest()
+    out = {
+        "num_examples": len(batches.positives),
+        "ids_and_prompts_sha256": ids_and_prompts,
+        "positives_crc32": zlib.crc32(np.ascontiguousarray(batches.positives.images)),
+        "negatives_crc32": None,
+        "global_batch_size": batches.global_batch_size,
+        "seed": batches.seed,
+        "random_flip": batches.random_flip,
+    }
+    if batches.negatives is not None:
+        out["negatives_crc32"] = zlib.crc32(np.ascontiguousarray(batches.negatives.images))
+    return out
+
+
+# --- Config ---------------------------------------------------------------------------------
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`config` as plain JSON values (tuples become lists)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _resumable(name: str) -> bool:
+    return any(
+        name.startswith(field) if field.endswith(".") else name == field
+        for field in RESUMABLE_FIELDS
+    )
+
+
+def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """Dotted names of fields that differ between a saved config and `config`.
+
+    Fields in `RESUMABLE_FIELDS` are ignored; a field present on one side only counts.
+    """
+    old, new = _flatten(saved), _flatten(config_to_json(config))
+    return sorted(
+        name
+        for name in set(old) | set(new)
+        if not _resumable(name) and old.get(name, "<absent>") != new.get(name, "<absent>")
+    )
+
+
+def _to_config(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ml_collections.ConfigDict({k: _to_config(v) for k, v in value.items()})
+    if isinstance(value, list):  # The configs write sequences as tuples.
+        return tuple(_to_config(v) for v in value)
+    return value
+
+
+# --- Read back ------------------------------------------------------------------------------
+
+
+def _restore(manager: ocp.CheckpointManager, workdir: str, step: int, **items: Any) -> Any:
+    """`manager.restore` of `items`; any failure to read is a CheckpointError naming it."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    # Orbax and TensorStore report missing, truncated or undecodable files as ValueError
+    # (JSONDecodeError included) or OSError; all mean the same thing to a resume.
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {step_dir(workdir, step)} is damaged or incomplete "
+            f"(reading {sorted(items)} failed): {type(e).__name__}: {str(e)[:500]}"
+        ) from e
+
+
+def load_metadata(workdir: str, step: int | None = None) -> dict[str, Any]:
+    """The `meta` JSON of checkpoint `step` (newest if None) in `workdir`."""
+    step = _pick_step(workdir, step)
+    with make_manager(workdir, read_only=True) as manager:
+        meta = _restore(manager, workdir, step, **{META: ocp.args.JsonRestore()})[META]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {step_dir(workdir, step)} has no metadata of format {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load_run_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config of the run that wrote checkpoint `step` (newest if None) in `workdir`.
+
+    Export and sampling rebuild the model and the scope from it, then call
+    `restore_trainable`.
+    """
+    return _to_config(load_metadata(workdir, step)["config"])
+
+
+def abstract_like(tree: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s with the shapes, dtypes and shardings of `tree`'s arrays."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey (namedtuples).
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _shapes_by_name(tree: Any) -> dict[str, tuple[list[int], str]]:
+    """Leaf shape and dtype by a dotted name that matches orbax's (namedtuple fields by
+    name, sequences by index), so saved metadata and live trees line up."""
+    return {
+        ".".join(_key_name(k) for k in path): (list(x.shape), str(np.dtype(x.dtype)))
+        for path, x in jax.tree.flatten_with_path(tree)[0]
+    }
+
+
+def _check_shapes(
+    manager: ocp.CheckpointManager, workdir: str, step: int, item: str, abstract: Any
+) -> None:
+    """Stops with the leaves whose saved shape or dtype differ from `abstract`."""
+    try:
+        saved = manager.item_metadata(step)[item]
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {step_dir(workdir, step)}: cannot read the metadata of {item!r}: {e}"
+        ) from e
+    if saved is None:
+        raise CheckpointError(f"checkpoint {step_dir(workdir, step)} has no item {item!r}")
+    saved_leaves = _shapes_by_name(saved)
+    live_leaves = _shapes_by_name(abstract)
+    problems = []
+    for name in sorted(set(saved_leaves) | set(live_leaves)):
+        if name not in live_leaves:
+            problems.append(f"{name}: in the checkpoint, not in this run")
+        elif name not in saved_leaves:
+            problems.append(f"{name}: in this run, not in the checkpoint")
+        elif saved_leaves[name] != live_leaves[name]:
+            (saved_shape, saved_dtype), (live_shape, live_dtype) = (
+                saved_leaves[name],
+                live_leaves[name],
+            )
+            problems.append(
+                f"{name}: saved {saved_dtype}{saved_shape}, this run {live_dtype}{live_shape}"
+            )
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {step_dir(workdir, step)} does not fit this run's {item}:"
+            + _format_problems(problems)
+        )
+
+
+def _verify_checksums(
+    workdir: str, step: int, meta: dict[str, Any], item: str, restored: Any
+) -> None:
+    problems = compare_summaries(meta["checksums"][item], tree_summary(restored))
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {step_dir(workdir, step)}: restored {item} does not match the "
+            "checksums saved with it (damaged files?):" + _format_problems(problems)
+        )
+
+
+def restore_trainable(
+    workdir: str, abstract_trainable: Any, step: int | None = None
+) -> tuple[Any, int]:
+    """Restores only the trainable parameters of checkpoint `step` (newest if None).
+
+    Args:
+      workdir: the training run's directory.
+      abstract_trainable: the trainable tree's `jax.ShapeDtypeStruct`s with the shardings
+        to restore into, e.g. `abstract_like(trainable)` of the tree that
+        `scope.split(models.build(load_run_config(workdir).model, rng)[1])` gives.
+      step: which checkpoint; None for the newest.
+
+    Returns:
+      (trainable, step). Arrays land directly in the requested shardings.
+
+    Raises:
+      FileNotFoundError: no checkpoint (or not that step) in `workdir`.
+      CheckpointError: the checkpoint is damaged or its shapes differ from the target's.
+    """
+    step = _pick_step(workdir, step)
+    meta = load_metadata(workdir, step)
+    with make_manager(workdir, read_only=True) as manager:
+        _check_shapes(manager, workdir, step, TRAINABLE, abstract_trainable)
+        restored = _restore(
+            manager, workdir, step, **{TRAINABLE: ocp.args.StandardRestore(abstract_trainable)}
+        )[TRAINABLE]
+    _verify_checksums(workdir, step, meta, TRAINABLE, restored)
+    return restored, step
+
+
+# --- The training loop's side -----------------------------------------------------------------
+
+
+def check_resumable(workdir: str, step: int, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Reads checkpoint `step`'s metadata and stops if `config` may not resume from it.
+
+    Cheap (no arrays are read), so the loop calls it before building the model.
+
+    Returns:
+      The checkpoint's metadata.
+
+    Raises:
+      ValueError: the config differs in fields outside `RESUMABLE_FIELDS`; the message
+        names them.
+      CheckpointError: the metadata cannot be read.
+    """
+    meta = load_metadata(workdir, step)
+    differences = config_differences(meta["config"], config)
+    if differences:
+        old, new = _flatten(meta["config"]), _flatten(config_to_json(config))
+        lines = [
+            f"{n}: saved {old.get(n, '<absent>')!r}, now {new.get(n, '<absent>')!r}"
+            for n in differences
+        ]
+        raise ValueError(
+            f"the config differs from the one that wrote checkpoint {step_dir(workdir, step)} "
+            f"in {differences}; resume with the saved config or use a new workdir:"
+            + _format_problems(lines, limit=len(lines))
+        )
+    return meta
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    state: Any,
+    step_rng: jax.Array,
+    config: ml_collections.ConfigDict,
+    frozen_summary: dict[str, Any],
+    data: dict[str, Any],
+) -> None:
+    """Starts an async save of `state` (a `step.TrainState`) at `state.step`.
+
+    Refuses a state that has seen a non-finite value: a checkpoint is always one that can
+    be resumed.
+
+    Args:
+      manager: from `make_manager`.
+      state: the train state; its frozen parameters are not saved, only fingerprinted.
+      step_rng: the key the loop folds the step into.
+      config: the run's config, saved as JSON.
+      frozen_summary: `tree_summary(state.frozen)`, computed once per run.
+      data: `data_fingerprint(batches)`.
+    """
+    step, nonfinite = (int(x) for x in jax.device_get((state.step, state.nonfinite_step)))
+    if nonfinite >= 0:
+        raise FloatingPointError(
+            f"refusing to save step {step}: non-finite values since step {nonfinite}"
+        )
+    meta = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "nonfinite_step": nonfinite,
+        "rng": {
+            "impl": str(jax.random.key_impl(step_rng)),
+            "key_data": np.asarray(jax.random.key_data(step_rng)).tolist(),
+        },
+        # The batch of step s is a pure function of (seed, s): the position is the step.
+        "data": {"position": step, **data},
+        "config": config_to_json(config),
+        "frozen": frozen_summary,
+        "checksums": {
+            TRAINABLE: tree_summary(state.trainable),
+            OPT_STATE: tree_summary(state.opt_state),
+        },
+    }
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            **{
+                TRAINABLE: ocp.args.StandardSave(state.trainable),
+                OPT_STATE: ocp.args.StandardSave(state.opt_state),
+                META: ocp.args.JsonSave(meta),
+            }
+        ),
+        force=True,
+    )
+
+
+def restore_state(
+    manager: ocp.CheckpointManager,
+    workdir: str,
+    step: int,
+    meta: dict[str, Any],
+    state: Any,
+    frozen_summary: dict[str, Any],
+    data: dict[str, Any],
+) -> tuple[Any, jax.Array]:
+    """Restores checkpoint `step` into the shardings of the live `state`.
+
+    The live state's trainable parameters and optimizer state are only used for their
+    shapes and shardings; they are deleted before reading so memory does not double.
+
+    Args:
+      manager: from `make_manager`.
+      workdir: the run's directory (for messages).
+      step: the checkpoint to restore.
+      meta: its metadata, from `check_resumable`.
+      state: the freshly initialised `step.TrainState` of this run.
+      frozen_summary: `tree_summary(state.frozen)`.
+      data: `data_fingerprint(batches)` of this run.
+
+    Returns:
+      (state, step_rng) to continue from.
+
+    Raises:
+      CheckpointError: the data set or frozen parameters differ from the saved run's, the
+        shapes differ, or the files are damaged.
+    """
+    where = step_dir(workdir, step)
+    saved_data = {k: v for k, v in meta["data"].items() if k != "position"}
+    if saved_data != data:
+        changed = sorted(k for k in set(saved_data) | set(data) if saved_data.get(k) != data.get(k))
+        raise CheckpointError(
+            f"the training data differ from those of checkpoint {where} in {changed}"
+        )
+    if meta["data"]["position"] != step or meta["step"] != step:
+        raise CheckpointError(f"checkpoint {where} records step {meta['step']}, not {step}")
+    problems = compare_summaries(meta["frozen"], frozen_summary)
+    if problems:
+        raise CheckpointError(
+            f"the frozen parameters of this run differ from those that trained checkpoint "
+            f"{where} (a different base model?):" + _format_problems(problems)
+        )
+    targets = {TRAINABLE: abstract_like(state.trainable), OPT_STATE: abstract_like(state.opt_state)}
+    for item, abstract in targets.items():
+        _check_shapes(manager, workdir, step, item, abstract)
+    # Free the initial values before reading: restoring allocates the same sizes again.
+    for x in jax.tree.leaves((state.trainable, state.opt_state)):
+        x.delete()
+    restored = _restore(
+        manager,
+        workdir,
+        step,
+        **{item: ocp.args.StandardRestore(abstract) for item, abstract in targets.items()},
+    )
+    for item in targets:
+        _verify_checksums(workdir, step, meta, item, restored[item])
+    rng = jax.random.wrap_key_data(
+        np.asarray(meta["rng"]["key_data"], np.uint32), impl=meta["rng"]["impl"]
+    )
+    state = state.replace(
+        step=jax.device_put(np.int32(step), state.step.sharding),
+        trainable=restored[TRAINABLE],
+        opt_state=restored[OPT_STATE],
+        nonfinite_step=jax.device_put(
+            np.int32(meta["nonfinite_step"]), state.nonfinite_step.sharding
+        ),
+    )
+    return state, rng
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM (the preemption signal) into a flag the loop checks once per step.
+
+    The handler only sets the flag: saving from inside a signal handler could interleave
+    with a step or a save in progress. On one process the flag is the decision. With many
+    processes each host's flag could flip at a different step, so the decision comes from
+    JAX's preemption sync manager instead (`ocp.multihost.reached_preemption`, the same step
+    on every host; it needs `jax.distributed.initialize()` and handles SIGTERM itself), and
+    no Python handler is installed.
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+        self._multihost = jax.process_count() > 1
+
+    def install(self) -> None:
+        """Installs the SIGTERM handler (single process, main thread only)."""
+        if self._multihost:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            # Python only lets the main thread install handlers; SIGTERM then just kills.
+            logging.warning("not on the main thread: SIGTERM will not save a checkpoint")
+            return
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def uninstall(self) -> None:
+        """Puts back the handler that was there before `install`."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def __enter__(self) -> PreemptionWatcher:
+        self.install()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.uninstall()
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        self.received = True
+
+    def should_stop(self, step: int) -> bool:
+        """True once preemption is signalled; the same `step` on every host."""
+        if self._multihost:
+            return ocp.multihost.reached_preemption(step)
+        if self.received:
+            logging.warning("SIGTERM received: saving at step %d and exiting", step)
+        return self.received

@@ -1,0 +1,365 @@
+"""Writing a trained model as a PyTorch diffusers `StableDiffusionPipeline` folder.
+
+`export_pipeline(model, params, output_dir, scope=..., base_dir=...)` writes
+`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/`, which
+`StableDiffusionPipeline.from_pretrained(output_dir)` loads:
+
+- What trained is converted from our Flax params with `weights.torch_key` and
+  `weights.to_torch_layout` (the rule loading uses, run backwards): the UNet for the
+  `unet` scope; for `textual_inversion`, the learned row goes to
+  `learned_embeds.safetensors` as `{placeholder: [1, D]}` (diffusers' textual-inversion
+  format, for `pipe.load_textual_inversion(output_dir)`) and the text encoder and
+  tokenizer stay the base's, without the placeholder.
+- The frozen components are copied verbatim from the base folder when it has them in
+  safetensors (byte for byte: no renaming to get wrong), else converted from our params
+  (a tiny model, or a base stored only as Flax msgpack).
+
+Every converted state dict is checked key by key and shape by shape against what the
+PyTorch class expects: the base's safetensors header where there is one, else the PyTorch
+class built on torch's meta device when torch is installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import diffusers
+import jax
+import ml_collections
+import numpy as np
+from flax.traverse_util import flatten_dict
+from jax.experimental import multihost_utils
+from safetensors.numpy import save_file
+
+from nsync_jax import models, weights
+from nsync_jax import scope as scope_lib
+
+Params = dict[str, Any]
+
+TORCH_CLASSES = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "tokenizer": ("transformers", "CLIPTokenizer"),
+}
+# Used when the scheduler config names no class (tiny models): SD 1.5's default sampler.
+DEFAULT_SCHEDULER = {"_class_name": "PNDMScheduler", "skip_prk_steps": True}
+# Flax-only config fields the PyTorch classes do not take.
+_FLAX_ONLY_FIELDS = ("use_memory_efficient_attention", "split_head_dim", "dtype", "parent", "name")
+EMBEDS_FILE = "learned_embeds.safetensors"
+TORCH_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _to_numpy(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def torch_state_dict(params: Params, dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:
+    """A component's Flax params as a PyTorch state dict of NumPy arrays (floats in `dtype`)."""
+    state = {}
+    for path, value in flatten_dict(params).items():
+        array = _to_numpy(value)
+        if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
+            array = array.astype(dtype)
+        state[weights.torch_key(path)] = weights.to_torch_layout(path[-1], array)
+    return state
+
+
+def torch_reference_shapes(component: str, component_dir: str) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the PyTorch class for `component_dir/config.json`.
+
+    Built on torch's meta device: no memory, no weights; needs torch.
+    """
+    import torch  # Only this check needs torch; export itself does not.
+    import transformers
+
+    with torch.device("meta"):
+        if component == "text_encoder":
+            config = transformers.CLIPTextConfig.from_pretrained(component_dir)
+            module = transformers.CLIPTextModel(config)
+        else:
+            cls = getattr(diffusers, TORCH_CLASSES[component][1])
+            module = cls.from_config(cls.load_config(component_dir))
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def check_torch_keys(
+    what: str, state: dict[str, np.ndarray], reference: dict[str, tuple[int, ...]]
+) -> None:
+    """Raises ValueError naming missing, unexpected and misshapen tensors of `state`."""
+    reference = {k: v for k, v in reference.items() if not weights.is_torch_buffer(k)}
+    missing = sorted(k for k in reference if k not in state)
+    unexpected = sorted(k for k in state if k not in reference)
+    misshapen = [
+        f"{k} {state[k].shape} (expected {reference[k]})"
+        for k in sorted(state)
+        if k in reference and tuple(state[k].shape) != tuple(reference[k])
+    ]
+    if missing or unexpected or misshapen:
+        raise weights.mismatch_error(what, missing, unexpected, misshapen)
+
+
+def _base_safetensors(base_dir: str | None, component: str) -> list[str]:
+    if base_dir is None:
+        return []
+    directory = os.path.join(base_dir, component)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        return []
+    # Only the plain (non-variant) files: `from_pretrained` without `variant` reads those.
+    return weights.torch_weight_files(directory, component, variant="")
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _diffusers_config(module: Any, class_name: str) -> dict[str, Any]:
+    config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+    for field in _FLAX_ONLY_FIELDS:
+        config.pop(field, None)
+    return {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **config}
+
+
+def _copy_component(base_dir: str, component: str, output_dir: str, files: list[str]) -> None:
+    target = os.path.join(output_dir, component)
+    os.makedirs(target, exist_ok=True)
+    for name in [os.path.join(base_dir, component, "config.json"), *files]:
+        shutil.copy2(name, target)
+    index = os.path.join(
+        base_dir, component, weights.TORCH_STEMS[component] + ".safetensors.index.json"
+    )
+    if os.path.isfile(index):
+        shutil.copy2(index, target)
+
+
+def _write_component(
+    model: models.StableDiffusion,
+    component: str,
+    component_params: Params,
+    output_dir: str,
+    base_files: list[str],
+    dtype: np.dtype,
+    vocab_size: int,
+) -> None:
+    """Converts one component from Flax, writes its config and weights, checks the keys."""
+    target = os.path.join(output_dir, component)
+    os.makedirs(target, exist_ok=True)
+    if component == "text_encoder":
+        config = copy.deepcopy(model.text_encoder.config)
+        config.vocab_size = vocab_size
+        config.architectures = [TORCH_CLASSES[component][1]]
+        config.save_pretrained(target)
+    elif base_files:  # Training keeps the architecture: the base config stays exact.
+        shutil.copy2(os.path.join(os.path.dirname(base_files[0]), "config.json"), target)
+    else:
+        module = model.unet if component == "unet" else model.vae
+        _write_json(
+            os.path.join(target, "config.json"),
+            _diffusers_config(module, TORCH_CLASSES[component][1]),
+        )
+    state = torch_state_dict(component_params, dtype)
+    what = f"exported {component}"
+    if base_files:
+        check_torch_keys(what, state, weights.safetensors_shapes(base_files))
+    else:
+        try:
+            reference = torch_reference_shapes(component, target)
+        except ImportError:
+            logging.warning("torch is not installed: %s keys checked only by the rule", what)
+        else:
+            check_torch_keys(what, state, reference)
+    save_file(
+        state,
+        os.path.join(target, weights.TORCH_STEMS[component] + ".safetensors"),
+        metadata={"format": "pt"},
+    )
+
+
+def _save_base_tokenizer(tokenizer: Any, target: str, vocab_size: int) -> None:
+    """Saves `tokenizer` without the tokens added past `vocab_size` (the placeholder)."""
+    tokenizer.save_pretrained(target)
+    added_path = os.path.join(target, "added_tokens.json")
+    if os.path.isfile(added_path):
+        with open(added_path) as f:
+            added = {k: v for k, v in json.load(f).items() if v < vocab_size}
+        if added:
+            _write_json(added_path, added)
+        else:
+            os.remove(added_path)
+    config_path = os.path.join(target, "tokenizer_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    decoder = config.get("added_tokens_decoder", {})
+    config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < vocab_size}
+    _write_json(config_path, config)
+
+
+def export_pipeline(
+    model: models.StableDiffusion,
+    params: Params,
+    output_dir: str,
+    *,
+    scope: scope_lib.Scope,
+    base_dir: str | None = None,
+    torch_dtype: str = "float32",
+) -> str:
+    """Writes `model` with `params` as a PyTorch diffusers pipeline folder.
+
+    Args:
+      model: the model the params belong to (after `scope.make_scope`, so a textual-
+        inversion model has the placeholder in its tokenizer).
+      params: full parameters `{"unet", "vae", "text_encoder"}` (`scope.merge` of the
+        trained and frozen trees).
+      output_dir: the folder to write; created, and must be empty if it exists.
+      scope: what trained (`UnetScope` or `TextualInversionScope`).
+      base_dir: the local diffusers folder the run started from (`weights.
+        resolve_pretrained`), whose untouched components are copied; None for a tiny
+        model, whose components are all converted.
+      torch_dtype: "float32" or "float16" for the converted weights.
+
+    Returns:
+      `output_dir`.
+
+    Raises:
+      ValueError: unknown scope or dtype, a non-empty `output_dir`, or a converted state
+        dict that does not match the PyTorch class (names the tensors).
+    """
+    if torch_dtype not in TORCH_DTYPES:
+        raise ValueError(f"torch_dtype={torch_dtype!r}: expected one of {sorted(TORCH_DTYPES)}")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise ValueError(f"export directory {output_dir} exists and is not empty")
+    dtype = TORCH_DTYPES[torch_dtype]
+    table_rows = params["text_encoder"]["text_model"]["embeddings"]["token_embedding"][
+        "embedding"
+    ].shape[0]
+    if isinstance(scope, scope_lib.TextualInversionScope):
+        trained, vocab_size = (), scope.token_id
+        if scope.token_id != table_rows - 1:
+            raise ValueError(
+                f"placeholder id {scope.token_id} is not the last of {table_rows} embedding rows"
+            )
+    elif isinstance(scope, scope_lib.UnetScope):
+        trained, vocab_size = ("unet",), table_rows
+    else:
+        raise ValueError(f"export of scope {scope.name!r} is not supported")
+    os.makedirs(output_dir, exist_ok=True)
+
+    text_params = params["text_encoder"]
+    if vocab_size != table_rows:  # Drop the placeholder row: the base text encoder.
+        embeddings = text_params["text_model"]["embeddings"]
+        table = embeddings["token_embedding"]["embedding"]
+        text_params = {
+            **text_params,
+            "text_model": {
+                **text_params["text_model"],
+                "embeddings": {**embeddings, "token_embedding": {"embedding": table[:vocab_size]}},
+            },
+        }
+    component_params = {"unet": params["unet"], "vae": params["vae"], "text_encoder": text_params}
+    sources = {}
+    for component in weights.COMPONENTS:
+        base_files = _base_safetensors(base_dir, component)
+        if base_files and component not in trained:
+            _copy_component(base_dir, component, output_dir, base_files)
+            sources[component] = "copied"
+        else:
+            _write_component(
+                model,
+                component,
+                component_params[component],
+                output_dir,
+                base_files,
+                dtype,
+                vocab_size,
+            )
+            sources[component] = "converted"
+
+    tokenizer_dir = os.path.join(output_dir, "tokenizer")
+    base_tokenizer = os.path.join(base_dir, "tokenizer") if base_dir else None
+    if base_tokenizer and os.path.isdir(base_tokenizer):
+        shutil.copytree(base_tokenizer, tokenizer_dir)
+    else:
+        _save_base_tokenizer(model.tokenizer, tokenizer_dir, vocab_size)
+    saved = models.CLIPTokenizer.from_pretrained(tokenizer_dir)
+    if len(saved) != vocab_size:  # E.g. a base folder that is not the run's base model.
+        raise ValueError(
+            f"{tokenizer_dir}: tokenizer has {len(saved)} tokens but the exported text "
+            f"encoder has {vocab_size} embedding rows"
+        )
+
+    scheduler = dict(model.scheduler_config)
+    if "_class_name" not in scheduler:
+        scheduler.update(DEFAULT_SCHEDULER)
+    _write_json(os.path.join(output_dir, "scheduler", "scheduler_config.json"), scheduler)
+
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", scheduler["_class_name"]],
+        **{name: list(cls) for name, cls in TORCH_CLASSES.items()},
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+    _write_json(os.path.join(output_dir, "model_index.json"), index)
+
+    if isinstance(scope, scope_lib.TextualInversionScope):
+        placeholder = model.tokenizer.convert_ids_to_tokens(scope.token_id)
+        row = _to_numpy(
+            params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"][
+                scope.token_id : scope.token_id + 1
+            ]
+        )
+        save_file(
+            {placeholder: row.astype(np.float32)},
+            os.path.join(output_dir, EMBEDS_FILE),
+            metadata={"format": "pt"},
+        )
+        _write_json(
+            os.path.join(output_dir, "textual_inversion.json"),
+            {"placeholder_token": placeholder, "weight_name": EMBEDS_FILE},
+        )
+    logging.info("exported %s scope to %s (%s)", scope.name, output_dir, sources)
+    return output_dir
+
+
+def export_run(
+    workdir: str,
+    output_dir: str,
+    step: int | None = None,
+    config: ml_collections.ConfigDict | None = None,
+    torch_dtype: str = "float32",
+) -> str:
+    """Exports checkpoint `step` (newest if None) of the run in `workdir`.
+
+    Rebuilds the model and scope from the run's saved config (or `config`) as
+    `train.setup` does, checks the rebuilt frozen parameters against the fingerprint the
+    checkpoint holds (they are rebuilt, not saved), restores the trainable parameters and
+    exports their merge, copying untouched components from the pretrained folder.
+    """
+    from nsync_jax import runs  # The exporter itself does not need orbax.
+
+    run = runs.load_trained(workdir, step, config)
+    config, model, scope = run.config, run.model, run.scope
+    base_dir = None
+    if config.model.source == "pretrained":
+        base_dir = weights.resolve_pretrained(config.model)
+    return export_pipeline(
+        model,
+        run.params,
+        output_dir,
+        scope=scope,
+        base_dir=base_dir,
+        torch_dtype=torch_dtype,
+    )

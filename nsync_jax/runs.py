@@ -1,0 +1,77 @@
+"""A run's model, rebuilt the one way: the base model as training builds it, and a trained
+run from its workdir (saved config + checkpointed trainable parameters).
+
+Training, negatives generation, sampling and export all go through here, so the tiny
+model's random init, the scope's placeholder token and the frozen-parameter check cannot
+drift apart between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+
+from nsync_jax import models
+from nsync_jax import scope as scope_lib
+
+Params = dict[str, Any]
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(model init key, step key) of a run: the step key is what the loop folds steps into."""
+    init_rng, step_rng = jax.random.split(jax.random.key(seed))
+    return init_rng, step_rng
+
+
+def build_base(
+    config: ml_collections.ConfigDict, shardings_fn=None
+) -> tuple[models.StableDiffusion, Params]:
+    """The frozen base model and its parameters, as `train.setup` builds them."""
+    return models.build(config.model, run_keys(config.seed)[0], shardings_fn=shardings_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A checkpointed run: its config, model (scope applied), and parameters."""
+
+    config: ml_collections.ConfigDict
+    model: models.StableDiffusion
+    scope: scope_lib.Scope
+    trainable: Any
+    frozen: Params
+    step: int
+
+    @property
+    def params(self) -> Params:
+        return self.scope.merge(self.trainable, self.frozen)
+
+
+def load_trained(
+    workdir: str, step: int | None = None, config: ml_collections.ConfigDict | None = None
+) -> TrainedRun:
+    """Rebuilds the run in `workdir` at checkpoint `step` (the newest if None).
+
+    The frozen parameters are rebuilt, not saved, so they are checked against the
+    fingerprint the checkpoint holds; a different base model or seed is an error.
+    """
+    from nsync_jax import checkpoint  # Only trained runs need orbax.
+
+    if config is None:
+        config = checkpoint.load_run_config(workdir, step)
+    model, params = build_base(config)
+    scope, model, params = scope_lib.make_scope(config.train, model, params)
+    trainable, frozen = scope.split(params)
+    trainable, step = checkpoint.restore_trainable(
+        workdir, checkpoint.abstract_like(trainable), step
+    )
+    saved_frozen = checkpoint.load_metadata(workdir, step)["frozen"]
+    problems = checkpoint.compare_summaries(saved_frozen, checkpoint.tree_summary(frozen))
+    if problems:
+        raise ValueError(
+            f"the rebuilt frozen parameters differ from those that trained step {step} in "
+            f"{workdir} (model source or seed changed?): {problems[:5]}"
+        )
+    return TrainedRun(config, model, scope, trainable, frozen, step)

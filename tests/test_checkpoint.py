@@ -1,0 +1,439 @@
+"""Checkpoints: exact resume, damage and incompatibility detection, keep-last-K, SIGTERM.
+
+Unit tests use a small hand-made `TrainState` (no diffusion model). The end-to-end tests
+train the tiny demo model a few steps; those that run `launch/train.py` in subprocesses
+(SIGKILL and SIGTERM, then resume) take minutes on two cores and are marked slow.
+"""
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import default, demo
+from nsync_jax import checkpoint, optim, projection, sharding
+from nsync_jax import step as step_lib
+from nsync_jax import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- A small state, no model -----------------------------------------------------------------
+
+
+def _config(mode="nsync"):
+    config = default.get_config()
+    config.train.mode = mode
+    config.mesh.fsdp = 4
+    return config
+
+
+def _make_state(config, seed=0, width=32):
+    """A TrainState with FSDP-sharded leaves and the optimizer of `config`, a few updates in."""
+    mesh = sharding.make_mesh(config.mesh)
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    k3 = jax.random.key(99)  # The frozen part is the same "base model" whatever the seed.
+    trainable = {
+        "w": jax.random.normal(k1, (64, width)),
+        "b": jax.random.normal(k2, (width,)),
+    }
+    frozen = {"f": jax.random.normal(k3, (64, 16))}
+    tx = optim.make_optimizer(config)
+
+    def init(trainable, frozen):
+        return step_lib.init_state(trainable, frozen, tx)
+
+    shardings = sharding.tree_shardings(mesh, jax.eval_shape(init, trainable, frozen))
+    state = jax.jit(init, out_shardings=shardings)(trainable, frozen)
+    extra = {}
+    for i in range(2):
+        grads = jax.tree.map(lambda x, i=i: jnp.sin(x + i), state.trainable)
+        if config.train.mode == "nsync":
+            extra = {"negative_updates": jax.tree.map(jnp.cos, grads)}
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable, **extra)
+        state = state.replace(
+            step=state.step + 1,
+            trainable=jax.tree.map(jnp.add, state.trainable, updates),
+            opt_state=opt_state,
+        )
+    return jax.device_put(state, shardings)
+
+
+_DATA = {"num_examples": 3, "seed": 0}
+
+
+def _save(workdir, state, config, keep=None, rng=None):
+    rng = jax.random.key(config.seed) if rng is None else rng
+    with checkpoint.make_manager(workdir, keep=keep) as manager:
+        checkpoint.save(
+            manager, state, rng, config, checkpoint.tree_summary(state.frozen), dict(_DATA)
+        )
+        manager.wait_until_finished()
+
+
+def _restore(workdir, state, config, step=None, data=None):
+    step = checkpoint.latest_step(workdir) if step is None else step
+    meta = checkpoint.check_resumable(workdir, step, config)
+    with checkpoint.make_manager(workdir) as manager:
+        return checkpoint.restore_state(
+            manager,
+            workdir,
+            step,
+            meta,
+            state,
+            checkpoint.tree_summary(state.frozen),
+            dict(_DATA) if data is None else data,
+        )
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(_host(a)), jax.tree.leaves(_host(b)), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("mode", ["nsync", "finetune"])
+def test_round_trip_restores_exact_values_into_live_shardings(tmp_path, mode):
+    config = _config(mode)
+    saved = _make_state(config)
+    expected = _host((saved.trainable, saved.opt_state))
+    rng = jax.random.fold_in(jax.random.key(7), 3)
+    _save(tmp_path, saved, config, rng=rng)
+    assert checkpoint.saved_steps(tmp_path) == [2]
+
+    fresh = _make_state(config, seed=1)  # Different values, same shapes and shardings.
+    shardings = jax.tree.map(lambda x: x.sharding, (fresh.trainable, fresh.opt_state))
+    state, restored_rng = _restore(tmp_path, fresh, config)
+
+    _assert_trees_equal((state.trainable, state.opt_state), expected)
+    assert jax.tree.map(lambda x: x.sharding, (state.trainable, state.opt_state)) == shardings
+    assert state.trainable["w"].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert int(state.step) == 2 and int(state.nonfinite_step) == -1
+    np.testing.assert_array_equal(jax.random.key_data(restored_rng), jax.random.key_data(rng))
+    if mode == "nsync":
+        assert isinstance(state.opt_state[0], projection.NsyncProjectionState)
+        assert float(state.opt_state[0].cosine) != 0.0
+
+
+def test_keeps_the_newest_k(tmp_path):
+    config = _config()
+    state = _make_state(config)
+    with checkpoint.make_manager(tmp_path, keep=2) as manager:
+        for step in range(1, 6):
+            state = state.replace(step=jnp.int32(step))
+            checkpoint.save(manager, state, jax.random.key(0), config, {}, {})
+        manager.wait_until_finished()
+    assert checkpoint.saved_steps(tmp_path) == [4, 5]
+    assert checkpoint.latest_step(tmp_path) == 5
+
+
+def test_refuses_to_save_a_nonfinite_state(tmp_path):
+    config = _config()
+    state = _make_state(config).replace(nonfinite_step=jnp.int32(1))
+    with pytest.raises(FloatingPointError, match="non-finite values since step 1"):
+        _save(tmp_path, state, config)
+    assert checkpoint.saved_steps(tmp_path) == []
+
+
+def test_truncated_array_file_is_an_error_naming_the_checkpoint(tmp_path):
+    config = _config()
+    state = _make_state(config)
+    _save(tmp_path, state, config)
+    files = glob.glob(os.path.join(checkpoint.step_dir(tmp_path, 2), "trainable", "d", "*"))
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+    with pytest.raises(checkpoint.CheckpointError, match=checkpoint.step_dir(tmp_path, 2)):
+        _restore(tmp_path, _make_state(config), config)
+
+
+def test_deleted_metadata_is_an_error_naming_the_checkpoint(tmp_path):
+    config = _config()
+    _save(tmp_path, _make_state(config), config)
+    os.remove(os.path.join(checkpoint.step_dir(tmp_path, 2), "meta", "metadata"))
+    with pytest.raises(checkpoint.CheckpointError, match=checkpoint.step_dir(tmp_path, 2)):
+        checkpoint.load_run_config(tmp_path)
+
+
+def test_swapped_array_files_fail_the_checksums(tmp_path):
+    # Arrays that decode fine but are not the ones saved with this metadata.
+    config = _config()
+    state = _make_state(config)
+    _save(tmp_path, state, config)
+    _save(
+        tmp_path,
+        state.replace(step=jnp.int32(3), trainable=jax.tree.map(jnp.cos, state.trainable)),
+        config,
+    )
+    shutil.rmtree(os.path.join(checkpoint.step_dir(tmp_path, 3), "trainable"))
+    shutil.copytree(
+        os.path.join(checkpoint.step_dir(tmp_path, 2), "trainable"),
+        os.path.join(checkpoint.step_dir(tmp_path, 3), "trainable"),
+    )
+    with pytest.raises(checkpoint.CheckpointError, match="checksums"):
+        _restore(tmp_path, _make_state(config), config)
+
+
+def test_wrong_shapes_are_an_error_naming_the_leaf(tmp_path):
+    config = _config()
+    _save(tmp_path, _make_state(config), config)
+    wider = _make_state(config, width=48)
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"w: saved float32\[64, 32\], this run float32\[64, 48\]"
+    ):
+        checkpoint.restore_trainable(tmp_path, checkpoint.abstract_like(wider.trainable))
+    # The optimizer state (Adam's moments) is checked as well, by field name.
+    with pytest.raises(checkpoint.CheckpointError, match=r"1\.0\.mu\.w"):
+        _restore(tmp_path, wider.replace(trainable=_make_state(config).trainable), config)
+
+
+def test_different_frozen_parameters_are_an_error(tmp_path):
+    config = _config()
+    state = _make_state(config)
+    _save(tmp_path, state, config)
+    other = _make_state(config).replace(frozen={"f": state.frozen["f"] * 1.01})
+    with pytest.raises(checkpoint.CheckpointError, match="frozen parameters .* differ"):
+        _restore(tmp_path, other, config)
+
+
+def test_changed_data_is_an_error(tmp_path):
+    config = _config()
+    _save(tmp_path, _make_state(config), config)
+    with pytest.raises(checkpoint.CheckpointError, match="num_examples"):
+        _restore(tmp_path, _make_state(config), config, data={**_DATA, "num_examples": 4})
+
+
+def test_config_differences_name_the_fields_that_matter(tmp_path):
+    config = _config()
+    _save(tmp_path, _make_state(config), config)
+    allowed = _config()
+    allowed.train.num_steps += 5
+    allowed.log.every = 7
+    allowed.checkpoint.every = 3
+    allowed.checkpoint.keep = 9
+    assert checkpoint.config_differences(checkpoint.config_to_json(config), allowed) == []
+    changed = _config()
+    changed.nsync.rule = "v42"
+    changed.model.tiny.unet_channels = (32, 96)
+    with pytest.raises(ValueError, match=r"\['model\.tiny\.unet_channels', 'nsync\.rule'\]"):
+        checkpoint.check_resumable(tmp_path, 2, changed)
+
+
+def test_load_run_config_and_restore_trainable_for_export(tmp_path):
+    config = _config()
+    state = _make_state(config)
+    _save(tmp_path, state, config)
+    loaded = checkpoint.load_run_config(tmp_path)
+    assert loaded.model.tiny.unet_channels == config.model.tiny.unet_channels  # A tuple again.
+    assert loaded.to_dict() == config.to_dict()
+    trainable, step = checkpoint.restore_trainable(
+        tmp_path, checkpoint.abstract_like(_make_state(config, seed=3).trainable), step=2
+    )
+    assert step == 2
+    _assert_trees_equal(trainable, state.trainable)
+    with pytest.raises(FileNotFoundError, match="saved steps: \\[2\\]"):
+        checkpoint.restore_trainable(tmp_path, checkpoint.abstract_like(trainable), step=5)
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        checkpoint.load_run_config(tmp_path / "elsewhere")
+
+
+def test_preemption_watcher_turns_sigterm_into_a_flag():
+    previous = signal.getsignal(signal.SIGTERM)
+    with checkpoint.PreemptionWatcher() as watcher:
+        assert not watcher.should_stop(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watcher.should_stop(2)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+# --- The loop: tiny demo model -----------------------------------------------------------
+
+
+_DEMO = {
+    "train.num_steps": 5,
+    "train.batch_size": 8,
+    "data.demo_count": 16,
+    "log.every": 2,
+    "checkpoint.every": 2,
+    "checkpoint.keep": 2,
+}
+
+
+def _demo_config(**overrides):
+    config = demo.get_config()
+    for key, value in {**_DEMO, **overrides}.items():
+        group, name = key.rsplit(".", 1)
+        config[group][name] = value
+    return config
+
+
+def _train_in_process(workdir, **overrides):
+    state = train_lib.train(_demo_config(**overrides), str(workdir))
+    return _host((state.trainable, state.opt_state))
+
+
+@pytest.fixture(scope="module")
+def finetune_reference():
+    """An uninterrupted 5-step finetune run: (workdir, final trainable and opt state)."""
+    workdir = tempfile.mkdtemp(prefix="nsync-ckpt-ref-")
+    final = _train_in_process(workdir, **{"train.mode": "finetune"})
+    yield workdir, final
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_loop_saves_every_k_and_at_the_end_and_resumes_exactly(
+    finetune_reference, tmp_path, caplog
+):
+    ref_dir, expected = finetune_reference
+    # Saved every 2 steps and at the end (5), keeping the newest 2.
+    assert checkpoint.saved_steps(ref_dir) == [4, 5]
+    # A run that stopped after step 4: its checkpoint 4 is the reference's.
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    shutil.rmtree(checkpoint.step_dir(workdir, 5))
+    with caplog.at_level("INFO"):
+        final = _train_in_process(workdir, **{"train.mode": "finetune"})
+    assert "resuming from step 4" in caplog.text
+    _assert_trees_equal(final, expected)
+    assert checkpoint.saved_steps(workdir) == [4, 5]
+
+
+def test_loop_refuses_a_changed_config(finetune_reference):
+    ref_dir, _ = finetune_reference
+    with pytest.raises(ValueError, match=r"\['nsync\.rule'\]"):
+        train_lib.train(_demo_config(**{"train.mode": "finetune", "nsync.rule": "v41"}), ref_dir)
+    with pytest.raises(ValueError, match="model.tiny.unet_channels"):
+        train_lib.train(
+            _demo_config(**{"train.mode": "finetune", "model.tiny.unet_channels": (32, 32)}),
+            ref_dir,
+        )
+    with pytest.raises(FileNotFoundError, match="restore_step=3: no such checkpoint"):
+        train_lib.train(
+            _demo_config(**{"train.mode": "finetune", "checkpoint.restore_step": 3}), ref_dir
+        )
+    with pytest.raises(ValueError, match="newer checkpoints \\[5\\]"):
+        train_lib.train(
+            _demo_config(**{"train.mode": "finetune", "checkpoint.restore_step": 4}), ref_dir
+        )
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # TensorStore.
+def test_loop_stops_on_a_damaged_latest_checkpoint(finetune_reference, tmp_path):
+    ref_dir, _ = finetune_reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    latest = checkpoint.step_dir(workdir, 5)
+    os.remove(max(glob.glob(os.path.join(latest, "opt_state", "d", "*")), key=os.path.getsize))
+    with pytest.raises(checkpoint.CheckpointError, match=latest):
+        train_lib.train(_demo_config(**{"train.mode": "finetune", "train.num_steps": 7}), workdir)
+    assert checkpoint.saved_steps(workdir) == [4, 5]  # Nothing overwritten, no fresh start.
+
+
+# --- Real processes: SIGKILL and SIGTERM, then resume ------------------------------------
+
+
+def _command(workdir, overrides):
+    flags = [f"--config.{k}={v}" for k, v in {**_DEMO, **overrides}.items()]
+    return [
+        sys.executable,
+        "launch/train.py",
+        "--config=configs/demo.py",
+        *flags,
+        f"--workdir={workdir}",
+    ]
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=REPO,
+        JAX_PLATFORMS="cpu",
+        JAX_NUM_CPU_DEVICES="8",  # As tests/conftest.py, so the compiled step is the same.
+        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+    )
+    return env
+
+
+def _start_and_signal(workdir, overrides, sig, after_step):
+    """Starts a run and sends `sig` once checkpoint `after_step` is complete."""
+    log_path = os.path.join(str(workdir) + ".log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            _command(workdir, overrides), cwd=REPO, env=_env(), stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 600
+        while not os.path.isdir(checkpoint.step_dir(workdir, after_step)):
+            assert proc.poll() is None, open(log_path).read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=300)
+    return rc, open(log_path).read()
+
+
+def _resume(workdir, overrides):
+    result = subprocess.run(
+        _command(workdir, overrides), cwd=REPO, env=_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def _final_arrays(workdir, like):
+    abstract = checkpoint.abstract_like(like)
+    with checkpoint.make_manager(workdir, read_only=True) as manager:
+        restored = manager.restore(
+            checkpoint.latest_step(workdir),
+            args=ocp.args.Composite(
+                trainable=ocp.args.StandardRestore(abstract[0]),
+                opt_state=ocp.args.StandardRestore(abstract[1]),
+            ),
+        )
+    return _host((restored.trainable, restored.opt_state))
+
+
+@pytest.mark.slow
+def test_sigkill_between_saves_then_resume_is_bitwise_equal(tmp_path):
+    overrides = {"train.mode": "nsync", "train.num_steps": 6}
+    expected = _train_in_process(tmp_path / "reference", **overrides)
+    like = jax.tree.map(jnp.asarray, expected)
+    workdir = tmp_path / "run"
+    rc, log = _start_and_signal(workdir, overrides, signal.SIGKILL, after_step=2)
+    assert rc == -signal.SIGKILL
+    resumed_from = checkpoint.latest_step(workdir)
+    assert 2 <= resumed_from < 6, log[-2000:]  # Killed between saves, before the end.
+    stderr = _resume(workdir, overrides)
+    assert f"resuming from step {resumed_from}" in stderr
+    assert checkpoint.latest_step(workdir) == 6
+    _assert_trees_equal(_final_arrays(workdir, like), expected)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_zero_and_resumes_exactly(finetune_reference, tmp_path):
+    _, expected = finetune_reference
+    like = jax.tree.map(jnp.asarray, expected)
+    overrides = {"train.mode": "finetune", "checkpoint.every": 1}
+    workdir = tmp_path / "run"
+    rc, log = _start_and_signal(workdir, overrides, signal.SIGTERM, after_step=1)
+    assert rc == 0, log[-3000:]
+    assert "preempted: saved step" in log
+    stopped_at = int(log.split("preempted: saved step ")[1].split()[0])
+    assert checkpoint.latest_step(workdir) == stopped_at < 5
+    stderr = _resume(workdir, overrides)
+    assert f"resuming from step {stopped_at}" in stderr
+    _assert_trees_equal(_final_arrays(workdir, like), expected)

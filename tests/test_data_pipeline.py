@@ -1,0 +1,161 @@
+"""Tests of nsync_jax/data/pipeline.py: determinism, per-host slices, pairing, bad images."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from nsync_jax.data import demo, pipeline
+from nsync_jax.data.examples import BadImageError, LazyExamples
+from nsync_jax.data.latents import LatentCache
+
+
+def _tokenize(prompts):
+    # Token ids that identify the prompt, so tests can check pairing through input_ids.
+    return np.asarray([[int(p.split()[1])] for p in prompts], np.int32)
+
+
+def _lazy(count, bad=(), prefix="p"):
+    calls = []
+
+    def read(i):
+        calls.append(i)
+        if i in bad:
+            raise OSError("broken data stream")
+        return np.full((8, 8, 3), i, np.uint8)
+
+    ids = [f"id-{i}" for i in range(count)]
+    names = [f"/data/{i}.png" for i in ids]
+    return LazyExamples(ids, [f"{prefix} {i}" for i in range(count)], names, read, 8, True), calls
+
+
+def _batches(positives, negatives=None, batch=4, seed=0, index=0, count=1, **kw):
+    return pipeline.PairedBatches(
+        positives,
+        negatives,
+        _tokenize,
+        "{caption} {style}",
+        "<s>",
+        batch,
+        seed,
+        True,
+        process_index=index,
+        process_count=count,
+        **kw,
+    )
+
+
+def _ids(batch):
+    return batch["positive"]["input_ids"][:, 0].tolist()
+
+
+def test_batch_is_a_pure_function_of_seed_and_step():
+    examples, _ = _lazy(10)
+    a, b = _batches(examples), _batches(examples)
+    later = [_ids(a.batch(s)) for s in (7, 2, 5)]
+    assert later == [_ids(b.batch(s)) for s in (7, 2, 5)]
+    np.testing.assert_array_equal(
+        a.batch(3)["positive"]["pixels"], b.batch(3)["positive"]["pixels"]
+    )
+    other = _batches(examples, seed=1)
+    assert [_ids(other.batch(s)) for s in range(5)] != [_ids(a.batch(s)) for s in range(5)]
+
+
+def test_each_epoch_is_a_permutation():
+    examples, _ = _lazy(8)
+    batches = _batches(examples)
+    for epoch in range(3):
+        seen = sum((_ids(batches.batch(2 * epoch + s)) for s in range(2)), [])
+        assert sorted(seen) == list(range(8))
+
+
+def test_two_hosts_partition_each_global_batch_and_read_only_their_rows():
+    # 10 examples, batch 4: steps 2 and 4 straddle an epoch boundary.
+    single, _ = _lazy(10)
+    whole = _batches(single, batch=4)
+    for step in range(6):
+        parts, reads = [], []
+        for host in range(2):
+            examples, calls = _lazy(10)
+            part = _batches(examples, batch=4, index=host, count=2).batch(step)
+            parts.append(part)
+            reads.append(set(calls))
+        full = whole.batch(step)
+        np.testing.assert_array_equal(
+            np.concatenate([p["positive"]["pixels"] for p in parts]), full["positive"]["pixels"]
+        )
+        assert _ids(parts[0]) + _ids(parts[1]) == _ids(full)
+        assert reads[0] == set(_ids(parts[0])) and reads[1] == set(_ids(parts[1]))
+        if step not in (2, 4):  # Within one epoch no example repeats.
+            assert not reads[0] & reads[1]
+
+
+def test_flips_are_deterministic_and_per_branch():
+    pos, neg = demo.demo_pair(6, 8, 0)
+    batches = pipeline.PairedBatches(
+        pos, neg, lambda p: np.zeros((len(p), 2)), "{caption}", "s", 64, 3, True, 0, 1
+    )
+    flips_pos = batches._flips(0, 64, 0)
+    assert 10 < flips_pos.sum() < 54 and (flips_pos != batches._flips(0, 64, 1)).any()
+    rows = batches._stream(0, 64)
+    pixels = batches.batch(0)["positive"]["pixels"]
+    expected = pos.images[rows][:, :, ::-1][flips_pos]
+    got = ((pixels[flips_pos].transpose(0, 2, 3, 1) + 1) * 127.5).round().astype(np.uint8)
+    np.testing.assert_array_equal(got, expected)
+    assert pixels.min() >= -1 and pixels.max() <= 1
+
+
+def test_negatives_pair_by_id():
+    pos, _ = _lazy(6, prefix="p")
+    neg_full, _ = _lazy(6, prefix="n")
+    neg = neg_full.select(list(reversed(neg_full.ids)))  # Stored in another order.
+    batch = _batches(pos, neg).batch(1)
+    rows = batch["positive"]["input_ids"][:, 0]
+    np.testing.assert_array_equal(batch["negative"]["input_ids"], batch["positive"]["input_ids"])
+    np.testing.assert_array_equal(
+        batch["negative"]["pixels"][:, 0, 0, 0], rows.astype(np.float32) / 127.5 - 1
+    )
+
+
+def test_bad_image_error_names_it():
+    examples, _ = _lazy(4, bad=(2,))
+    batches = _batches(examples, batch=4)
+    with pytest.raises(BadImageError, match=r"'id-2' \(/data/id-2.png\)"):
+        batches.batch(0)
+
+
+def test_skip_substitutes_the_next_readable_example(caplog):
+    examples, _ = _lazy(6, bad=(2, 3))
+    with caplog.at_level(logging.WARNING):
+        batches = _batches(examples, batch=6, on_bad_image="skip")
+        served = _ids(batches.batch(0))
+    assert sorted(served) == sorted([0, 1, 4, 4, 4, 5])  # 2 and 3 both become 4.
+    assert batches.bad == {2, 3}
+    assert "2 skipped so far" in caplog.text and "id-3" in caplog.text
+    # Another host, or a resumed run, that meets the bad images later agrees.
+    fresh, _ = _lazy(6, bad=(2, 3))
+    assert _ids(_batches(fresh, batch=6, on_bad_image="skip").batch(0)) == served
+
+
+def test_all_bad_and_bad_options_are_errors():
+    examples, _ = _lazy(2, bad=(0, 1))
+    with pytest.raises(ValueError, match="every one of the 2 examples"):
+        _batches(examples, batch=2, on_bad_image="skip").batch(0)
+    with pytest.raises(ValueError, match="on_bad_image='ignore'"):
+        _batches(examples, on_bad_image="ignore")
+    with pytest.raises(ValueError, match="does not split over 3"):
+        _batches(examples, batch=4, count=3)
+
+
+def test_latents_replace_pixels_with_flip_selected_moments():
+    examples, calls = _lazy(5)
+    batches = _batches(examples, batch=4)
+    mean = np.arange(5 * 2, dtype=np.float32).reshape(5, 2, 1)
+    cache = LatentCache(mean, mean + 100, np.zeros(5, bool))
+    batches.use_latents({"positive": cache})
+    out = batches.batch(2)["positive"]
+    assert set(out) == {"latent_mean", "latent_std", "input_ids"} and calls == []
+    rows = out["input_ids"][:, 0]
+    flips = batches._flips(8, 4, 0)
+    np.testing.assert_array_equal(out["latent_mean"][:, 0], rows * 2 + flips)
+    np.testing.assert_array_equal(out["latent_std"], out["latent_mean"] + 100)

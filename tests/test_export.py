@@ -1,0 +1,238 @@
+"""Exported pipelines load in PyTorch diffusers with every key matched and equal outputs."""
+
+import filecmp
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import load_file
+
+from configs import demo
+from nsync_jax import export, models, weights
+from nsync_jax import scope as scope_lib
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-4
+PROMPT = "a red circle in the style of <s*>"
+
+
+def _perturb(tree, seed):
+    """As if trained: every leaf moves, so no name or layout mistake can hide."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), tree)
+
+
+def _match_flax_geglu(unet):
+    """Makes the PyTorch reference use diffusers' Flax GEGLU activation.
+
+    The Flax UNet's GEGLU calls `flax.linen.gelu` (tanh approximation by default), the
+    PyTorch one the exact GELU: up to ~5e-4 apart per activation, a property of the two
+    diffusers implementations, not of the export. Matching it here lets the comparison
+    be tight enough to catch any conversion mistake.
+    """
+    for module in unet.modules():
+        if isinstance(module, diffusers.models.activations.GEGLU):
+            module.gelu = functools.partial(torch.nn.functional.gelu, approximate="tanh")
+    return unet
+
+
+def _train_config(scope):
+    config = demo.get_config().train
+    config.scope = scope
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The demo's tiny model, built from the key `train.setup` uses for the seed."""
+    config = demo.get_config()
+    init_rng, _ = jax.random.split(jax.random.key(config.seed))
+    return models.build(config.model, init_rng)
+
+
+@pytest.fixture(scope="module")
+def unet_export(tiny, tmp_path_factory):
+    """A tiny model with every component perturbed, exported with the `unet` scope."""
+    model, params = tiny
+    scope, model, params = scope_lib.make_scope(_train_config("unet"), model, params)
+    params = {name: _perturb(tree, i) for i, (name, tree) in enumerate(sorted(params.items()))}
+    output = str(tmp_path_factory.mktemp("export") / "unet")
+    export.export_pipeline(model, params, output, scope=scope)
+    return output, model, params
+
+
+def _load_checked(cls, directory):
+    module, info = cls.from_pretrained(directory, output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info.get(kind), (directory, kind, info[kind])
+    return module.eval()
+
+
+def _text_outputs(model, text_params, torch_text, torch_tokenizer):
+    ids = model.tokenize([PROMPT, "two blue squares"])
+    torch_ids = torch_tokenizer(
+        [PROMPT, "two blue squares"],
+        padding="max_length",
+        max_length=torch_tokenizer.model_max_length,
+        return_tensors="np",
+    ).input_ids
+    np.testing.assert_array_equal(ids, torch_ids)
+    flax_out = jax.jit(model.encode_text)(text_params, ids)
+    with torch.no_grad():
+        torch_out = torch_text(input_ids=torch.from_numpy(torch_ids).long()).last_hidden_state
+    return np.asarray(flax_out), torch_out.numpy()
+
+
+def test_unet_export_loads_in_pytorch_with_equal_outputs(unet_export):
+    output, model, params = unet_export
+    unet = _load_checked(diffusers.UNet2DConditionModel, os.path.join(output, "unet"))
+    vae = _load_checked(diffusers.AutoencoderKL, os.path.join(output, "vae"))
+    text = _load_checked(transformers.CLIPTextModel, os.path.join(output, "text_encoder"))
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(output)
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    assert pipe.scheduler.config.prediction_type == model.prediction_type
+    assert len(pipe.tokenizer) == len(model.tokenizer)
+
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, *model.latent_shape), dtype=np.float32)
+    timesteps = np.array([3, 700], np.int32)
+    context = rng.standard_normal((2, 77, 32), dtype=np.float32)
+    flax_out = np.asarray(jax.jit(model.predict_noise)(params["unet"], latents, timesteps, context))
+    inputs = (torch.from_numpy(latents), torch.from_numpy(timesteps), torch.from_numpy(context))
+    with torch.no_grad():
+        exact_gelu_out = unet(*inputs).sample.numpy()
+        torch_out = _match_flax_geglu(unet)(*inputs).sample.numpy()
+    np.testing.assert_allclose(flax_out, torch_out, atol=ATOL, rtol=ATOL)
+    # Unmatched, the two GELUs still agree to ~1e-4 of the output's scale.
+    assert np.abs(flax_out - exact_gelu_out).max() < 1e-3 * np.abs(exact_gelu_out).max()
+
+    flax_text, torch_text = _text_outputs(model, params["text_encoder"], text, pipe.tokenizer)
+    np.testing.assert_allclose(flax_text, torch_text, atol=ATOL, rtol=ATOL)
+
+    pixels = rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    mean = jax.jit(
+        lambda p, x: model.vae.apply({"params": p}, x, method=model.vae.encode).latent_dist.mean
+    )(params["vae"], pixels)
+    decoded = jax.jit(model.decode_latents)(params["vae"], latents)
+    with torch.no_grad():
+        torch_mean = vae.encode(torch.from_numpy(pixels)).latent_dist.mean
+        scaled = torch.from_numpy(latents) / vae.config.scaling_factor
+        torch_decoded = vae.decode(scaled).sample
+    np.testing.assert_allclose(
+        np.transpose(np.asarray(mean), (0, 3, 1, 2)), torch_mean.numpy(), atol=ATOL, rtol=ATOL
+    )
+    np.testing.assert_allclose(np.asarray(decoded), torch_decoded.numpy(), atol=ATOL, rtol=ATOL)
+
+
+def test_export_round_trips_through_our_loader(unet_export):
+    output, _, params = unet_export
+    model_config = demo.get_config().model
+    model_config.source, model_config.pretrained = "pretrained", output
+    _, loaded = weights.load_pretrained(model_config)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def _check_textual_inversion(output, model, params, token_id):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(output)
+    assert len(pipe.tokenizer) == token_id  # The base tokenizer, without the placeholder.
+    assert pipe.text_encoder.get_input_embeddings().weight.shape[0] == token_id
+    pipe.load_textual_inversion(output)  # Token name from learned_embeds.safetensors.
+    assert pipe.tokenizer.convert_tokens_to_ids("<s*>") == token_id
+    flax_text, torch_text = _text_outputs(
+        model, params["text_encoder"], pipe.text_encoder, pipe.tokenizer
+    )
+    np.testing.assert_allclose(flax_text, torch_text, atol=ATOL, rtol=ATOL)
+
+
+def _trained_token(model, params):
+    scope, model, params = scope_lib.make_scope(_train_config("textual_inversion"), model, params)
+    trainable, frozen = scope.split(params)
+    params = scope.merge(_perturb(trainable, 7), frozen)
+    return scope, model, params
+
+
+def test_textual_inversion_export_without_base(unet_export, tmp_path):
+    _, model, params = unet_export
+    scope, model, params = _trained_token(model, params)
+    output = export.export_pipeline(model, params, str(tmp_path / "ti"), scope=scope)
+    embeds = load_file(os.path.join(output, export.EMBEDS_FILE))
+    assert list(embeds) == ["<s*>"] and embeds["<s*>"].shape == (1, 32)
+    _check_textual_inversion(output, model, params, scope.token_id)
+
+
+def test_textual_inversion_export_copies_the_base(unet_export, tmp_path):
+    base, model, params = unet_export
+    scope, model, params = _trained_token(model, params)
+    output = export.export_pipeline(model, params, str(tmp_path / "ti"), scope=scope, base_dir=base)
+    for name in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+    ):
+        assert filecmp.cmp(os.path.join(base, name), os.path.join(output, name), shallow=False)
+    _check_textual_inversion(output, model, params, scope.token_id)
+
+
+def test_unet_export_with_base_converts_only_the_unet(unet_export, tmp_path):
+    base, model, params = unet_export
+    params = {**params, "unet": _perturb(params["unet"], 11)}
+    output = export.export_pipeline(
+        model, params, str(tmp_path / "ft"), scope=scope_lib.UnetScope(), base_dir=base
+    )
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert filecmp.cmp(os.path.join(base, vae), os.path.join(output, vae), shallow=False)
+    unet = load_file(os.path.join(output, "unet", "diffusion_pytorch_model.safetensors"))
+    kernel = params["unet"]["conv_in"]["kernel"]  # HWIO -> OIHW
+    np.testing.assert_array_equal(unet["conv_in.weight"], np.transpose(kernel, (3, 2, 0, 1)))
+
+
+def test_key_check_names_the_tensor(unet_export):
+    output, model, params = unet_export
+    state = export.torch_state_dict(params["unet"])
+    reference = export.torch_reference_shapes("unet", os.path.join(output, "unet"))
+    export.check_torch_keys("unet", state, reference)
+    del state["time_embedding.linear_1.weight"]
+    state["time_embedding.linear.1.weight"] = np.zeros(1)
+    with pytest.raises(ValueError, match=r"missing time_embedding\.linear_1\.weight.*unexpected"):
+        export.check_torch_keys("unet", state, reference)
+    half = export.torch_state_dict(params["vae"], np.float16)
+    assert {a.dtype for a in half.values()} == {np.dtype(np.float16)}
+    with pytest.raises(ValueError, match="not empty"):
+        export.export_pipeline(model, params, output, scope=scope_lib.UnetScope())
+
+
+def test_export_run_restores_the_trained_params_of_a_checkpoint(tiny, tmp_path):
+    checkpoint = pytest.importorskip("nsync_jax.checkpoint")  # Lands with the ckpt branch.
+    from nsync_jax import step as step_lib
+
+    config = demo.get_config()
+    scope, model, params = scope_lib.make_scope(config.train, *tiny)
+    trainable, frozen = scope.split(params)
+    trainable = _perturb(trainable, 5)
+    # Export reads only the trainable params: a one-counter optimizer state keeps it cheap.
+    counter = optax.GradientTransformation(lambda _: {"count": jnp.zeros((), jnp.int32)}, None)
+    state = step_lib.init_state(trainable, frozen, counter)
+    workdir = str(tmp_path / "run")
+    with checkpoint.make_manager(workdir) as manager:
+        checkpoint.save(
+            manager, state, jax.random.key(0), config, checkpoint.tree_summary(frozen), {}
+        )
+        manager.wait_until_finished()
+
+    output = export.export_run(workdir, str(tmp_path / "out"))
+    unet = load_file(os.path.join(output, "unet", "diffusion_pytorch_model.safetensors"))
+    np.testing.assert_array_equal(
+        unet["conv_in.weight"], np.transpose(trainable["conv_in"]["kernel"], (3, 2, 0, 1))
+    )
+    other_seed = demo.get_config()
+    other_seed.seed = 1  # Rebuilds different frozen (tiny, random) weights: refused.
+    with pytest.raises(ValueError, match="frozen parameters differ"):
+        export.export_run(workdir, str(tmp_path / "out2"), config=other_seed)

@@ -1,0 +1,50 @@
+"""Rebuilding a checkpointed run: scope applied, trained params restored, frozen checked."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import demo
+from nsync_jax import checkpoint, runs
+from nsync_jax import scope as scope_lib
+from nsync_jax import step as step_lib
+
+
+def _save_run(workdir, config, trainable, frozen):
+    # Only the trainable params matter here: a one-counter optimizer state keeps it cheap.
+    counter = optax.GradientTransformation(lambda _: {"count": jnp.zeros((), jnp.int32)}, None)
+    state = step_lib.init_state(trainable, frozen, counter)
+    with checkpoint.make_manager(workdir) as manager:
+        checkpoint.save(
+            manager, state, jax.random.key(0), config, checkpoint.tree_summary(frozen), {}
+        )
+        manager.wait_until_finished()
+
+
+def test_build_base_is_the_model_training_uses(tiny_sd):
+    _, params = runs.build_base(demo.get_config())
+    jax.tree.map(np.testing.assert_array_equal, params, tiny_sd[1])
+
+
+def test_load_trained_textual_inversion_run(tmp_path, tiny_sd):
+    config = demo.get_config()
+    config.train.scope = "textual_inversion"
+    scope, model, params = scope_lib.make_scope(config.train, *tiny_sd)
+    trainable, frozen = scope.split(params)
+    learned = {"token_embedding": jnp.full_like(trainable["token_embedding"], 0.5)}
+    _save_run(str(tmp_path), config, learned, frozen)
+
+    run = runs.load_trained(str(tmp_path))
+    assert run.step == 0 and run.config.train.scope == "textual_inversion"
+    token_id = run.model.tokenizer.convert_tokens_to_ids(config.train.style_token)
+    table = run.params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]
+    np.testing.assert_array_equal(table["embedding"][token_id], 0.5)
+    prompt = [f"a red circle in the style of {config.train.style_token}"]
+    assert token_id in run.model.tokenize(prompt)[0]  # One token, not byte pieces.
+
+    other_seed = demo.get_config()
+    other_seed.train.scope, other_seed.seed = "textual_inversion", 1
+    with pytest.raises(ValueError, match="frozen parameters differ"):
+        runs.load_trained(str(tmp_path), config=other_seed)

@@ -36,11 +36,8 @@ def split_examples(config: ml_collections.ConfigDict, split: str):
     return sources.load_positives(data_config, config.model.resolution)
 
 
-def prompts_for(config: ml_collections.ConfigDict, captions: Sequence[str]) -> list[str]:
-    return [
-        config.sample.prompt_template.format(caption=c, style=config.train.style_token)
-        for c in captions
-    ]
+def prompts_for(template: str, captions: Sequence[str], style_token: str) -> list[str]:
+    return [template.format(caption=c, style=style_token) for c in captions]
 
 
 def evaluate(
@@ -48,6 +45,7 @@ def evaluate(
     out_dir: str,
     split: str,
     model_and_params: tuple[models.StableDiffusion, Any] | None = None,
+    style_token: str | None = None,
     embedders: dict[str, compare.Embedder] | None = None,
 ) -> dict[str, Any]:
     """Generates one image per caption of `split` and reports the `config.eval` metrics.
@@ -56,20 +54,23 @@ def evaluate(
       config: the run's config (model, data, sample, train.style_token, eval, mesh).
       out_dir: where the generated images and `metrics.json` go.
       split: the data split whose captions and images are used (e.g. "testA").
-      model_and_params: the model to sample (e.g. `sampling.trained_model(...)`); the base
-        model when None.
+      model_and_params: the model to sample (e.g. a `runs.load_trained` run's model and
+        params); the base model when None.
+      style_token: the word for "{style}" in the prompt; `config.train.style_token` when
+        None (pass the trained run's token when sampling a run).
       embedders: prebuilt embedders by kind (tests); others load from `config.eval`.
 
     Returns:
       The report of `compare.compare` plus the split, prompt template and folders.
     """
     examples = split_examples(config, split)
+    style_token = config.train.style_token if style_token is None else style_token
     if config.eval.generated_dir:
         generated = images.list_images(config.eval.generated_dir)
         generated_dir = config.eval.generated_dir
     else:
         generated_dir = os.path.join(out_dir, "generated")
-        prompts = prompts_for(config, examples.captions)
+        prompts = prompts_for(config.sample.prompt_template, examples.captions, style_token)
         logging.info("evaluation: generating %d images into %s", len(prompts), generated_dir)
         generated = sampling.sample_to_dir(
             config, prompts, generated_dir, 1, model_and_params=model_and_params
@@ -84,7 +85,7 @@ def evaluate(
     report.update(
         split=split,
         prompt_template=config.sample.prompt_template,
-        style_token=config.train.style_token,
+        style_token=style_token,
         real_dir=config.eval.real_dir,
         generated_dir=generated_dir,
     )

@@ -98,6 +98,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.weight_decay = 1e-2  # Decoupled weight decay (reference: 1e-2).
     config.optim.clip_norm = 0.0  # Global-norm clipping after the projection; 0 disables.
 
+    config.eval = ml_collections.ConfigDict()
+    config.eval.metrics = ("csd", "cmmd", "kid", "fid")  # Which metrics compare() computes.
+    config.eval.real_dir = ""  # Folder of real style images (the test split), for compare.
+    config.eval.generated_dir = ""  # Folder of generated images, for compare.
+    config.eval.batch_size = 32  # Images per embedder call; rounded up to the device count.
+    config.eval.csd_weights = ""  # CSD checkpoint (.pth with model_state_dict, or .safetensors).
+    config.eval.cmmd_weights = ""  # HF folder of openai/clip-vit-large-patch14-336.
+    config.eval.inception_weights = ""  # Inception v3 state dict (.pth, .safetensors or .npz).
+    config.eval.inception_variant = "pytorch_fid"  # "pytorch_fid" (FID standard) or "torchvision".
+    config.eval.kid_subsets = 100  # KID random subsets.
+    config.eval.kid_max_subset_size = 1000  # KID subset size is min(n_real, n_gen, this).
+    config.eval.fid_bootstrap = 0  # FID bootstrap resamples (paper: 10); 0 reports plain FID only.
+    config.eval.seed = 0  # Seed of KID subsets and FID bootstrap draws.
+
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # Data-parallel axis size; -1 takes the devices left.
     config.mesh.fsdp = 1  # FSDP axis size (parameters and optimizer state sharded).

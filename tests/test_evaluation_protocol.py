@@ -132,3 +132,24 @@ def test_load_textual_inversion_adds_the_exported_token(tmp_path, tiny_sd):
     save_file({"<a>": row, "<b>": row}, path)
     with pytest.raises(ValueError, match="one token"):
         protocol.load_textual_inversion(*tiny_sd, path)
+
+
+def test_load_model_of_a_textual_inversion_export(tmp_path, tiny_sd):
+    from nsync_jax import export
+
+    config = demo.get_config()
+    config.train.scope = "textual_inversion"
+    scope, model, params = scope_lib.make_scope(config.train, *tiny_sd)
+    trainable, frozen = scope.split(params)
+    params = scope.merge(jax.tree.map(lambda x: x + 0.5, trainable), frozen)
+    output = export.export_pipeline(model, params, str(tmp_path / "export"), scope=scope)
+
+    config.model.source, config.model.pretrained = "pretrained", output
+    under_test = protocol.load_model(config)
+    assert under_test.style_token == "<s*>" and under_test.step is None
+    assert under_test.source["learned_embeds"] == os.path.join(output, export.EMBEDS_FILE)
+    jax.tree.map(np.testing.assert_array_equal, under_test.params, params)
+    prompt = ["a red circle in the style of <s*>"]
+    np.testing.assert_array_equal(under_test.model.tokenize(prompt), model.tokenize(prompt))
+    with pytest.raises(ValueError, match="--step needs --workdir"):
+        protocol.load_model(config, step=3)

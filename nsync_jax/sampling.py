@@ -36,6 +36,7 @@ from diffusers import (
     FlaxPNDMScheduler,
 )
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from nsync_jax import models, runs, sharding
 
@@ -271,8 +272,10 @@ class Sampler:
         """uint8 [N, H, W, 3] images, one per prompt."""
         height = self.model.resolution
         out = np.zeros((len(prompts), height, height, 3), np.uint8)
-        for offset, images in self.iterate(prompts, image_seeds):
-            out[offset : offset + len(images)] = to_uint8(images)
+        with tqdm(total=len(prompts), desc="sampling", unit="image") as progress:
+            for offset, images in self.iterate(prompts, image_seeds):
+                out[offset : offset + len(images)] = to_uint8(images)
+                progress.update(len(images))
         return out
 
 

@@ -27,6 +27,8 @@ from nsync_jax.evaluation import clip_embed, images, inception, metrics
 METRICS = ("csd", "cmmd", "kid", "fid")
 # Which embedder each metric reads; KID and FID share one Inception pass.
 EMBEDDER_OF = {"csd": "csd", "cmmd": "cmmd", "kid": "inception", "fid": "inception"}
+# The report's metric values (the rest are settings): what goes to TensorBoard.
+SCALARS = ("csd", "cmmd", "kid_mean", "kid_std", "fid", "fid_bootstrap_mean", "fid_bootstrap_std")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,14 @@ For every caption of data split `split`, one image is generated with
 `sample.prompt_template` ("{caption} in the style of {style}", style = `train.style_token`)
 and the generated set is compared with the split's real images by the metrics of
 `config.eval` (`compare.compare`). The generated PNGs, `prompts.jsonl`, `grid.png` and
-`metrics.json` land in `out_dir`.
+`metrics.json` land in `out_dir`, with `real_vs_generated.png`: the first 16 captions'
+real and generated images side by side.
+
+`run_evaluation` is what `launch/evaluate.py` calls: it picks the model (a training run's
+checkpoint, the base model, or an exported diffusers folder with its textual-inversion
+embedding), the output folder (`<workdir>/eval/<step>/` for a run), records the model
+source and the SHA-256 of every weight file in `metrics.json`, and writes the metric
+values as `eval/<name>` scalars to the run's TensorBoard files and `metrics.jsonl`.
 
 Real images are the files of `eval.real_dir` when it is set (the original test images,
 as the paper compares), else the split's images as the data source yields them (resized
@@ -14,6 +21,7 @@ generated and that folder is compared instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,9 +30,16 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+from PIL import Image
 
-from nsync_jax import models, sampling, sharding
+from nsync_jax import export, models, runs, sampling, sharding
+from nsync_jax import scope as scope_lib
 from nsync_jax.evaluation import compare, images
+from nsync_jax.evaluation import weights as weights_lib
+
+GRID_FILE = "real_vs_generated.png"
+GRID_PAIRS = 16  # Caption pairs shown in the grid.
 
 
 def split_examples(config: ml_collections.ConfigDict, split: str):
@@ -40,6 +55,45 @@ def prompts_for(template: str, captions: Sequence[str], style_token: str) -> lis
     return [template.format(caption=c, style=style_token) for c in captions]
 
 
+def pairs_grid(
+    real: Sequence[images.ImageLike],
+    generated: Sequence[images.ImageLike],
+    captions: Sequence[str],
+    limit: int = GRID_PAIRS,
+) -> Image.Image:
+    """Real and generated image i side by side (two pairs a row) for the first `limit`
+    captions, each real tile labelled with its caption; tiles at the generated side."""
+    count = min(limit, len(real), len(generated), len(captions))
+    if count == 0:
+        raise ValueError("no real/generated pairs to show")
+    first = images.load_rgb(generated[0])
+    side = first.width
+    tiles, labels = [], []
+    for i in range(count):
+        for image in (real[i], generated[i]):
+            tile = images.load_rgb(image)
+            if tile.size != (side, side):
+                tile = tile.resize((side, side), Image.Resampling.BICUBIC)
+            tiles.append(np.asarray(tile))
+        labels += [f"real: {captions[i]}", "generated"]
+    return sampling.labelled_grid(tiles, labels, columns=4 if count > 1 else 2)
+
+
+def weight_hashes(report: dict[str, Any]) -> dict[str, str]:
+    """`{file: sha256}` of every configured metric weight file the report names.
+
+    Paths are the configured ones (`<kind>_weights`); a folder contributes each weight
+    file in it. Empty paths (embedders given prebuilt, in tests) contribute nothing.
+    """
+    hashed: dict[str, str] = {}
+    result: dict[str, str] = {}
+    for kind in dict.fromkeys(compare.EMBEDDER_OF.values()):
+        path = report.get(f"{kind}_weights")
+        if path:
+            result.update(weights_lib.hash_weights(path, hashed))
+    return result
+
+
 def evaluate(
     config: ml_collections.ConfigDict,
     out_dir: str,
@@ -47,21 +101,25 @@ def evaluate(
     model_and_params: tuple[models.StableDiffusion, Any] | None = None,
     style_token: str | None = None,
     embedders: dict[str, compare.Embedder] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generates one image per caption of `split` and reports the `config.eval` metrics.
 
     Args:
       config: the run's config (model, data, sample, train.style_token, eval, mesh).
-      out_dir: where the generated images and `metrics.json` go.
+      out_dir: where the generated images, the grid and `metrics.json` go.
       split: the data split whose captions and images are used (e.g. "testA").
       model_and_params: the model to sample (e.g. a `runs.load_trained` run's model and
         params); the base model when None.
-      style_token: the word for "{style}" in the prompt; `config.train.style_token` when
-        None (pass the trained run's token when sampling a run).
+      style_token: the words for "{style}" in the prompt; `config.train.style_token` when
+        None (pass the trained run's token when sampling a run, an artist's name for the
+        base-model baseline).
       embedders: prebuilt embedders by kind (tests); others load from `config.eval`.
+      extra: more entries for the report (the model source, the step).
 
     Returns:
-      The report of `compare.compare` plus the split, prompt template and folders.
+      The report of `compare.compare` plus the split, prompt template, sampler settings,
+      folders and `weights_sha256` (`{file: sha256}` of the metric weight files).
     """
     examples = split_examples(config, split)
     style_token = config.train.style_token if style_token is None else style_token
@@ -86,10 +144,143 @@ def evaluate(
         split=split,
         prompt_template=config.sample.prompt_template,
         style_token=style_token,
+        num_images=len(generated),
+        sample={
+            k: config.sample[k]
+            for k in ("scheduler", "num_steps", "guidance_scale", "negative_prompt", "seed", "size")
+        },
         real_dir=config.eval.real_dir,
         generated_dir=generated_dir,
+        weights_sha256=weight_hashes(report),
+        **(extra or {}),
     )
     os.makedirs(out_dir, exist_ok=True)
+    # The split's own images pair with its captions (eval.real_dir's order need not).
+    pairs_grid(list(examples.images), generated, examples.captions).save(
+        os.path.join(out_dir, GRID_FILE)
+    )
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(report, f, indent=2)
+    return report
+
+
+def load_textual_inversion(
+    model: models.StableDiffusion, params: Any, path: str
+) -> tuple[models.StableDiffusion, Any, str]:
+    """Adds the token of a diffusers `learned_embeds.safetensors` (`{token: [1, D]}`, as
+    `nsync_jax.export` writes) to the tokenizer and text encoder; returns the token too."""
+    from safetensors.numpy import load_file
+
+    embeds = load_file(path)
+    if len(embeds) != 1:
+        raise ValueError(f"{path}: expected one token's embedding, found {sorted(embeds)}")
+    ((token, row),) = embeds.items()
+    row = np.asarray(row).reshape(1, -1)
+    # The initial row is overwritten just below; the end-of-text token is in every CLIP vocab.
+    model, params, token_id = scope_lib.add_placeholder_token(
+        model, params, token, model.tokenizer.eos_token
+    )
+    table = params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    if row.shape[1] != table.shape[1]:
+        raise ValueError(f"{path}: embedding width {row.shape[1]}, text encoder {table.shape[1]}")
+    ti_scope = scope_lib.TextualInversionScope(token_id)
+    return model, ti_scope.merge({"token_embedding": row}, params), token
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelUnderTest:
+    """What `run_evaluation` samples: model, params, its style token, step and source."""
+
+    model: models.StableDiffusion
+    params: Any
+    style_token: str
+    step: int | None
+    source: dict[str, Any]
+
+
+def load_model(
+    config: ml_collections.ConfigDict, workdir: str | None = None, step: int | None = None
+) -> ModelUnderTest:
+    """A training run's checkpoint (`workdir`, `step`: newest if None), else `config.model`.
+
+    `config.model` is the base model, or any exported pipeline folder
+    (`model.source="pretrained"`, `model.pretrained=<export dir>`); a
+    `learned_embeds.safetensors` in that folder (a textual-inversion export) is loaded and
+    its token becomes the style token.
+    """
+    if workdir:
+        run = runs.load_trained(workdir, step)
+        source = {
+            "kind": "run",
+            "workdir": os.path.abspath(workdir),
+            "scope": run.config.train.scope,
+            "model_source": run.config.model.source,
+            "pretrained": run.config.model.pretrained,
+        }
+        return ModelUnderTest(run.model, run.params, run.config.train.style_token, run.step, source)
+    if step is not None:
+        raise ValueError("--step needs --workdir (a training run)")
+    model, params = runs.build_base(config)
+    style_token = config.train.style_token
+    source: dict[str, Any] = {"kind": "model", "model_source": config.model.source}
+    if config.model.source == "pretrained":
+        source["pretrained"] = config.model.pretrained
+        embeds = os.path.join(config.model.pretrained, export.EMBEDS_FILE)
+        if os.path.isfile(embeds):
+            model, params, style_token = load_textual_inversion(model, params, embeds)
+            source.update(
+                learned_embeds=embeds, learned_embeds_sha256=weights_lib.sha256_file(embeds)
+            )
+            logging.info("evaluation: textual-inversion token %r from %s", style_token, embeds)
+    return ModelUnderTest(model, params, style_token, None, source)
+
+
+def run_evaluation(
+    config: ml_collections.ConfigDict,
+    split: str = "testA",
+    workdir: str | None = None,
+    step: int | None = None,
+    out_dir: str | None = None,
+    style: str | None = None,
+    embedders: dict[str, compare.Embedder] | None = None,
+) -> dict[str, Any]:
+    """`launch/evaluate.py`: evaluate a run's checkpoint, the base model or an export.
+
+    Args:
+      config: sample, data and eval settings (and `model` when there is no `workdir`).
+      split: the data split whose captions and images are used.
+      workdir: a training run; its checkpoint `step` (newest if None) is sampled.
+      step: checkpoint step of `workdir`.
+      out_dir: output folder; default `<workdir>/eval/<step>/`, required without `workdir`.
+      style: words for "{style}" in `sample.prompt_template` (e.g. "Claude Monet" for the
+        base-model baseline); default the run's or export's token, else
+        `train.style_token`.
+      embedders: prebuilt embedders by kind (tests).
+
+    Returns:
+      The report also written to `<out_dir>/metrics.json`. With `workdir`, the metric
+      values also go to the run's `metrics.jsonl` and TensorBoard as `eval/<name>` at the
+      evaluated step.
+    """
+    if not workdir and not out_dir:
+        raise ValueError("without a training run (workdir) an output folder (--out) is needed")
+    under_test = load_model(config, workdir, step)
+    if out_dir is None:
+        out_dir = os.path.join(workdir, "eval", str(under_test.step))
+    report = evaluate(
+        config,
+        out_dir,
+        split,
+        (under_test.model, under_test.params),
+        style_token=under_test.style_token if style is None else style,
+        embedders=embedders,
+        extra={"step": under_test.step, "model": under_test.source},
+    )
+    if workdir and report:
+        from nsync_jax.metrics import MetricWriter
+
+        scalars = {f"eval/{k}": report[k] for k in compare.SCALARS if k in report}
+        writer = MetricWriter(workdir)
+        writer.write(under_test.step, scalars)
+        writer.close()
     return report

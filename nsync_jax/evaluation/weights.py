@@ -13,6 +13,7 @@ array or a wrong shape raises an error naming the metric, the path and the first
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -220,3 +221,41 @@ def save_flat(path: str, flat: Flat) -> None:
         np.savez(path, **flat)
     else:
         raise ValueError(f"save_flat writes .safetensors or .npz, not {path!r}")
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".msgpack", ".npz", *TORCH_SUFFIXES)
+
+
+def weight_files(path: str) -> list[str]:
+    """The weight files behind a configured path: the file itself, or a folder's weight
+    files (any depth, sorted), e.g. an HF folder's `model.safetensors` shards."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no weight file or folder at {path!r}")
+    found = []
+    for root, _, names in os.walk(path):
+        found += [os.path.join(root, n) for n in names if n.endswith(WEIGHT_SUFFIXES)]
+    return sorted(found)
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (weight files can be GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_weights(path: str, hashed: dict[str, str] | None = None) -> dict[str, str]:
+    """`{file: sha256}` for the weight files of `path`; `hashed` (by absolute path) skips
+    files another metric already hashed in this run, and is filled in."""
+    hashed = {} if hashed is None else hashed
+    result = {}
+    for file in weight_files(path):
+        key = os.path.abspath(file)
+        if key not in hashed:
+            hashed[key] = sha256_file(file)
+        result[file] = hashed[key]
+    return result

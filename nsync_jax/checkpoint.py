@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 FORMAT_VERSION = 1
 TRAINABLE, OPT_STATE, META = "trainable", "opt_state", "meta"
@@ -213,14 +214,9 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    """Nested JSON objects as {"group.field": value}, for naming differing fields."""
+    return traverse_util.flatten_dict(tree, sep=".")
 
 
 def _resumable(name: str) -> bool:

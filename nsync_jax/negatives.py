@@ -37,6 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from flax import traverse_util
 from PIL import Image
 
 from nsync_jax import models, runs, sampling
@@ -90,14 +91,9 @@ def store_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
+def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    """Nested JSON objects as {"group.field": value}, for naming differing fields."""
+    return traverse_util.flatten_dict(tree, sep=".")
 
 
 def check_settings(path: str, settings: dict[str, Any]) -> None:

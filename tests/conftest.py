@@ -35,3 +35,30 @@ def tiny_sd():
     from nsync_jax import runs
 
     return runs.build_base(demo.get_config())
+
+
+def _save_run(workdir, config, trainable, frozen):
+    """Writes a step-0 checkpoint of a run with these parameters, as the loop would.
+
+    Only the trainable params matter to readers of a run (export, sampling, evaluation):
+    a one-counter optimizer state keeps the checkpoint cheap.
+    """
+    import jax.numpy as jnp
+    import optax
+
+    from nsync_jax import checkpoint
+    from nsync_jax import step as step_lib
+
+    counter = optax.GradientTransformation(lambda _: {"count": jnp.zeros((), jnp.int32)}, None)
+    state = step_lib.init_state(trainable, frozen, counter)
+    with checkpoint.make_manager(workdir) as manager:
+        checkpoint.save(
+            manager, state, jax.random.key(0), config, checkpoint.tree_summary(frozen), {}
+        )
+        manager.wait_until_finished()
+
+
+@pytest.fixture
+def save_run():
+    """`save_run(workdir, config, trainable, frozen)`: a cheap checkpoint of a run."""
+    return _save_run

@@ -5,18 +5,15 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from safetensors.numpy import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from configs import demo
-from nsync_jax import checkpoint, metrics
+from nsync_jax import metrics
 from nsync_jax import scope as scope_lib
-from nsync_jax import step as step_lib
 from nsync_jax.evaluation import images, protocol
 
 
@@ -66,24 +63,13 @@ def test_evaluate_generates_one_image_per_caption_and_reports(tmp_path):
     assert again["cmmd"] == 0.0 and not (tmp_path / "again" / "generated").exists()
 
 
-def _save_run(workdir, config, trainable, frozen):
-    # As tests/test_runs.py: a one-counter optimizer state keeps the checkpoint cheap.
-    counter = optax.GradientTransformation(lambda _: {"count": jnp.zeros((), jnp.int32)}, None)
-    state = step_lib.init_state(trainable, frozen, counter)
-    with checkpoint.make_manager(workdir) as manager:
-        checkpoint.save(
-            manager, state, jax.random.key(0), config, checkpoint.tree_summary(frozen), {}
-        )
-        manager.wait_until_finished()
-
-
-def test_run_evaluation_of_a_checkpoint_writes_eval_step_folder(tmp_path, tiny_sd):
+def test_run_evaluation_of_a_checkpoint_writes_eval_step_folder(tmp_path, tiny_sd, save_run):
     clip_dir = _tiny_clip(tmp_path / "clip")
     config = _cheap_config(clip_dir)
     scope, _, params = scope_lib.make_scope(config.train, *tiny_sd)  # demo: the UNet trains.
     trainable, frozen = scope.split(params)
     workdir = str(tmp_path / "run")
-    _save_run(workdir, config, trainable, frozen)
+    save_run(workdir, config, trainable, frozen)
 
     report = protocol.run_evaluation(config, "test", workdir=workdir)
 

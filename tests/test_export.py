@@ -5,9 +5,7 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from safetensors.numpy import load_file
 
@@ -209,23 +207,13 @@ def test_key_check_names_the_tensor(unet_export):
         export.export_pipeline(model, params, output, scope=scope_lib.UnetScope())
 
 
-def test_export_run_restores_the_trained_params_of_a_checkpoint(tiny, tmp_path):
-    checkpoint = pytest.importorskip("nsync_jax.checkpoint")  # Lands with the ckpt branch.
-    from nsync_jax import step as step_lib
-
+def test_export_run_restores_the_trained_params_of_a_checkpoint(tiny, tmp_path, save_run):
     config = demo.get_config()
     scope, model, params = scope_lib.make_scope(config.train, *tiny)
     trainable, frozen = scope.split(params)
     trainable = _perturb(trainable, 5)
-    # Export reads only the trainable params: a one-counter optimizer state keeps it cheap.
-    counter = optax.GradientTransformation(lambda _: {"count": jnp.zeros((), jnp.int32)}, None)
-    state = step_lib.init_state(trainable, frozen, counter)
     workdir = str(tmp_path / "run")
-    with checkpoint.make_manager(workdir) as manager:
-        checkpoint.save(
-            manager, state, jax.random.key(0), config, checkpoint.tree_summary(frozen), {}
-        )
-        manager.wait_until_finished()
+    save_run(workdir, config, trainable, frozen)
 
     output = export.export_run(workdir, str(tmp_path / "out"))
     unet = load_file(os.path.join(output, "unet", "diffusion_pytorch_model.safetensors"))

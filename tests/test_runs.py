@@ -3,24 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs import demo
-from nsync_jax import checkpoint, runs
+from nsync_jax import runs
 from nsync_jax import scope as scope_lib
-from nsync_jax import step as step_lib
-
-
-def _save_run(workdir, config, trainable, frozen):
-    # Only the trainable params matter here: a one-counter optimizer state keeps it cheap.
-    counter = optax.GradientTransformation(lambda _: {"count": jnp.zeros((), jnp.int32)}, None)
-    state = step_lib.init_state(trainable, frozen, counter)
-    with checkpoint.make_manager(workdir) as manager:
-        checkpoint.save(
-            manager, state, jax.random.key(0), config, checkpoint.tree_summary(frozen), {}
-        )
-        manager.wait_until_finished()
 
 
 def test_build_base_is_the_model_training_uses(tiny_sd):
@@ -28,13 +15,13 @@ def test_build_base_is_the_model_training_uses(tiny_sd):
     jax.tree.map(np.testing.assert_array_equal, params, tiny_sd[1])
 
 
-def test_load_trained_textual_inversion_run(tmp_path, tiny_sd):
+def test_load_trained_textual_inversion_run(tmp_path, tiny_sd, save_run):
     config = demo.get_config()
     config.train.scope = "textual_inversion"
     scope, model, params = scope_lib.make_scope(config.train, *tiny_sd)
     trainable, frozen = scope.split(params)
     learned = {"token_embedding": jnp.full_like(trainable["token_embedding"], 0.5)}
-    _save_run(str(tmp_path), config, learned, frozen)
+    save_run(str(tmp_path), config, learned, frozen)
 
     run = runs.load_trained(str(tmp_path))
     assert run.step == 0 and run.config.train.scope == "textual_inversion"

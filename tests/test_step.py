@@ -77,16 +77,23 @@ def test_textual_inversion_trains_only_the_row_and_finetune_has_no_negatives():
     assert not np.allclose(state.trainable["token_embedding"][0], table["embedding"][-1])
 
 
-def _identical_branches_loss(share_noise):
-    config = _config(mode="nsync", scope="unet", share_noise=share_noise)
+def _latent_step(config):
+    """A jitted step on given latents (no VAE), its initial state, latents and token ids."""
     model, params = models.build(config.model, jax.random.key(0))
     s, model, params = scope_lib.make_scope(config.train, model, params)
     trainable, frozen = s.split(params)
     tx = optim.make_optimizer(config)
     fn = jax.jit(step.make_train_step(model, s, tx, config.train))
     latents = jax.random.normal(jax.random.key(3), (2, *model.latent_shape))
-    branch = {"latents": latents, "input_ids": model.tokenize(["a red circle"] * 2)}
-    state = step.init_state(trainable, frozen, tx)
+    ids = model.tokenize(["a red circle"] * 2)
+    return model, fn, step.init_state(trainable, frozen, tx), latents, ids
+
+
+def _identical_branches_loss(share_noise):
+    _, fn, state, latents, ids = _latent_step(
+        _config(mode="nsync", scope="unet", share_noise=share_noise)
+    )
+    branch = {"latents": latents, "input_ids": ids}
     _, metrics = fn(state, {"positive": branch, "negative": branch}, jax.random.key(5))
     return metrics
 
@@ -100,15 +107,7 @@ def test_share_noise_flag():
 
 
 def test_nonfinite_loss_is_recorded_with_its_step():
-    config = _config(mode="nsync", scope="unet")
-    model, params = models.build(config.model, jax.random.key(0))
-    s, model, params = scope_lib.make_scope(config.train, model, params)
-    trainable, frozen = s.split(params)
-    tx = optim.make_optimizer(config)
-    fn = jax.jit(step.make_train_step(model, s, tx, config.train))
-    good = jax.random.normal(jax.random.key(3), (2, *model.latent_shape))
-    ids = model.tokenize(["a red circle"] * 2)
-    state = step.init_state(trainable, frozen, tx)
+    _, fn, state, good, ids = _latent_step(_config(mode="nsync", scope="unet"))
 
     def run(state, latents):
         batch = {
@@ -127,18 +126,9 @@ def test_nonfinite_loss_is_recorded_with_its_step():
 def test_bf16_compute_keeps_fp32_params():
     config = _config(mode="nsync", scope="unet")
     config.model.compute_dtype = "bfloat16"
-    model, params = models.build(config.model, jax.random.key(0))
-    s, model, params = scope_lib.make_scope(config.train, model, params)
-    trainable, frozen = s.split(params)
-    tx = optim.make_optimizer(config)
-    fn = jax.jit(step.make_train_step(model, s, tx, config.train))
-    latents = jax.random.normal(jax.random.key(3), (2, *model.latent_shape))
-    branch = {"latents": latents, "input_ids": model.tokenize(["a red circle"] * 2)}
-    state, metrics = fn(
-        step.init_state(trainable, frozen, tx),
-        {"positive": branch, "negative": branch},
-        jax.random.key(5),
-    )
+    model, fn, state, latents, ids = _latent_step(config)
+    branch = {"latents": latents, "input_ids": ids}
+    state, metrics = fn(state, {"positive": branch, "negative": branch}, jax.random.key(5))
     assert all(bool(jnp.isfinite(v)) for v in metrics.values())
     assert {x.dtype for x in jax.tree.leaves(state.trainable)} == {jnp.dtype("float32")}
     # The UNet really computes in bf16.

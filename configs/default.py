@@ -75,13 +75,26 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.mode = "nsync"  # "nsync" (projected g+) or "finetune" (the baseline).
-    config.train.scope = "textual_inversion"  # What trains: "unet" or "textual_inversion".
+    config.train.scope = "textual_inversion"  # "unet", "textual_inversion", "lora" or "lora_ti".
     config.train.num_steps = 8000  # Optimizer updates.
     config.train.batch_size = 2  # Global batch per branch (positives; negatives alike).
     config.train.share_noise = False  # Both branches share noise and timesteps if True.
     config.train.style_token = "<s*>"  # The style's word; a new token for textual inversion.
     config.train.initializer_token = "painting"  # Word the new token's embedding starts from.
     config.train.prompt_template = "{caption} in the style of {style}"  # Both branches' prompt.
+
+    config.lora = ml_collections.ConfigDict()  # Read by train.scope "lora" and "lora_ti".
+    config.lora.rank = 8  # r of every adapter.
+    config.lora.alpha = 8.0  # Adapter output scaled by alpha / rank (PEFT's lora_alpha).
+    config.lora.unet_targets = "attention"  # Names/groups: attention, proj, ff, resnet (LoCon).
+    config.lora.text_targets = ""  # Text-encoder targets, e.g. "text_attention"; "" none.
+    config.lora.init = "gaussian"  # A's init: "gaussian" (N(0, 1/r)) or "kaiming"; B is zero.
+    config.lora.implementation = "merge"  # "merge" (W + s·AB in the loss) or "intercept".
+    config.lora.base_dtype = "float32"  # Dtype the frozen base is held in ("bfloat16" halves it).
+    config.lora.seed = 0  # Seed of the adapters' random A.
+    config.lora.export_layout = "peft"  # LoRA file layout: "peft" (diffusers) or "kohya".
+    config.lora.fold_alpha = False  # Export: fold alpha/rank into B instead of header metadata.
+    config.lora.export_merged = False  # Export: also a full pipeline with the LoRA merged in.
 
     config.nsync = ml_collections.ConfigDict()
     config.nsync.rule = "paper"  # "paper", "v41", "v42" (reference code) or "conflicting".

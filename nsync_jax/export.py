@@ -36,7 +36,7 @@ from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
-from nsync_jax import models, weights
+from nsync_jax import lora, models, weights
 from nsync_jax import scope as scope_lib
 
 Params = dict[str, Any]
@@ -221,7 +221,8 @@ def export_pipeline(
       params: full parameters `{"unet", "vae", "text_encoder"}` (`scope.merge` of the
         trained and frozen trees).
       output_dir: the folder to write; created, and must be empty if it exists.
-      scope: what trained (`UnetScope` or `TextualInversionScope`).
+      scope: what trained (`UnetScope`, `TextualInversionScope` or `LoraScope`, whose
+        params must have the adapters folded in: `LoraScope.merged_params`).
       base_dir: the local diffusers folder the run started from (`weights.
         resolve_pretrained`), whose untouched components are copied; None for a tiny
         model, whose components are all converted.
@@ -250,6 +251,15 @@ def export_pipeline(
             )
     elif isinstance(scope, scope_lib.UnetScope):
         trained, vocab_size = ("unet",), table_rows
+    elif isinstance(scope, scope_lib.LoraScope):  # `params` from `scope.merged_params`.
+        if any(p[-1] == lora.A_NAME for c in params for p in flatten_dict(params[c])):
+            raise ValueError("LoRA adapters are attached, not merged: pass scope.merged_params")
+        trained = tuple(c for c in ("unet", "text_encoder") if scope.settings.targets[c])
+        vocab_size = table_rows if scope.token_id is None else scope.token_id
+        if scope.token_id is not None and scope.token_id != table_rows - 1:
+            raise ValueError(
+                f"placeholder id {scope.token_id} is not the last of {table_rows} embedding rows"
+            )
     else:
         raise ValueError(f"export of scope {scope.name!r} is not supported")
     os.makedirs(output_dir, exist_ok=True)
@@ -314,7 +324,10 @@ def export_pipeline(
     }
     _write_json(os.path.join(output_dir, "model_index.json"), index)
 
-    if isinstance(scope, scope_lib.TextualInversionScope):
+    token_scope = isinstance(scope, scope_lib.TextualInversionScope) or (
+        isinstance(scope, scope_lib.LoraScope) and scope.token_id is not None
+    )
+    if token_scope:
         placeholder = model.tokenizer.convert_ids_to_tokens(scope.token_id)
         row = _to_numpy(
             params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"][
@@ -355,6 +368,29 @@ def export_run(
     base_dir = None
     if config.model.source == "pretrained":
         base_dir = weights.resolve_pretrained(config.model)
+    if isinstance(scope, scope_lib.LoraScope):
+        # The LoRA file (and token) in `output_dir`; optionally the merged pipeline inside.
+        from nsync_jax import lora_export
+
+        lora_export.export_lora(
+            model,
+            scope,
+            run.trainable,
+            output_dir,
+            layout=config.lora.export_layout,
+            fold_alpha=config.lora.fold_alpha,
+        )
+        if not config.lora.export_merged:
+            return output_dir
+        export_pipeline(
+            model,
+            scope.merged_params(run.trainable, run.frozen),
+            os.path.join(output_dir, "merged"),
+            scope=scope,
+            base_dir=base_dir,
+            torch_dtype=torch_dtype,
+        )
+        return output_dir
     return export_pipeline(
         model,
         run.params,

@@ -62,7 +62,7 @@ def load_trained(
     if config is None:
         config = checkpoint.load_run_config(workdir, step)
     model, params = build_base(config)
-    scope, model, params = scope_lib.make_scope(config.train, model, params)
+    scope, model, params = scope_lib.make_scope(config.train, model, params, config.lora)
     trainable, frozen = scope.split(params)
     trainable, step = checkpoint.restore_trainable(
         workdir, checkpoint.abstract_like(trainable), step

@@ -8,6 +8,9 @@ them back for `apply`. Scopes are chosen by name from `config.train.scope`:
 - `textual_inversion`: one new placeholder token, initialised from a word's embedding,
   spliced into the frozen CLIP embedding table; only that row trains (what the NSYNC
   reference code trains).
+- `lora`: low-rank adapters on chosen UNet (and text-encoder) layers (`lora.py`); the base
+  stays frozen, in `lora.base_dtype`.
+- `lora_ti`: pivotal tuning, `lora` plus a textual-inversion token; both train and export.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import dataclasses
 import logging
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nsync_jax import models
+from nsync_jax import lora, models
 
 Params = dict[str, Any]
 
@@ -133,10 +137,85 @@ def add_placeholder_token(
     return model, {**params, "text_encoder": text_params}, token_id
 
 
+@dataclasses.dataclass
+class LoraScope(Scope):
+    """LoRA adapters train (and, with `token_id`, one token embedding: pivotal tuning).
+
+    The trainable tree is `{"lora": {component: {<module path>: {"lora_a", "lora_b"}}}}`
+    plus `"token_embedding"` ([1, D]) for `lora_ti`; the frozen tree is every base
+    parameter in `base_dtype`.
+
+    Attributes:
+      settings: rank, alpha, targets, init and implementation.
+      seed: seed of the adapters' random A.
+      base_dtype: dtype of the frozen base (bfloat16 halves its memory).
+      token_id: the placeholder's id for pivotal tuning; None for plain LoRA.
+    """
+
+    settings: lora.LoraSettings
+    seed: int
+    base_dtype: Any
+    token_id: int | None = None
+    name: str = "lora"
+
+    def split(self, params: Params) -> tuple[Any, Params]:
+        trainable = {"lora": lora.init_adapters(params, self.settings, jax.random.key(self.seed))}
+        if self.token_id is not None:
+            table = _get_path(params["text_encoder"], _EMBEDDING_PATH)
+            row = table[self.token_id : self.token_id + 1]
+            trainable["token_embedding"] = row.astype(lora.ADAPTER_DTYPE)
+        return trainable, models.cast_floating(params, self.base_dtype)
+
+    def _with_token(self, trainable: Any, frozen: Params) -> Params:
+        if self.token_id is None:
+            return frozen
+        path = ("text_encoder", *_EMBEDDING_PATH)
+        row = trainable["token_embedding"]
+        # The table is upcast to the row's dtype so a bf16 base does not round the row.
+        table = _get_path(frozen, path).astype(row.dtype)
+        return _set_path(frozen, path, table.at[self.token_id].set(row[0]))
+
+    def merge(self, trainable: Any, frozen: Params) -> Params:
+        params = self._with_token(trainable, frozen)
+        return lora.apply_adapters(params, trainable["lora"], self.settings)
+
+    def merged_params(self, trainable: Any, frozen: Params) -> Params:
+        """Full params with the adapters folded into the kernels (what export writes)."""
+        params = self._with_token(trainable, frozen)
+        return lora.merged_params(params, trainable["lora"], self.settings)
+
+
 def make_scope(
-    train_config: ml_collections.ConfigDict, model: models.StableDiffusion, params: Params
+    train_config: ml_collections.ConfigDict,
+    model: models.StableDiffusion,
+    params: Params,
+    lora_config: ml_collections.ConfigDict | None = None,
 ) -> tuple[Scope, models.StableDiffusion, Params]:
-    """The scope named by `train_config.scope`, with the model and params it needs."""
+    """The scope named by `train_config.scope`, with the model and params it needs.
+
+    `lora_config` (`config.lora`) is required by the `lora` and `lora_ti` scopes. With
+    `lora.implementation="intercept"` the returned model applies the adapters itself
+    (`lora.InterceptedStableDiffusion`).
+    """
+    if train_config.scope in ("lora", "lora_ti"):
+        if lora_config is None:
+            raise ValueError(f"train.scope={train_config.scope!r} needs the `lora` config group")
+        settings = lora.LoraSettings.from_config(lora_config)
+        token_id = None
+        if train_config.scope == "lora_ti":
+            model, params, token_id = add_placeholder_token(
+                model, params, train_config.style_token, train_config.initializer_token
+            )
+        if settings.implementation == "intercept":
+            model = lora.InterceptedStableDiffusion.wrap(model, settings.scale)
+        lora_scope = LoraScope(
+            settings,
+            seed=lora_config.seed,
+            base_dtype=models.dtype_from_name(lora_config.base_dtype),
+            token_id=token_id,
+            name=train_config.scope,
+        )
+        return lora_scope, model, params
     if train_config.scope == "unet":
         return UnetScope(), model, params
     if train_config.scope == "textual_inversion":
@@ -147,4 +226,4 @@ def make_scope(
     raise ValueError(f"train.scope={train_config.scope!r}: expected one of {sorted(SCOPES)}")
 
 
-SCOPES = ("textual_inversion", "unet")
+SCOPES = ("lora", "lora_ti", "textual_inversion", "unet")

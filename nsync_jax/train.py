@@ -127,7 +127,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     model, params = runs.build_base(
         config, shardings_fn=lambda tree: sharding.tree_shardings(mesh, tree)
     )
-    scope, model, params = scope_lib.make_scope(config.train, model, params)
+    scope, model, params = scope_lib.make_scope(config.train, model, params, config.lora)
     trainable, frozen = scope.split(params)
     tx = optim.make_optimizer(config)
 

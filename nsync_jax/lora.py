@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from nsync_jax import models, weights
@@ -164,20 +165,20 @@ def find_targets(component_params: Params, targets: tuple[str, ...]) -> list[Pat
     return found
 
 
-def _init_a(rng: jax.Array, shape: tuple[int, ...], init: str, rank: int) -> jax.Array:
+def _init_a(rng: np.random.Generator, shape: tuple[int, ...], init: str, rank: int) -> np.ndarray:
     if init == "gaussian":
-        return jax.random.normal(rng, shape, ADAPTER_DTYPE) / rank
-    fan_in = math.prod(shape[:-1])  # kaiming_uniform(a=sqrt(5)) as torch's Linear/Conv.
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(rng, shape, ADAPTER_DTYPE, -bound, bound)
+        return rng.standard_normal(shape, np.float32) / np.float32(rank)
+    bound = 1.0 / math.sqrt(math.prod(shape[:-1]))  # torch's kaiming_uniform(a=sqrt(5)).
+    return rng.uniform(-bound, bound, shape).astype(np.float32)
 
 
-def init_adapters(params: Params, settings: LoraSettings, rng: jax.Array) -> Params:
+def init_adapters(params: Params, settings: LoraSettings, seed: int) -> Params:
     """`{component: {<module path>: {"lora_a", "lora_b"}}}` for every targeted layer.
 
-    A's key folds in a hash-free index of the layer's sorted path, so adding a target
-    group does not reshuffle the other layers' initial A.
+    A is drawn on the host (NumPy, layer by layer in sorted path order, from `seed`):
+    hundreds of small eager JAX draws would compile once per shape.
     """
+    rng = np.random.default_rng(seed)
     adapters = {}
     for component in COMPONENTS:
         targets = settings.targets.get(component, ())
@@ -185,12 +186,11 @@ def init_adapters(params: Params, settings: LoraSettings, rng: jax.Array) -> Par
             continue
         flat = flatten_dict(params[component])
         layers = {}
-        for i, path in enumerate(sorted(find_targets(params[component], targets))):
-            kernel = flat[(*path, "kernel")]
-            a_shape = (*kernel.shape[:-1], settings.rank)
-            key = jax.random.fold_in(jax.random.fold_in(rng, COMPONENTS.index(component)), i)
-            layers[(*path, A_NAME)] = _init_a(key, a_shape, settings.init, settings.rank)
-            layers[(*path, B_NAME)] = jnp.zeros((settings.rank, kernel.shape[-1]), ADAPTER_DTYPE)
+        for path in sorted(find_targets(params[component], targets)):
+            shape = flat[(*path, "kernel")].shape
+            a = _init_a(rng, (*shape[:-1], settings.rank), settings.init, settings.rank)
+            layers[(*path, A_NAME)] = jnp.asarray(a)
+            layers[(*path, B_NAME)] = jnp.zeros((settings.rank, shape[-1]), ADAPTER_DTYPE)
         adapters[component] = unflatten_dict(layers)
     return adapters
 

@@ -93,6 +93,9 @@ def peft_state_dict(
                     f"{component}.r": settings.rank,
                     f"{component}.lora_alpha": settings.alpha,
                     f"{component}.target_modules": sorted(names),
+                    # diffusers reads these two fields unconditionally.
+                    f"{component}.rank_pattern": {},
+                    f"{component}.alpha_pattern": {},
                 }
             )
         metadata[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)

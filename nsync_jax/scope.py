@@ -21,7 +21,6 @@ import dataclasses
 import logging
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -159,7 +158,7 @@ class LoraScope(Scope):
     name: str = "lora"
 
     def split(self, params: Params) -> tuple[Any, Params]:
-        trainable = {"lora": lora.init_adapters(params, self.settings, jax.random.key(self.seed))}
+        trainable = {"lora": lora.init_adapters(params, self.settings, self.seed)}
         if self.token_id is not None:
             table = _get_path(params["text_encoder"], _EMBEDDING_PATH)
             row = table[self.token_id : self.token_id + 1]

@@ -23,7 +23,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # torch (CPU build) and diffusers' PyTorch classes check our loading and export.
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.15", "torch==2.13.0"],
+        # torch (CPU build) and diffusers' PyTorch classes check our loading and export;
+        # peft: diffusers' load_lora_weights needs it (tests/test_lora_export.py).
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.15", "torch==2.13.0", "peft>=0.17"],
     },
 )

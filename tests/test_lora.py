@@ -87,7 +87,7 @@ def _assert_close(actual, expected, tol=1e-4):
     """Trees equal up to float32 reassociation, relative to the largest entry of all."""
     a, b = jax.tree.leaves(actual), jax.tree.leaves(expected)
     scale = max(float(np.abs(x).max()) for x in b)
-    diff = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(a, b))
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
     assert scale > 0 and diff <= tol * scale, (diff, scale)
 
 
@@ -227,3 +227,14 @@ def test_merge_and_intercept_agree_on_the_unet_and_text_encoder(tiny_sd):
     (v_m, g_m), (v_i, g_i) = results["merge"], results["intercept"]
     np.testing.assert_allclose(v_i, v_m, rtol=1e-5)
     _assert_close(g_i, g_m)
+
+
+def test_monet_lora_config_is_valid():
+    from configs import monet_lora
+    from nsync_jax import train
+
+    config = monet_lora.get_config()
+    train.validate_config(config)
+    settings = lora.LoraSettings.from_config(config.lora)
+    assert settings.targets["unet"] == ("to_q", "to_k", "to_v", "to_out.0")
+    assert settings.scale == 1.0 and config.optim.learning_rate == 1e-4

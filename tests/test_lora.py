@@ -238,3 +238,20 @@ def test_monet_lora_config_is_valid():
     settings = lora.LoraSettings.from_config(config.lora)
     assert settings.targets["unet"] == ("to_q", "to_k", "to_v", "to_out.0")
     assert settings.scale == 1.0 and config.optim.learning_rate == 1e-4
+
+
+@pytest.mark.slow
+def test_pivotal_run_on_an_fsdp_mesh(tmp_path):
+    """The loop end to end: lora_ti, intercept, bf16 base, data 2 x fsdp 4."""
+    from nsync_jax import train
+
+    config = _config("lora_ti", implementation="intercept", base_dtype="bfloat16")
+    config.lora.unet_targets, config.lora.text_targets = "attention,resnet", "text_attention"
+    config.optim.learning_rate = 1e-2
+    config.train.num_steps, config.log.every = 3, 3
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    state = train.train(config, str(tmp_path))
+    assert int(state.step) == 3 and int(state.nonfinite_step) == -1
+    assert {x.dtype for x in jax.tree.leaves(state.frozen)} == {jnp.dtype(jnp.bfloat16)}
+    b = state.trainable["lora"]["unet"]["mid_block"]["resnets_0"]["conv1"][lora.B_NAME]
+    assert float(jnp.abs(b).max()) > 0

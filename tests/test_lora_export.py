@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from configs import demo
-from nsync_jax import export, lora, lora_export, models
+from nsync_jax import export, lora, lora_export
 from nsync_jax import scope as scope_lib
 
 torch = pytest.importorskip("torch")
@@ -31,10 +31,10 @@ def _match_flax_geglu(unet):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_sd, tmp_path_factory):
     """A tiny base pipeline on disk, and a pivotal-tuned LoRA on every target group."""
     config = demo.get_config()
-    model, params = models.build(config.model, jax.random.key(0))
+    model, params = tiny_sd
     base = str(tmp_path_factory.mktemp("lora") / "base")
     export.export_pipeline(model, params, base, scope=scope_lib.UnetScope())
     config.train.scope = "lora_ti"

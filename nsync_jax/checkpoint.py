@@ -39,6 +39,22 @@ from flax import traverse_util
 FORMAT_VERSION = 1
 TRAINABLE, OPT_STATE, META = "trainable", "opt_state", "meta"
 
+
+class _DropOrbaxInfo(logging.Filter):
+    """Orbax logs some 80 INFO lines per save through absl; keep its warnings and errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+    absl_logger = logging.getLogger("absl")  # absl.logging's Python logger.
+    if not any(isinstance(f, _DropOrbaxInfo) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropOrbaxInfo())
+
+
+quiet_orbax_logs()
+
 # Config fields (exact names or dotted prefixes ending in ".") that may differ between a
 # run and its resume: how long to train, how often to log and save, and the mesh (restoring
 # reshards to whatever the new mesh asks for).

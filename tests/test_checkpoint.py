@@ -437,3 +437,17 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(finetune_reference, tmp_pa
     stderr = _resume(workdir, overrides)
     assert f"resuming from step {stopped_at}" in stderr
     _assert_trees_equal(_final_arrays(workdir, like), expected)
+
+
+def test_orbax_info_lines_are_dropped_but_its_warnings_kept():
+    import logging
+
+    absl_logger = logging.getLogger("absl")
+
+    def record(level, path):
+        return logging.LogRecord("absl", level, path, 1, "msg", (), None)
+
+    orbax_file = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not absl_logger.filter(record(logging.INFO, orbax_file))
+    assert absl_logger.filter(record(logging.WARNING, orbax_file))
+    assert absl_logger.filter(record(logging.INFO, "/repo/nsync_jax/train.py"))

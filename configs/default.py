@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.nsync.rule = "paper"  # "paper", "v41", "v42" (reference code) or "conflicting".
     config.nsync.granularity = "global"  # One coefficient for the tree, or "per_tensor".
     config.nsync.eps = 1e-12  # Added to ‖g−‖² in the projection's denominator.
+    config.nsync.negative_every = 1  # Fresh g− every k steps, reused in between (1: always).
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 1e-3  # AdamW peak learning rate (reference: 1e-3).

@@ -117,9 +117,10 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     scope, model, params = scope_lib.make_scope(config.train, model, params)
     trainable, frozen = scope.split(params)
     tx = optim.make_optimizer(config)
+    negative_every = step_lib.negative_every(config)
 
     def init(trainable, frozen):
-        return step_lib.init_state(trainable, frozen, tx)
+        return step_lib.init_state(trainable, frozen, tx, carry_negative=negative_every > 1)
 
     state_shapes = jax.eval_shape(init, trainable, frozen)
     state_sharding = sharding.tree_shardings(mesh, state_shapes)
@@ -141,7 +142,12 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
         random_flip=config.data.random_flip,
     )
     step = step_lib.make_train_step(
-        model, scope, tx, config.train, trainable_shardings=state_sharding.trainable
+        model,
+        scope,
+        tx,
+        config.train,
+        trainable_shardings=state_sharding.trainable,
+        negative_every=negative_every,
     )
     replicated = sharding.replicated(mesh)
     step_fn = jax.jit(

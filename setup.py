@@ -24,6 +24,7 @@ setup(
     ],
     extras_require={
         # torch (CPU build) and diffusers' PyTorch classes check our loading and export.
+        "bench": ["scikit-learn>=1.4", "matplotlib>=3.8"],
         "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.15", "torch==2.13.0"],
     },
 )

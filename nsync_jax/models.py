@@ -95,6 +95,9 @@ class StableDiffusion:
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
     resolution: int
+    # Latents are the pixels (RGB + a zero channel) and the VAE is unused: a pixel-space
+    # model for benchmarks where no trained autoencoder exists (`model.tiny.identity_vae`).
+    identity_vae: bool = False
 
     @property
     def vae_scale_factor(self) -> int:
@@ -125,12 +128,16 @@ class StableDiffusion:
 
     def encode_images(self, vae_params: Params, pixels: jax.Array, rng: jax.Array) -> jax.Array:
         """Scaled VAE posterior sample, NCHW, from NCHW pixels in [-1, 1]."""
+        if self.identity_vae:
+            return jnp.concatenate([pixels, jnp.zeros_like(pixels[:, :1])], axis=1)
         posterior = self.vae.apply({"params": vae_params}, pixels, method=self.vae.encode)
         latents = posterior.latent_dist.sample(rng)  # NHWC
         return jnp.transpose(latents, (0, 3, 1, 2)) * self.vae.config.scaling_factor
 
     def decode_latents(self, vae_params: Params, latents: jax.Array) -> jax.Array:
         """NCHW pixels in [-1, 1] from scaled NCHW latents."""
+        if self.identity_vae:
+            return latents[:, :3]
         latents = latents / self.vae.config.scaling_factor
         return self.vae.apply({"params": vae_params}, latents, method=self.vae.decode).sample
 
@@ -222,6 +229,11 @@ def build_tiny(
                 f"model.tiny channel count {channels} is not a multiple of 32 "
                 "(diffusers' Flax UNet and VAE use GroupNorm(32))"
             )
+    if cfg.identity_vae and len(cfg.vae_channels) != 1:
+        raise ValueError(
+            f"model.tiny.identity_vae needs one VAE block (latents at pixel size), got "
+            f"vae_channels={tuple(cfg.vae_channels)}"
+        )
     tokenizer_dir = tokenizer_dir or tempfile.mkdtemp(prefix="nsync-tokenizer-")
     tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tokenizer_dir, cfg.max_length))
     n_down = len(cfg.unet_channels)
@@ -278,6 +290,7 @@ def build_tiny(
         tokenizer=tokenizer,
         scheduler_config=_tiny_scheduler_config(cfg),
         resolution=model_config.resolution,
+        identity_vae=cfg.identity_vae,
     )
     return model, cast_floating(params, dtype_from_name(model_config.param_dtype))
 

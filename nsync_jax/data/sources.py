@@ -8,13 +8,23 @@ import ml_collections
 from nsync_jax.data import demo
 from nsync_jax.data.examples import Examples
 
-DATA_SOURCES = ("demo",)
+DATA_SOURCES = ("demo", "digits")
 NEGATIVE_SOURCES = ("demo", "store")
 
 
 def load_positives(data_config: ml_collections.ConfigDict, resolution: int) -> Examples:
     if data_config.source == "demo":
         return demo.demo_examples(data_config.demo_count, resolution, data_config.demo_seed, True)
+    if data_config.source == "digits":
+        from nsync_jax.data import digits  # Lazy: needs scikit-learn (the bench extra).
+
+        return digits.digits_examples(
+            resolution,
+            data_config.digits_rendering,
+            tuple(data_config.digits_classes),
+            data_config.digits_count,
+            data_config.demo_seed,
+        )
     raise NotImplementedError(
         f"data.source={data_config.source!r} is not available yet; sources: {DATA_SOURCES} "
         "(TFDS and image folders come with the real-data issue)"

@@ -20,13 +20,15 @@ def test_style_score_separates_styled_from_plain(reference):
         for r in digits.RENDERINGS
     }
     assert scores["styled"]["style"].min() > scores["plain"]["style"].max()
-    assert scores["styled"]["style"].mean() > 0.8 and scores["plain"]["style"].mean() < 0.05
+    assert scores["styled"]["style"].mean() > 0.85 and scores["plain"]["style"].mean() < 0.1
     # Each half of the style moves only its own part.
-    assert scores["palette"]["palette"].mean() > 0.95 > 0.05 > scores["palette"]["stripes"].mean()
-    assert scores["stripes"]["stripes"].mean() > 0.8 and scores["stripes"]["palette"].mean() < 0.05
-    # Stripes are found whatever their phase.
-    shifted = np.roll(digits.digits_examples(8, "styled", count=50).images, 1, axis=2)
-    assert style_metrics.style_scores(shifted, reference)["stripes"].mean() > 0.8
+    assert scores["palette"]["palette"].mean() > 0.95 and scores["stripes"]["palette"].max() == 0
+    assert scores["stripes"]["stripes"].mean() > 0.75 > 0.2 > scores["palette"]["stripes"].mean()
+    # Stripes off the style's band positions are not the style.
+    shifted = np.roll(
+        digits.digits_examples(8, "styled", count=100).images, 2, axis=2
+    )  # Half a period.
+    assert style_metrics.style_scores(shifted, reference)["stripes"].mean() < 0.2
 
 
 def test_content_classifier_reads_digits_in_every_rendering():

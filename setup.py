@@ -24,7 +24,16 @@ setup(
     ],
     extras_require={
         # torch (CPU build) and diffusers' PyTorch classes check our loading and export;
-        # peft: diffusers' load_lora_weights needs it (tests/test_lora_export.py).
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.15", "torch==2.13.0", "peft>=0.17"],
+        # peft: diffusers' load_lora_weights needs it (tests/test_lora_export.py);
+        # scikit-learn: the style benchmark's digits and scorers (tests/test_digits.py).
+        "bench": ["scikit-learn>=1.4", "matplotlib>=3.8"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "ruff>=0.15",
+            "torch==2.13.0",
+            "peft>=0.17",
+            "scikit-learn>=1.4",
+        ],
     },
 )

@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.source = "pretrained"  # "pretrained" (a diffusers folder or hub id) or "tiny".
     config.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Folder or hub id.
     config.model.revision = ""  # Hub revision; "" for the default branch.
+    config.model.init_from = ""  # Workdir of a trained run whose newest params are the base.
     config.model.variant = ""  # Weight file variant ("fp16" reads *.fp16.safetensors); "" none.
     config.model.resolution = 512  # Training image side in pixels.
     config.model.param_dtype = "float32"  # Dtype the parameters are held in.
@@ -24,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.tiny.layers_per_block = 1  # ResNet layers per UNet block.
     config.model.tiny.attention_head_dim = 8  # Attention head width in the UNet.
     config.model.tiny.vae_channels = (32, 32)  # VAE block widths; len-1 halvings of the side.
+    config.model.tiny.identity_vae = False  # Latents = pixels + a zero channel (needs 1 block).
     config.model.tiny.text_hidden = 32  # CLIP text width (= UNet cross-attention width).
     config.model.tiny.text_layers = 2  # CLIP text layers.
     config.model.tiny.text_heads = 4  # CLIP text attention heads.
@@ -48,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.cache_images = True  # Keep decoded, resized images in host memory once read.
     config.data.cache_latents = False  # Encode images (both flips) once with the frozen VAE.
     config.data.latent_batch_size = 16  # Images per VAE call when building the latent cache.
+    config.data.digits_classes = tuple(range(10))  # "digits" source: classes kept.
+    config.data.digits_count = 0  # "digits" source: images kept (0: all of those classes).
+    config.data.digits_rendering = "plain"  # "digits" source: "plain" or "styled" images.
 
     config.negatives = ml_collections.ConfigDict()
     config.negatives.source = "demo"  # Where negatives come from: "demo" or "store" (a folder).
@@ -100,6 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.nsync.rule = "paper"  # "paper", "v41", "v42" (reference code) or "conflicting".
     config.nsync.granularity = "global"  # One coefficient for the tree, or "per_tensor".
     config.nsync.eps = 1e-12  # Added to ‖g−‖² in the projection's denominator.
+    config.nsync.negative_every = 1  # Fresh g− every k steps, reused in between (1: always).
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 1e-3  # AdamW peak learning rate (reference: 1e-3).

@@ -38,6 +38,8 @@ from flax import traverse_util
 
 FORMAT_VERSION = 1
 TRAINABLE, OPT_STATE, META = "trainable", "opt_state", "meta"
+# The amortized g− (`nsync.negative_every > 1`): saved only by runs that carry one.
+NEGATIVE = "negative"
 
 
 class _DropOrbaxInfo(logging.Filter):
@@ -106,6 +108,7 @@ def make_manager(
     handlers = {
         TRAINABLE: ocp.StandardCheckpointHandler(),
         OPT_STATE: ocp.StandardCheckpointHandler(),
+        NEGATIVE: ocp.StandardCheckpointHandler(),
         META: ocp.JsonCheckpointHandler(),
     }
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
@@ -475,16 +478,15 @@ def save(
             OPT_STATE: tree_summary(state.opt_state),
         },
     }
+    items = {
+        TRAINABLE: ocp.args.StandardSave(state.trainable),
+        OPT_STATE: ocp.args.StandardSave(state.opt_state),
+    }
+    if getattr(state, NEGATIVE, None) is not None:
+        meta["checksums"][NEGATIVE] = tree_summary(state.negative)
+        items[NEGATIVE] = ocp.args.StandardSave(state.negative)
     manager.save(
-        step,
-        args=ocp.args.Composite(
-            **{
-                TRAINABLE: ocp.args.StandardSave(state.trainable),
-                OPT_STATE: ocp.args.StandardSave(state.opt_state),
-                META: ocp.args.JsonSave(meta),
-            }
-        ),
-        force=True,
+        step, args=ocp.args.Composite(**items, **{META: ocp.args.JsonSave(meta)}), force=True
     )
 
 
@@ -534,10 +536,15 @@ def restore_state(
             f"{where} (a different base model?):" + _format_problems(problems)
         )
     targets = {TRAINABLE: abstract_like(state.trainable), OPT_STATE: abstract_like(state.opt_state)}
+    negative = getattr(state, NEGATIVE, None)
+    if negative is not None:
+        if NEGATIVE not in meta["checksums"]:
+            raise CheckpointError(f"checkpoint {where} holds no amortized g− ({NEGATIVE!r})")
+        targets[NEGATIVE] = abstract_like(negative)
     for item, abstract in targets.items():
         _check_shapes(manager, workdir, step, item, abstract)
     # Free the initial values before reading: restoring allocates the same sizes again.
-    for x in jax.tree.leaves((state.trainable, state.opt_state)):
+    for x in jax.tree.leaves((state.trainable, state.opt_state, negative)):
         x.delete()
     restored = _restore(
         manager,
@@ -554,6 +561,7 @@ def restore_state(
         step=jax.device_put(np.int32(step), state.step.sharding),
         trainable=restored[TRAINABLE],
         opt_state=restored[OPT_STATE],
+        negative=restored[NEGATIVE] if negative is not None else None,
         nonfinite_step=jax.device_put(
             np.int32(meta["nonfinite_step"]), state.nonfinite_step.sharding
         ),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 from typing import Any
@@ -95,6 +96,9 @@ class StableDiffusion:
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
     resolution: int
+    # Latents are the pixels (RGB + a zero channel) and the VAE is unused: a pixel-space
+    # model for benchmarks where no trained autoencoder exists (`model.tiny.identity_vae`).
+    identity_vae: bool = False
 
     @property
     def vae_scale_factor(self) -> int:
@@ -125,12 +129,16 @@ class StableDiffusion:
 
     def encode_images(self, vae_params: Params, pixels: jax.Array, rng: jax.Array) -> jax.Array:
         """Scaled VAE posterior sample, NCHW, from NCHW pixels in [-1, 1]."""
+        if self.identity_vae:
+            return jnp.concatenate([pixels, jnp.zeros_like(pixels[:, :1])], axis=1)
         posterior = self.vae.apply({"params": vae_params}, pixels, method=self.vae.encode)
         latents = posterior.latent_dist.sample(rng)  # NHWC
         return jnp.transpose(latents, (0, 3, 1, 2)) * self.vae.config.scaling_factor
 
     def decode_latents(self, vae_params: Params, latents: jax.Array) -> jax.Array:
         """NCHW pixels in [-1, 1] from scaled NCHW latents."""
+        if self.identity_vae:
+            return latents[:, :3]
         latents = latents / self.vae.config.scaling_factor
         return self.vae.apply({"params": vae_params}, latents, method=self.vae.decode).sample
 
@@ -165,30 +173,57 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word as CLIP's tokenizer applies it: best-ranked pair first."""
+    while len(pieces) > 1:
+        rank, i = min(
+            (ranks.get(pair, math.inf), i)
+            for i, pair in enumerate(zip(pieces[:-1], pieces[1:], strict=True))
+        )
+        if rank == math.inf:
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
+
+
 def write_tiny_tokenizer(directory: str, max_length: int, words=TINY_WORDS) -> str:
     """Writes a CLIP BPE tokenizer (vocab.json, merges.txt) that knows `words` whole.
 
-    Merges join each word left to right, so BPE turns a listed word into one token; any
-    other text splits into byte-level pieces. Real runs load SD's own tokenizer files.
+    Merges join each word left to right; where an earlier word's merge gets in the way
+    (`the` and `red` split `three` into `th`, `re`, `e`), the pieces BPE actually reaches
+    are joined by merges appended after, until every listed word is one token. Any other
+    text splits into byte-level pieces. Real runs load SD's own tokenizer files.
     """
     alphabet = list(_bytes_to_unicode().values())
     vocab = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[str] = []
+    merges: list[tuple[str, str]] = []
+
+    def add(a: str, b: str) -> None:
+        if (a, b) not in merges:
+            merges.append((a, b))
+        if a + b not in vocab:  # `thre` may already be a prefix token of `three`.
+            vocab.append(a + b)
+
     for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            merge = f"{merged} {piece}"
-            merged += piece
-            if merge not in merges:
-                merges.append(merge)
-                vocab.append(merged)
+        for k in range(1, len(pieces)):
+            add("".join(pieces[:k]), pieces[k])
+    for _ in range(len(words)):  # Each pass makes at least one more word whole.
+        ranks = {pair: rank for rank, pair in enumerate(merges)}
+        split = [_bpe(list(w[:-1]) + [w[-1] + "</w>"], ranks) for w in words]
+        split = [p for p in split if len(p) > 1]
+        if not split:
+            break
+        for pieces in split:
+            add(pieces[0], pieces[1])
+    else:
+        raise RuntimeError("tiny tokenizer merges did not converge")
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "vocab.json"), "w") as f:
         json.dump({token: i for i, token in enumerate(vocab)}, f)
     with open(os.path.join(directory, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        f.write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}, f)
     return directory
@@ -222,6 +257,11 @@ def build_tiny(
                 f"model.tiny channel count {channels} is not a multiple of 32 "
                 "(diffusers' Flax UNet and VAE use GroupNorm(32))"
             )
+    if cfg.identity_vae and len(cfg.vae_channels) != 1:
+        raise ValueError(
+            f"model.tiny.identity_vae needs one VAE block (latents at pixel size), got "
+            f"vae_channels={tuple(cfg.vae_channels)}"
+        )
     tokenizer_dir = tokenizer_dir or tempfile.mkdtemp(prefix="nsync-tokenizer-")
     tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tokenizer_dir, cfg.max_length))
     n_down = len(cfg.unet_channels)
@@ -278,6 +318,7 @@ def build_tiny(
         tokenizer=tokenizer,
         scheduler_config=_tiny_scheduler_config(cfg),
         resolution=model_config.resolution,
+        identity_vae=cfg.identity_vae,
     )
     return model, cast_floating(params, dtype_from_name(model_config.param_dtype))
 

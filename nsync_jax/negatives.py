@@ -76,6 +76,8 @@ def store_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
         model_settings.update(pretrained=model.pretrained, revision=model.revision)
     else:  # Random weights: the architecture and the init seed decide them.
         model_settings.update(tiny=model.tiny.to_dict(), init_seed=config.seed)
+    if model.init_from:  # A trained run is the base: its workdir names its weights.
+        model_settings.update(init_from=os.path.abspath(model.init_from))
     neg = config.negatives
     return {
         "format": FORMAT_VERSION,

@@ -29,7 +29,19 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def build_base(
     config: ml_collections.ConfigDict, shardings_fn=None
 ) -> tuple[models.StableDiffusion, Params]:
-    """The frozen base model and its parameters, as `train.setup` builds them."""
+    """The frozen base model and its parameters, as `train.setup` builds them.
+
+    With `model.init_from` set, the base is that trained run (its model and merged
+    parameters, checked against its checkpoint), e.g. a model pretrained by this trainer.
+    """
+    if config.model.init_from:
+        base = load_trained(config.model.init_from)
+        if base.config.model.resolution != config.model.resolution:
+            raise ValueError(
+                f"model.init_from={config.model.init_from!r} trained at resolution "
+                f"{base.config.model.resolution}, this run has {config.model.resolution}"
+            )
+        return base.model, base.params
     return models.build(config.model, run_keys(config.seed)[0], shardings_fn=shardings_fn)
 
 

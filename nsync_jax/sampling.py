@@ -221,6 +221,7 @@ class Sampler:
         self.global_batch = batch_per_device * mesh.devices.size
         params = {k: params[k] for k in ("unet", "vae", "text_encoder")}
         param_shardings = sharding.tree_shardings(mesh, params)
+        self._param_shardings = param_shardings
         self.params = jax.device_put(params, param_shardings)
         self.uncond_ids = np.asarray(model.tokenize([settings.negative_prompt]), np.int32)
         batch_sharding = sharding.batch_sharding(mesh)
@@ -230,6 +231,12 @@ class Sampler:
             in_shardings=(param_shardings, batch_sharding, replicated, batch_sharding, replicated),
             out_shardings=batch_sharding,
         )
+
+    def set_params(self, params: Params) -> None:
+        """Swaps in other parameters of the same shapes (e.g. a run's later step), reusing
+        the compiled sampler."""
+        params = {k: params[k] for k in ("unet", "vae", "text_encoder")}
+        self.params = jax.device_put(params, self._param_shardings)
 
     def iterate(
         self, prompts: Sequence[str], image_seeds: Sequence[int], pad_to: int | None = None

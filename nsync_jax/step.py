@@ -34,6 +34,10 @@ class TrainState:
       opt_state: optimizer state, for `trainable` only.
       nonfinite_step: first step whose loss or gradient was non-finite, -1 if none; the
         loop reads it at log and save time, so it names the step without a per-step sync.
+      negative: the last negative branch `{"grad": g−, "loss": scalar}` when g− is
+        amortized (`nsync.negative_every > 1`), else None. `grad` has the structure and
+        shardings of `trainable`; checkpoints save it, so a resume mid-period reuses the
+        same g− an uninterrupted run would.
     """
 
     step: jax.Array
@@ -41,15 +45,26 @@ class TrainState:
     frozen: Any
     opt_state: optax.OptState
     nonfinite_step: jax.Array
+    negative: Any = None
 
 
-def init_state(trainable: Any, frozen: Any, tx: optax.GradientTransformation) -> TrainState:
+def init_state(
+    trainable: Any, frozen: Any, tx: optax.GradientTransformation, carry_negative: bool = False
+) -> TrainState:
+    """The state before step 0; `carry_negative` adds the (zero) amortized g− slot."""
+    negative = None
+    if carry_negative:
+        negative = {
+            "grad": jax.tree.map(jnp.zeros_like, trainable),
+            "loss": jnp.zeros((), jnp.float32),
+        }
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         trainable=trainable,
         frozen=frozen,
         opt_state=tx.init(trainable),
         nonfinite_step=jnp.full((), -1, jnp.int32),
+        negative=negative,
     )
 
 
@@ -69,6 +84,16 @@ def sample_posterior(
     them (same ε for the same rng), so the cached and pixel paths agree."""
     latents = mean + std * jax.random.normal(rng, mean.shape)
     return jnp.transpose(latents, (0, 3, 1, 2)) * model.vae.config.scaling_factor
+
+
+def negative_every(config: ml_collections.ConfigDict) -> int:
+    """Steps between fresh g− (`nsync.negative_every`); 1 outside nsync mode."""
+    if config.train.mode != "nsync":
+        return 1
+    every = config.nsync.negative_every
+    if every < 1:
+        raise ValueError(f"nsync.negative_every must be >= 1, got {every}")
+    return every
 
 
 def make_branch_loss(
@@ -106,6 +131,7 @@ def make_train_step(
     tx: optax.GradientTransformationExtraArgs,
     train_config: ml_collections.ConfigDict,
     trainable_shardings: Any = None,
+    negative_every: int = 1,
 ):
     """The pure step `(state, batch, rng) -> (state, metrics)` for `train_config.mode`.
 
@@ -116,7 +142,15 @@ def make_train_step(
       train_config: `config.train` (`mode`, `share_noise`).
       trainable_shardings: if given, gradients are constrained to these shardings so they
         stay FSDP-sharded like the parameters.
+      negative_every: in `nsync` mode, compute g− only at steps divisible by this and
+        reuse the one carried in `state.negative` in between (the state must have been
+        made with `init_state(..., carry_negative=True)`). Saves a backward pass on
+        k−1 of every k steps at the price of projecting against a g− up to k−1 updates
+        (and k−1 noise draws) old. `jax.lax.cond` runs only the taken branch outside
+        `vmap`, so the saving is real.
     """
+    if negative_every < 1:
+        raise ValueError(f"negative_every must be >= 1, got {negative_every}")
     schedule = diffusion.make_schedule(model.scheduler_config)
     grad_fn = jax.value_and_grad(make_branch_loss(model, scope, schedule))
     nsync = train_config.mode == "nsync"
@@ -137,11 +171,26 @@ def make_train_step(
         g_pos = constrain(g_pos)
         metrics = {"loss_pos": loss_pos, "grad_norm_pos": optax.tree.norm(g_pos)}
         extra = {}
+        negative = state.negative
         if nsync:
-            loss_neg, g_neg = grad_fn(
-                state.trainable, state.frozen, batch["negative"], neg_rng, neg_noise
-            )
-            g_neg = constrain(g_neg)
+
+            def fresh(_):
+                loss, grad = grad_fn(
+                    state.trainable, state.frozen, batch["negative"], neg_rng, neg_noise
+                )
+                return {"grad": constrain(grad), "loss": loss.astype(jnp.float32)}
+
+            if negative_every == 1:
+                negative = None
+                computed = fresh(None)
+            else:
+                if state.negative is None:
+                    raise ValueError("negative_every > 1 needs init_state(carry_negative=True)")
+                computed = jax.lax.cond(
+                    state.step % negative_every == 0, fresh, lambda _: state.negative, None
+                )
+                negative = computed
+            loss_neg, g_neg = computed["loss"], computed["grad"]
             extra = {"negative_updates": g_neg}
             metrics.update(loss_neg=loss_neg, grad_norm_neg=optax.tree.norm(g_neg))
         updates, opt_state = tx.update(g_pos, state.opt_state, state.trainable, **extra)
@@ -159,6 +208,7 @@ def make_train_step(
             trainable=trainable,
             opt_state=opt_state,
             nonfinite_step=nonfinite_step,
+            negative=negative,
         )
         return new_state, metrics
 

@@ -130,9 +130,10 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     scope, model, params = scope_lib.make_scope(config.train, model, params, config.lora)
     trainable, frozen = scope.split(params)
     tx = optim.make_optimizer(config)
+    negative_every = step_lib.negative_every(config)
 
     def init(trainable, frozen):
-        return step_lib.init_state(trainable, frozen, tx)
+        return step_lib.init_state(trainable, frozen, tx, carry_negative=negative_every > 1)
 
     state_shapes = jax.eval_shape(init, trainable, frozen)
     state_sharding = sharding.tree_shardings(mesh, state_shapes)
@@ -152,6 +153,8 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     )
     if config.data.cache_latents:
         # The VAE is frozen in every scope, so its posterior moments never change.
+        if model.identity_vae:
+            raise ValueError("data.cache_latents needs a VAE; model.tiny.identity_vae has none")
         if "vae" not in state.frozen:
             raise ValueError(f"data.cache_latents needs a frozen VAE; scope {scope.name} trains it")
         vae_params = state.frozen["vae"]
@@ -162,7 +165,12 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             config.model.resolution,
         )
     step = step_lib.make_train_step(
-        model, scope, tx, config.train, trainable_shardings=state_sharding.trainable
+        model,
+        scope,
+        tx,
+        config.train,
+        trainable_shardings=state_sharding.trainable,
+        negative_every=negative_every,
     )
     replicated = sharding.replicated(mesh)
     step_fn = jax.jit(

@@ -312,6 +312,24 @@ def test_loop_saves_every_k_and_at_the_end_and_resumes_exactly(
     assert checkpoint.saved_steps(workdir) == [4, 5]
 
 
+def test_loop_resumes_amortized_negatives_exactly_mid_period(tmp_path):
+    # g− is fresh at steps 0 and 3; a resume at step 4 must reuse step 3's saved g−.
+    overrides = {"train.scope": "textual_inversion", "nsync.negative_every": 3}
+    reference = train_lib.train(_demo_config(**overrides), str(tmp_path / "ref"))
+    workdir = tmp_path / "run"
+    shutil.copytree(tmp_path / "ref", workdir)
+    shutil.rmtree(checkpoint.step_dir(workdir, 5))
+    meta = checkpoint.load_metadata(str(workdir), 4)
+    assert checkpoint.NEGATIVE in meta["checksums"]
+    resumed = train_lib.train(_demo_config(**overrides), str(workdir))
+    _assert_trees_equal(
+        _host((resumed.trainable, resumed.opt_state, resumed.negative)),
+        _host((reference.trainable, reference.opt_state, reference.negative)),
+    )
+    # Without the saved g− the resume would start from zeros: the checkpoint must hold it.
+    assert float(jnp.abs(reference.negative["grad"]["token_embedding"]).sum()) > 0
+
+
 def test_loop_refuses_a_changed_config(finetune_reference):
     ref_dir, _ = finetune_reference
     with pytest.raises(ValueError, match=r"\['nsync\.rule'\]"):

@@ -2,6 +2,7 @@ import io
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import demo
@@ -85,3 +86,19 @@ def test_deprecation_notices_are_filtered():
         handler.setStream(old)
     assert "Flax classes are deprecated" not in buffer.getvalue()
     assert "a real warning" in buffer.getvalue()
+
+
+def test_identity_vae_latents_are_the_pixels():
+    config = demo.get_config()
+    config.model.resolution = 8
+    config.model.tiny.vae_channels = (32,)
+    config.model.tiny.identity_vae = True
+    model, params = models.build_tiny(config.model, jax.random.key(0))
+    assert model.latent_shape == (4, 8, 8)
+    pixels = jax.random.uniform(jax.random.key(1), (2, 3, 8, 8), minval=-1.0, maxval=1.0)
+    latents = model.encode_images(params["vae"], pixels, jax.random.key(2))
+    assert latents.shape == (2, 4, 8, 8) and not latents[:, 3].any()
+    np.testing.assert_array_equal(model.decode_latents(params["vae"], latents), pixels)
+    config.model.tiny.vae_channels = (32, 32)
+    with pytest.raises(ValueError, match="identity_vae"):
+        models.build_tiny(config.model, jax.random.key(0))

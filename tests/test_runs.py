@@ -35,3 +35,21 @@ def test_load_trained_textual_inversion_run(tmp_path, tiny_sd, save_run):
     other_seed.train.scope, other_seed.seed = "textual_inversion", 1
     with pytest.raises(ValueError, match="frozen parameters differ"):
         runs.load_trained(str(tmp_path), config=other_seed)
+
+
+def test_init_from_makes_a_trained_run_the_base(tmp_path, tiny_sd, save_run):
+    config = demo.get_config()
+    scope, model, params = scope_lib.make_scope(config.train, *tiny_sd)
+    trainable, frozen = scope.split(params)
+    learned = jax.tree.map(lambda x: x + 1.0, trainable)
+    save_run(str(tmp_path / "base"), config, learned, frozen)
+
+    child = demo.get_config()
+    child.model.init_from = str(tmp_path / "base")
+    child.seed = 7  # Its own init is not used: the base run's parameters are.
+    _, params = runs.build_base(child)
+    jax.tree.map(np.testing.assert_array_equal, params["unet"], learned)
+    jax.tree.map(np.testing.assert_array_equal, params["vae"], frozen["vae"])
+    child.model.resolution = 64
+    with pytest.raises(ValueError, match="resolution"):
+        runs.build_base(child)

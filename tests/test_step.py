@@ -134,3 +134,23 @@ def test_bf16_compute_keeps_fp32_params():
     # The UNet really computes in bf16.
     out = model.predict_noise(state.trainable, latents, jnp.array([1, 2]), jnp.zeros((2, 77, 32)))
     assert out.dtype == jnp.bfloat16
+
+
+def test_amortized_negatives_reuse_the_carried_gradient():
+    config = _config(mode="nsync", scope="textual_inversion", batch_size=4)
+    config.data.demo_count = 8
+    config.nsync.negative_every = 3
+    trainer, state, history = _run(config, jax.devices()[:1], 4)
+    losses = [float(h["loss_neg"]) for h in history]
+    norms = [float(h["grad_norm_neg"]) for h in history]
+    # Step 0 computes g−, steps 1 and 2 reuse it (other batches, same loss and gradient),
+    # step 3 computes a fresh one.
+    assert losses[0] == losses[1] == losses[2] != losses[3]
+    assert norms[0] == norms[1] == norms[2] != norms[3]
+    assert jax.tree.structure(state.negative["grad"]) == jax.tree.structure(state.trainable)
+    np.testing.assert_allclose(
+        float(jnp.linalg.norm(state.negative["grad"]["token_embedding"])), norms[3], rtol=1e-5
+    )
+    config.nsync.negative_every = 0
+    with pytest.raises(ValueError, match="negative_every"):
+        train.setup(config, jax.devices()[:1])

@@ -1,0 +1,408 @@
+"""Does NSYNC help? A controlled style benchmark on scikit-learn's bundled digits, on CPU.
+
+Every ingredient exists offline (docs/style_benchmark.md explains the design):
+
+1. Base model: a tiny pixel-space Stable Diffusion (UNet + CLIP text encoder + tokenizer +
+   DDPM schedule; `model.tiny.identity_vae`) pretrained by our trainer (`finetune`, `unet`
+   scope) on all 1797 plain digits with content captions ("a handwritten digit seven").
+   Cached in <cache>/base and reused (the loop resumes; a finished run does nothing).
+2. Style set: `--style_count` digits of classes 0-4 rendered in the benchmark style (navy,
+   orange ink, diagonal stripes), same content captions.
+3. Negatives: the frozen base model's images for the style set's captions, made by
+   `negatives.generate_store` (cached in <cache>/negatives).
+4. Runs: `finetune` and `nsync` with each rule (+ amortized g−, k=4, paper rule), in the
+   `unet` and `textual_inversion` scopes, each for `--steps` steps and each seed. The
+   Trainer from `train.setup` is built once per method; seeds reuse its compiled step
+   (fresh state from the base, the seed's data order and step key).
+5. Scores (`nsync_jax.style_metrics`) of images sampled for every class (0-9, so half the
+   prompts ask for content the style set never showed), at `--evals` points per run.
+
+Writes results.json, table.md, plots and image grids to --out.
+
+    python benchmarks/style_benchmark.py --out benchmarks/results/style_quick --quick
+    python benchmarks/style_benchmark.py --out benchmarks/results/style_full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from configs import default
+from nsync_jax import checkpoint, negatives, runs, sampling, sharding, style_metrics, train
+from nsync_jax.data import digits, pipeline
+
+RESOLUTION = 8  # The digits' own size: CPU time grows with the pixel count.
+STYLE_CLASSES = (0, 1, 2, 3, 4)
+METHODS = {  # name: (mode, rule, negative_every)
+    "finetune": ("finetune", "paper", 1),
+    "nsync-paper": ("nsync", "paper", 1),
+    "nsync-v41": ("nsync", "v41", 1),
+    "nsync-v42": ("nsync", "v42", 1),
+    "nsync-conflicting": ("nsync", "conflicting", 1),
+    "nsync-paper-k4": ("nsync", "paper", 4),
+}
+SCOPES = ("unet", "textual_inversion")
+LEARNING_RATES = {"unet": 3e-4, "textual_inversion": 5e-3}
+
+
+def base_config(cache: str, base_steps: int) -> default.ml_collections.ConfigDict:
+    """The base model's pretraining run: plain digits, content captions only."""
+    config = default.get_config()
+    config.model.source = "tiny"
+    config.model.resolution = RESOLUTION
+    config.model.tiny.unet_channels = (32, 64)
+    config.model.tiny.vae_channels = (32,)
+    config.model.tiny.identity_vae = True
+    # The longest prompt is 24 tokens with the tiny tokenizer (it splits "handwritten"
+    # and "three"); the style token must not be truncated away. 77 wastes time.
+    config.model.tiny.max_length = 32
+    config.data.source = "digits"
+    config.data.digits_rendering = "plain"
+    config.data.random_flip = False  # A mirrored digit is another glyph.
+    config.train.mode = "finetune"
+    config.train.scope = "unet"
+    config.train.prompt_template = "{caption}"
+    config.train.batch_size = 16
+    config.train.num_steps = base_steps
+    config.optim.learning_rate = 1e-3
+    config.optim.weight_decay = 0.0
+    config.checkpoint.every = 0
+    config.log.every = 100
+    config.mesh.data = 1
+    for group in (config.negatives, config.sample):
+        group.scheduler = "ddim"
+        group.num_steps = 20
+        group.guidance_scale = 3.0
+        group.size = 0
+        group.batch_per_device = 64
+    config.negatives.prompt_template = "{caption}"  # What the base was trained to draw.
+    return config
+
+
+def style_config(
+    cache: str, base_steps: int, style_count: int, method: str, scope: str, steps: int
+) -> default.ml_collections.ConfigDict:
+    config = base_config(cache, base_steps)
+    config.model.init_from = os.path.join(cache, "base")
+    config.negatives.source = "store"
+    config.negatives.path = os.path.join(cache, "negatives")
+    config.data.digits_rendering = "styled"
+    config.data.digits_classes = STYLE_CLASSES
+    config.data.digits_count = style_count
+    mode, rule, every = METHODS[method]
+    config.train.mode = mode
+    config.nsync.rule = rule
+    config.nsync.negative_every = every
+    config.train.scope = scope
+    config.train.prompt_template = "{caption} in the style of {style}"
+    config.train.initializer_token = "drawing"
+    config.train.batch_size = 8
+    config.train.num_steps = steps
+    config.optim.learning_rate = LEARNING_RATES[scope]
+    config.optim.weight_decay = 1e-2
+    return config
+
+
+def eval_prompts(config, per_class: int) -> tuple[list[str], np.ndarray]:
+    labels = np.repeat(np.arange(10), per_class)
+    prompts = [
+        config.train.prompt_template.format(
+            caption=digits.caption(int(d)), style=config.train.style_token
+        )
+        for d in labels
+    ]
+    return prompts, labels
+
+
+def score(images, labels, reference, classifier) -> dict[str, float]:
+    styles = style_metrics.style_scores(images, reference)
+    correct = classifier.predict(images) == labels
+    seen = np.isin(labels, STYLE_CLASSES)
+    out = {}
+    for part, mask in (("all", np.ones_like(seen)), ("seen", seen), ("unseen", ~seen)):
+        if not mask.any():  # E.g. the negatives: style-set classes only.
+            continue
+        for name, values in styles.items():
+            out[f"{name}_{part}"] = float(values[mask].mean())
+        out[f"content_{part}"] = float(correct[mask].mean())
+    return out
+
+
+def run_method(
+    config, seeds, eval_steps, per_class, reference, classifier, grid_path, samplers
+) -> list[dict]:
+    """All seeds of one (method, scope): one Trainer and compiled step; one sampler per
+    scope (`samplers`, filled on first use), since all methods share its shapes."""
+    trainer = train.setup(config)
+    initial = jax.device_get(trainer.state)
+    prompts, labels = eval_prompts(config, per_class)
+    if config.train.scope not in samplers:
+        params = trainer.scope.merge(trainer.state.trainable, trainer.state.frozen)
+        samplers[config.train.scope] = sampling.make_sampler(
+            config, config.sample, trainer.model, params
+        )
+    sampler = samplers[config.train.scope]
+    image_seeds = list(range(len(prompts)))
+    results = []
+    for seed in seeds:
+        state = jax.device_put(initial, trainer.state_sharding)
+        old = trainer.batches
+        batches = pipeline.PairedBatches(
+            old.positives,
+            old.negatives,
+            tokenize=trainer.model.tokenize,
+            prompt_template=config.train.prompt_template,
+            style_token=config.train.style_token,
+            global_batch_size=config.train.batch_size,
+            seed=seed,
+            random_flip=config.data.random_flip,
+        )
+        step_rng = runs.run_keys(seed)[1]
+        curve, train_seconds, first_step_seconds = [], 0.0, None
+        start = time.perf_counter()
+        for step in range(config.train.num_steps + 1):
+            if step in eval_steps:
+                sampler.set_params(trainer.scope.merge(state.trainable, state.frozen))
+                images = sampler.generate(prompts, image_seeds)
+                curve.append({"step": step, **score(images, labels, reference, classifier)})
+                if step == config.train.num_steps and seed == seeds[0]:
+                    last_images = images
+            if step == config.train.num_steps:
+                break
+            tick = time.perf_counter()
+            batch = sharding.global_batch(trainer.mesh, batches.batch(step))
+            state, metrics = trainer.step_fn(state, batch, step_rng)
+            jax.block_until_ready(state.trainable)
+            elapsed = time.perf_counter() - tick
+            if first_step_seconds is None:
+                first_step_seconds = elapsed  # Includes compilation on the first seed.
+            else:
+                train_seconds += elapsed
+        train_lib_check(state)
+        results.append(
+            {
+                "seed": seed,
+                "curve": curve,
+                "final": curve[-1],
+                "wall_seconds": time.perf_counter() - start,
+                "step_seconds": train_seconds / max(1, config.train.num_steps - 1),
+                "first_step_seconds": first_step_seconds,
+                "final_loss_pos": float(metrics["loss_pos"]),
+            }
+        )
+    save_grid(last_images, labels, per_class, grid_path)
+    np.save(grid_path[: -len(".png")] + ".npy", last_images)  # For rescoring.
+    return results
+
+
+def save_grid(images: np.ndarray, labels: np.ndarray, columns: int, path: str) -> None:
+    """Rows of `columns` images per digit, each enlarged 6x (nearest) to be seen."""
+    big = [np.kron(image, np.ones((6, 6, 1), np.uint8)) for image in images]
+    sampling.labelled_grid(big, [f"prompt {int(d)}" for d in labels], columns=columns).save(path)
+
+
+def train_lib_check(state) -> None:
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+        raise FloatingPointError(f"non-finite values from step {bad}")
+
+
+def summarize(results: dict) -> dict:
+    summary = {}
+    for key, runs_ in results.items():
+        finals = {k: [r["final"][k] for r in runs_] for k in runs_[0]["final"] if k != "step"}
+        summary[key] = {k: (float(np.mean(v)), float(np.std(v))) for k, v in finals.items()}
+        for k in ("step_seconds", "wall_seconds"):
+            values = [r[k] for r in runs_]
+            summary[key][k] = (float(np.mean(values)), float(np.std(values)))
+    return summary
+
+
+def table(summary: dict, seeds: int) -> str:
+    columns = [
+        ("style_seen", "style 0-4"),
+        ("style_unseen", "style 5-9"),
+        ("palette_all", "palette"),
+        ("stripes_all", "stripes"),
+        ("content_seen", "content 0-4"),
+        ("content_unseen", "content 5-9"),
+        ("step_seconds", "step s"),
+    ]
+    lines = [
+        f"| method (scope) | {' | '.join(c[1] for c in columns)} |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for key, row in summary.items():
+        cells = []
+        for name, _ in columns:
+            mean, std = row[name]
+            digits_ = 3 if name == "step_seconds" else 2
+            cells.append(
+                f"{mean:.{digits_}f} ± {std:.{digits_}f}" if seeds > 1 else f"{mean:.{digits_}f}"
+            )
+        lines.append(f"| {key} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def plots(results: dict, summary: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, scope in zip(axes, SCOPES, strict=True):
+        for key, row in summary.items():
+            if not key.endswith(f"({scope})"):
+                continue
+            x, xe = row["style_unseen"]
+            y, ye = row["content_all"]
+            ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, label=key.split(" ")[0])
+        ax.set(
+            xlabel="style on unseen classes 5-9",
+            ylabel="content (all classes)",
+            title=f"end of training, {scope}",
+        )
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "style_vs_content.png"), dpi=110)
+    plt.close(fig)
+
+    metrics = ("style_seen", "style_unseen", "content_all")
+    fig, axes = plt.subplots(len(SCOPES), len(metrics), figsize=(14, 7), squeeze=False)
+    for row_axes, scope in zip(axes, SCOPES, strict=True):
+        for ax, metric in zip(row_axes, metrics, strict=True):
+            for key, runs_ in results.items():
+                if not key.endswith(f"({scope})"):
+                    continue
+                steps = [p["step"] for p in runs_[0]["curve"]]
+                values = np.array([[p[metric] for p in r["curve"]] for r in runs_])
+                ax.plot(steps, values.mean(0), marker=".", label=key.split(" ")[0])
+            ax.set(title=f"{metric} ({scope})", xlabel="step")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/style")
+    parser.add_argument("--cache", default="/tmp/nsync-style-bench")
+    parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps and images")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--base_steps", type=int, default=3000)
+    parser.add_argument("--style_count", type=int, default=40)
+    parser.add_argument("--per_class", type=int, default=10, help="eval images per digit")
+    parser.add_argument("--evals", type=int, default=5, help="eval points per run")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--scopes", default=",".join(SCOPES))
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.steps, args.per_class, args.evals = 1, 150, 6, 4
+        args.base_steps = min(args.base_steps, 1200)
+    os.makedirs(args.out, exist_ok=True)
+    # The negatives depend on the base model: one cache folder per base length.
+    args.cache = os.path.join(args.cache, f"base-{args.base_steps}")
+    started = time.perf_counter()
+    timings = {}
+
+    tick = time.perf_counter()
+    base = base_config(args.cache, args.base_steps)
+    base_dir = os.path.join(args.cache, "base")
+    if checkpoint.latest_step(base_dir) != args.base_steps:  # Made once, then reused.
+        train.train(base, base_dir)
+    timings["base_seconds"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    probe = style_config(args.cache, args.base_steps, args.style_count, "nsync-paper", "unet", 1)
+    store = negatives.generate_store(probe)
+    if not store.complete:
+        raise RuntimeError(f"negatives store {store.path} is incomplete")
+    timings["negatives_seconds"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    reference = style_metrics.StyleReference.fit(RESOLUTION)
+    classifier = style_metrics.ContentClassifier(RESOLUTION)
+    timings["scorers_seconds"] = time.perf_counter() - tick
+    print(f"content classifier held-out accuracy: {classifier.test_accuracy:.3f}")
+
+    # References: the real style set, plain and styled digits, the base model, negatives.
+    ref_scores = {}
+    for rendering in ("plain", "styled"):
+        real = digits.digits_examples(RESOLUTION, rendering)
+        real_labels = np.asarray([digits.NAMES.index(c.split()[-1]) for c in real.captions])
+        ref_scores[f"real {rendering} digits"] = score(
+            real.images, real_labels, reference, classifier
+        )
+    negs = negatives.load_store(store.path, RESOLUTION)
+    neg_labels = np.asarray([digits.NAMES.index(c.split()[-1]) for c in negs.captions])
+    ref_scores["negatives (base model)"] = score(negs.images, neg_labels, reference, classifier)
+    base_run = runs.load_trained(os.path.join(args.cache, "base"))
+    base_sampler = sampling.make_sampler(base, base.sample, base_run.model, base_run.params)
+    base_prompts = [digits.caption(d) for d in range(10) for _ in range(args.per_class)]
+    base_labels = np.repeat(np.arange(10), args.per_class)
+    base_images = base_sampler.generate(base_prompts, list(range(len(base_prompts))))
+    ref_scores["base model, content prompt"] = score(
+        base_images, base_labels, reference, classifier
+    )
+    save_grid(base_images, base_labels, args.per_class, os.path.join(args.out, "grid_base.png"))
+
+    seeds = list(range(args.seeds))
+    eval_steps = sorted({round(i * args.steps / (args.evals - 1)) for i in range(args.evals)})
+    results, samplers = {}, {}
+    for scope in args.scopes.split(","):
+        for method in args.methods.split(","):
+            key = f"{method} ({scope})"
+            tick = time.perf_counter()
+            config = style_config(
+                args.cache, args.base_steps, args.style_count, method, scope, args.steps
+            )
+            grid = os.path.join(args.out, f"grid_{method}_{scope}.png")
+            results[key] = run_method(
+                config, seeds, eval_steps, args.per_class, reference, classifier, grid, samplers
+            )
+            final = np.mean([r["final"]["style_unseen"] for r in results[key]])
+            content = np.mean([r["final"]["content_all"] for r in results[key]])
+            print(
+                f"{key}: style(5-9) {final:.3f} content {content:.3f} "
+                f"step {results[key][0]['step_seconds'] * 1e3:.0f} ms "
+                f"({time.perf_counter() - tick:.0f} s)",
+                flush=True,
+            )
+    summary = summarize(results)
+    text = table(summary, len(seeds))
+    print(text)
+    timings["total_seconds"] = time.perf_counter() - started
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    record = {
+        "args": vars(args),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+        },
+        "classifier_test_accuracy": classifier.test_accuracy,
+        "stripe_reference_band_ratio": reference.band_ratio,
+        "references": ref_scores,
+        "timings": timings,
+        "summary": summary,
+        "runs": results,
+    }
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    plots(results, summary, args.out)
+    print(f"wrote {args.out} in {timings['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The benchmark's fixed style measure and its content classifier."""
+
+import numpy as np
+import pytest
+
+from nsync_jax import style_metrics
+from nsync_jax.data import digits
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return style_metrics.StyleReference.fit(8)
+
+
+def test_style_score_separates_styled_from_plain(reference):
+    scores = {
+        r: style_metrics.style_scores(digits.digits_examples(8, r, count=200).images, reference)
+        for r in digits.RENDERINGS
+    }
+    assert scores["styled"]["style"].min() > scores["plain"]["style"].max()
+    assert scores["styled"]["style"].mean() > 0.85 and scores["plain"]["style"].mean() < 0.1
+    # Each half of the style moves only its own part.
+    assert scores["palette"]["palette"].mean() > 0.95 and scores["stripes"]["palette"].max() == 0
+    assert scores["stripes"]["stripes"].mean() > 0.75 > 0.2 > scores["palette"]["stripes"].mean()
+    # Stripes off the style's band positions are not the style.
+    shifted = np.roll(
+        digits.digits_examples(8, "styled", count=100).images, 2, axis=2
+    )  # Half a period.
+    assert style_metrics.style_scores(shifted, reference)["stripes"].mean() < 0.2
+
+
+def test_content_classifier_reads_digits_in_every_rendering():
+    classifier = style_metrics.ContentClassifier(8)
+    assert classifier.test_accuracy > 0.9
+    noise = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 3)).astype(np.uint8)
+    assert classifier.accuracy(noise, np.zeros(200, int)) < 0.4
+    with pytest.raises(ValueError, match="8px"):
+        classifier.predict(np.zeros((1, 16, 16, 3), np.uint8))

@@ -40,6 +40,9 @@ def test_tiny_tokenizer_keeps_listed_words_whole(tmp_path):
         "circle</w>",
         "painting</w>",
     ]
+    # Every listed word, also where earlier words' merges cut across it ("th" + "re" + "e").
+    words = models.TINY_WORDS
+    assert [tok.tokenize(w) for w in words] == [[w + "</w>"] for w in words]
     # Unknown words fall back to byte-level pieces rather than <unk>.
     assert "".join(tok.tokenize("zebra")).replace("</w>", "") == "zebra"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from nsync_jax.data import demo
+from nsync_jax.data import demo, folder, tfds_source
 from nsync_jax.data.examples import ExampleSet
 
 DATA_SOURCES = ("demo", "tfds", "folder", "digits")
@@ -16,9 +16,21 @@ def load_positives(data_config: ml_collections.ConfigDict, resolution: int) -> E
     """The style set named by `data_config.source`; real sources decode images lazily."""
     if data_config.source == "demo":
         return demo.demo_examples(data_config.demo_count, resolution, data_config.demo_seed, True)
+    if data_config.source == "tfds":
+        return tfds_source.tfds_examples(data_config, resolution)
+    if data_config.source == "folder":
+        return folder.folder_examples(data_config, resolution)
+    if data_config.source == "digits":
+        from nsync_jax.data import digits  # Lazy: needs scikit-learn (the bench extra).
 
-
-DATA_SOURCES = ("demo", "tfds", "folder", "digits")
+        return digits.digits_examples(
+            resolution,
+            data_config.digits_rendering,
+            tuple(data_config.digits_classes),
+            data_config.digits_count,
+            data_config.demo_seed,
+        )
+    raise ValueError(f"data.source={data_config.source!r} is not one of {DATA_SOURCES}")
 
 
 def load_negatives(

@@ -16,9 +16,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import ml_collections
+
+
+def read_jsonl_objects(path: str, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; errors name the file and line."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not JSON ({e})") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected an object, got {record!r}")
+        yield number, record
 
 
 def read_captions_file(path: str) -> dict[str, str]:
@@ -29,15 +43,7 @@ def read_captions_file(path: str) -> dict[str, str]:
         text = f.read()
     if path.endswith(".jsonl"):
         captions: dict[str, str] = {}
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e})") from e
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected an object, got {record!r}")
+        for number, record in read_jsonl_objects(path, text.splitlines()):
             if "file_name" in record:
                 pairs = [(record["file_name"], record.get("text"))]
             else:

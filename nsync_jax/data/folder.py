@@ -12,7 +12,6 @@ listing happens at start; images are decoded when a host first needs them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -39,14 +38,8 @@ def read_metadata(path: str) -> list[tuple[str, str | None]]:
     """(file_name, text or None) per line of `path`; errors name the file and line."""
     entries = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+        for number, record in captions_lib.read_jsonl_objects(path, f):
+            if not isinstance(record.get("file_name"), str):
                 raise ValueError(f"{path}:{number}: expected {{'file_name': ..., 'text': ...}}")
             text = record.get("text")
             if text is not None and not isinstance(text, str):

@@ -11,7 +11,7 @@ Every ingredient exists offline (docs/style_benchmark.md explains the design):
 3. Negatives: the frozen base model's images for the style set's captions, made by
    `negatives.generate_store` (cached in <cache>/negatives).
 4. Runs: `finetune` and `nsync` with each rule (+ amortized g−, k=4, paper rule), in the
-   `unet` and `textual_inversion` scopes, each for `--steps` steps and each seed. The
+   `unet`, `textual_inversion` and `lora` scopes, each for `--steps` steps and each seed. The
    Trainer from `train.setup` is built once per method; seeds reuse its compiled step
    (fresh state from the base, the seed's data order and step key).
 5. Scores (`nsync_jax.style_metrics`) of images sampled for every class (0-9, so half the
@@ -48,8 +48,9 @@ METHODS = {  # name: (mode, rule, negative_every)
     "nsync-conflicting": ("nsync", "conflicting", 1),
     "nsync-paper-k4": ("nsync", "paper", 4),
 }
-SCOPES = ("unet", "textual_inversion")
-LEARNING_RATES = {"unet": 3e-4, "textual_inversion": 5e-3}
+SCOPES = ("unet", "textual_inversion", "lora")
+# LoRA: rank and targets from configs/default.py (attention projections).
+LEARNING_RATES = {"unet": 3e-4, "textual_inversion": 5e-3, "lora": 1e-3}
 
 
 def base_config(cache: str, base_steps: int) -> default.ml_collections.ConfigDict:
@@ -257,8 +258,9 @@ def plots(results: dict, summary: dict, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, scope in zip(axes, SCOPES, strict=True):
+    scopes = [s for s in SCOPES if any(key.endswith(f"({s})") for key in summary)]
+    fig, axes = plt.subplots(1, len(scopes), figsize=(5.5 * len(scopes), 4.5), squeeze=False)
+    for ax, scope in zip(axes[0], scopes, strict=True):
         for key, row in summary.items():
             if not key.endswith(f"({scope})"):
                 continue
@@ -276,8 +278,10 @@ def plots(results: dict, summary: dict, out: str) -> None:
     plt.close(fig)
 
     metrics = ("style_seen", "style_unseen", "content_all")
-    fig, axes = plt.subplots(len(SCOPES), len(metrics), figsize=(14, 7), squeeze=False)
-    for row_axes, scope in zip(axes, SCOPES, strict=True):
+    fig, axes = plt.subplots(
+        len(scopes), len(metrics), figsize=(14, 3.5 * len(scopes)), squeeze=False
+    )
+    for row_axes, scope in zip(axes, scopes, strict=True):
         for ax, metric in zip(row_axes, metrics, strict=True):
             for key, runs_ in results.items():
                 if not key.endswith(f"({scope})"):

@@ -21,7 +21,7 @@ Metrics only, no data split: --compare_only (eval.real_dir vs eval.generated_dir
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nsync_jax import sharding
+from nsync_jax import cli, sharding
 from nsync_jax.evaluation import compare, protocol
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -42,7 +42,6 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.INFO)
     config = _CONFIG.value
     if _COMPARE_ONLY.value:
         if not _OUT.value:
@@ -58,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -9,10 +9,10 @@ parameters of checkpoint --step (the newest by default) and writes DIR, which
 also writes DIR/learned_embeds.safetensors for `pipe.load_textual_inversion(DIR)`.
 """
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from nsync_jax import export
+from nsync_jax import cli, export
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file; default: the run's saved config.", lock_config=True
@@ -28,11 +28,10 @@ flags.mark_flags_as_required(["workdir", "output"])
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.INFO)
     export.export_run(
         _WORKDIR.value, _OUTPUT.value, _STEP.value, _CONFIG.value, torch_dtype=_DTYPE.value
     )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

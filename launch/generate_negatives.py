@@ -11,10 +11,10 @@ settings must match. Then train with --config.negatives.source=store and the sam
         --config.negatives.num_steps=10 --config.negatives.scheduler=ddim
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from nsync_jax import negatives
+from nsync_jax import cli, negatives
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _MAX_IMAGES = flags.DEFINE_integer(
@@ -25,7 +25,6 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.INFO)
     result = negatives.generate_store(_CONFIG.value, max_images=_MAX_IMAGES.value)
     logging.info(
         "negatives store %s: %d generated now, %s (%d images expected)",
@@ -37,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

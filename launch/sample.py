@@ -17,7 +17,7 @@ With --workdir the model is the run's (its saved config, scope and trained param
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nsync_jax import runs, sampling
+from nsync_jax import cli, runs, sampling
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Folder for the PNGs, prompts.jsonl and grid.png.")
@@ -32,7 +32,6 @@ flags.mark_flags_as_required(["config", "out"])
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.INFO)
     prompts = list(_PROMPT.value)
     if _PROMPTS_FILE.value:
         with open(_PROMPTS_FILE.value) as f:
@@ -53,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

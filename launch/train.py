@@ -4,10 +4,10 @@ python launch/train.py --config configs/demo.py --workdir /tmp/nsync-demo
 python launch/train.py --config configs/demo.py --workdir /tmp/ft --config.train.mode=finetune
 """
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from nsync_jax import train
+from nsync_jax import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
@@ -16,9 +16,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.INFO)
     train.train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

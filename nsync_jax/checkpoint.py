@@ -36,6 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from nsync_jax import errors
+
 FORMAT_VERSION = 1
 TRAINABLE, OPT_STATE, META = "trainable", "opt_state", "meta"
 # The amortized g− (`nsync.negative_every > 1`): saved only by runs that carry one.
@@ -43,10 +45,16 @@ NEGATIVE = "negative"
 
 
 class _DropOrbaxInfo(logging.Filter):
-    """Orbax logs some 80 INFO lines per save through absl; keep its warnings and errors."""
+    """Orbax logs some 80 INFO lines per save through absl; keep its warnings and errors,
+    except the one every read-only manager logs on creation ("Given directory is read
+    only"): export, sampling and resume open them on purpose, several times a run."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        if str(record.msg).startswith("Given directory is read only"):
+            return False
+        return record.levelno >= logging.WARNING
 
 
 def quiet_orbax_logs() -> None:
@@ -66,7 +74,7 @@ RESUMABLE_FIELDS = ("train.num_steps", "log.", "checkpoint.", "mesh.")
 _CHECKSUM_RTOL = 1e-4
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
     """A checkpoint that cannot be resumed from: damaged, incomplete or incompatible."""
 
 
@@ -131,11 +139,14 @@ def latest_step(workdir: str) -> int | None:
 def _pick_step(workdir: str, step: int | None) -> int:
     steps = saved_steps(workdir)
     if not steps:
-        raise FileNotFoundError(f"no checkpoints in {checkpoint_dir(workdir)}")
+        raise errors.NotFound(
+            f"no checkpoints in {checkpoint_dir(workdir)} (is --workdir a training run "
+            "that saved one?)"
+        )
     if step is None:
         return steps[-1]
     if step not in steps:
-        raise FileNotFoundError(
+        raise errors.NotFound(
             f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; saved steps: {steps}"
         )
     return step
@@ -427,7 +438,7 @@ def check_resumable(workdir: str, step: int, config: ml_collections.ConfigDict) 
             f"{n}: saved {old.get(n, '<absent>')!r}, now {new.get(n, '<absent>')!r}"
             for n in differences
         ]
-        raise ValueError(
+        raise errors.ConfigError(
             f"the config differs from the one that wrote checkpoint {step_dir(workdir, step)} "
             f"in {differences}; resume with the saved config or use a new workdir:"
             + _format_problems(lines, limit=len(lines))
@@ -570,36 +581,47 @@ def restore_state(
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM (the preemption signal) into a flag the loop checks once per step.
+    """Turns SIGTERM (the preemption signal) and Ctrl-C (SIGINT) into a flag the loop checks
+    once per step; the loop then saves the step it reached and stops.
 
     The handler only sets the flag: saving from inside a signal handler could interleave
-    with a step or a save in progress. On one process the flag is the decision. With many
-    processes each host's flag could flip at a different step, so the decision comes from
-    JAX's preemption sync manager instead (`ocp.multihost.reached_preemption`, the same step
-    on every host; it needs `jax.distributed.initialize()` and handles SIGTERM itself), and
-    no Python handler is installed.
+    with a step or a save in progress. A second Ctrl-C gets Python's default behaviour back
+    (KeyboardInterrupt at once, no save) for a user who does not want to wait for the save.
+    On one process the flag is the decision. With many processes each host's flag could flip
+    at a different step, so the decision comes from JAX's preemption sync manager instead
+    (`ocp.multihost.reached_preemption`, the same step on every host; it needs
+    `jax.distributed.initialize()` and handles SIGTERM itself), and no Python handler is
+    installed: a Ctrl-C seen by one host only could not stop every host at the same step.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
-        self.received = False
-        self._previous = None
+        self.received: str | None = None  # The first signal's name ("SIGTERM", "SIGINT").
+        self._previous: dict[int, Any] = {}
         self._multihost = jax.process_count() > 1
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether the stop came from Ctrl-C (the caller then ends like a KeyboardInterrupt)."""
+        return self.received == "SIGINT"
+
     def install(self) -> None:
-        """Installs the SIGTERM handler (single process, main thread only)."""
+        """Installs the handlers (single process, main thread only)."""
         if self._multihost:
             return
         if threading.current_thread() is not threading.main_thread():
             # Python only lets the main thread install handlers; SIGTERM then just kills.
             logging.warning("not on the main thread: SIGTERM will not save a checkpoint")
             return
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
-        """Puts back the handler that was there before `install`."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        """Puts back the handlers that were there before `install`."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def __enter__(self) -> PreemptionWatcher:
         self.install()
@@ -609,13 +631,18 @@ class PreemptionWatcher:
         self.uninstall()
 
     def _handle(self, signum, frame) -> None:
-        del signum, frame
-        self.received = True
+        del frame
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            # The next Ctrl-C interrupts at once (Python's default handler).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def should_stop(self, step: int) -> bool:
-        """True once preemption is signalled; the same `step` on every host."""
+        """True once a stop is signalled; the same `step` on every host."""
         if self._multihost:
             return ocp.multihost.reached_preemption(step)
         if self.received:
-            logging.warning("SIGTERM received: saving at step %d and exiting", step)
-        return self.received
+            how = "Ctrl-C again stops without saving" if self.interrupted else "then exiting"
+            logging.warning("%s received: saving step %d (%s)", self.received, step, how)
+        return self.received is not None

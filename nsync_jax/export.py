@@ -365,6 +365,9 @@ def export_run(
 
     run = runs.load_trained(workdir, step, config)
     config, model, scope = run.config, run.model, run.scope
+    logging.info(
+        "exporting step %d of %s (%s scope) to %s", run.step, workdir, scope.name, output_dir
+    )
     base_dir = None
     if config.model.source == "pretrained":
         base_dir = weights.resolve_pretrained(config.model)

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import tqdm
 
-from nsync_jax import checkpoint, models, optim, projection, runs, sharding
+from nsync_jax import checkpoint, errors, models, optim, projection, runs, sharding
 from nsync_jax import metrics as metrics_lib
 from nsync_jax import scope as scope_lib
 from nsync_jax import step as step_lib
@@ -77,18 +77,39 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
     for ok, what, allowed in checks:
         if not ok:
-            raise ValueError(f"{what} is not one of {tuple(allowed)}")
+            raise errors.ConfigError(f"{what} is not one of {tuple(allowed)}")
     for name in ("num_steps", "batch_size"):
         if config.train[name] < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {config.train[name]}")
+            raise errors.ConfigError(f"train.{name} must be >= 1, got {config.train[name]}")
     if config.log.every < 1:
-        raise ValueError(f"log.every must be >= 1, got {config.log.every}")
+        raise errors.ConfigError(f"log.every must be >= 1, got {config.log.every}")
     for name, low in (("every", 0), ("keep", 1), ("restore_step", -1)):
         if config.checkpoint[name] < low:
-            raise ValueError(f"checkpoint.{name} must be >= {low}, got {config.checkpoint[name]}")
+            raise errors.ConfigError(
+                f"checkpoint.{name} must be >= {low}, got {config.checkpoint[name]}"
+            )
     if "{caption}" not in config.train.prompt_template:
-        raise ValueError(
+        raise errors.ConfigError(
             f"train.prompt_template {config.train.prompt_template!r} has no {{caption}}"
+        )
+    if config.train.mode == "nsync":
+        _validate_negatives(config)
+
+
+def _validate_negatives(config: ml_collections.ConfigDict) -> None:
+    """NSYNC needs negatives for the style set: the demo's own, or a generated store."""
+    if config.negatives.source == "demo" and config.data.source != "demo":
+        raise errors.ConfigError(
+            f"train.mode='nsync' needs negatives for data.source={config.data.source!r}, but "
+            "negatives.source='demo' only pairs with the demo set: generate a store with "
+            "launch/generate_negatives.py, then pass --config.negatives.source=store "
+            "--config.negatives.path=<store> (or train the baseline with "
+            "--config.train.mode=finetune)"
+        )
+    if config.negatives.source == "store" and not config.negatives.path:
+        raise errors.ConfigError(
+            "negatives.source='store' needs negatives.path (the folder "
+            "launch/generate_negatives.py wrote)"
         )
 
 
@@ -115,7 +136,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     validate_config(config)
     mesh = sharding.make_mesh(config.mesh, devices)
     if config.train.batch_size % sharding.batch_divisor(mesh):
-        raise ValueError(
+        raise errors.ConfigError(
             f"train.batch_size={config.train.batch_size} does not divide over the "
             f"{sharding.batch_divisor(mesh)} devices of mesh {dict(mesh.shape)}"
         )
@@ -154,9 +175,13 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     if config.data.cache_latents:
         # The VAE is frozen in every scope, so its posterior moments never change.
         if model.identity_vae:
-            raise ValueError("data.cache_latents needs a VAE; model.tiny.identity_vae has none")
+            raise errors.ConfigError(
+                "data.cache_latents needs a VAE; model.tiny.identity_vae has none"
+            )
         if "vae" not in state.frozen:
-            raise ValueError(f"data.cache_latents needs a frozen VAE; scope {scope.name} trains it")
+            raise errors.ConfigError(
+                f"data.cache_latents needs a frozen VAE; scope {scope.name} trains it"
+            )
         vae_params = state.frozen["vae"]
         moments = jax.jit(functools.partial(step_lib.posterior_moments, model))
         batches.cache_latents(
@@ -198,14 +223,14 @@ def _resume_step(config: ml_collections.ConfigDict, workdir: str, steps: list[in
         return steps[-1] if steps else None
     where = checkpoint.checkpoint_dir(workdir)
     if wanted not in steps:
-        raise FileNotFoundError(
+        raise errors.NotFound(
             f"checkpoint.restore_step={wanted}: no such checkpoint in {where}; saved: {steps}"
         )
     newer = [s for s in steps if s > wanted]
     if newer:
         # Training on from an older step would collide with (and be silently skipped by
         # orbax at) the newer steps; the user decides what happens to them.
-        raise ValueError(
+        raise errors.ConfigError(
             f"checkpoint.restore_step={wanted} but newer checkpoints {newer} exist in "
             f"{where}; move them away (or use a new workdir) to train on from step {wanted}"
         )
@@ -215,17 +240,36 @@ def _resume_step(config: ml_collections.ConfigDict, workdir: str, steps: list[in
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step_lib.TrainState:
     """Runs `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-    Saves every `checkpoint.every` steps, at the end, and on SIGTERM (then returns early;
-    rerun the same command to resume). Returns the final state. Metrics go to the workdir.
+    Saves every `checkpoint.every` steps, at the end, and on SIGTERM or Ctrl-C (then stops
+    early; rerun the same command to resume). Returns the final state; after a Ctrl-C the
+    save completes and `KeyboardInterrupt` is raised. Metrics go to the workdir.
     """
     validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep)
-    resume_step = _resume_step(config, workdir, sorted(manager.all_steps()))
+    resume_step = _resume_step(config, workdir, checkpoint.saved_steps(workdir))
     meta = None
     if resume_step is not None:  # A changed config stops here, before anything is built.
         meta = checkpoint.check_resumable(workdir, resume_step, config)
     trainer = setup(config, devices)
+    os.makedirs(workdir, exist_ok=True)
+    # Created only now, so a set-up error leaves no async machinery behind, and closed on
+    # every way out: a save in flight completes (or raises) before the function returns.
+    manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep)
+    try:
+        return _run(config, workdir, trainer, manager, resume_step, meta)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    trainer: Trainer,
+    manager: Any,
+    resume_step: int | None,
+    meta: dict[str, Any] | None,
+) -> step_lib.TrainState:
+    """Restores (if resuming), then steps, logs and saves until the end or a stop signal."""
     frozen_summary = checkpoint.tree_summary(trainer.state.frozen)
     data = checkpoint.data_fingerprint(trainer.batches)
     state, step_rng = trainer.state, trainer.step_rng
@@ -236,7 +280,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step
         state, step_rng = checkpoint.restore_state(
             manager, workdir, resume_step, meta, state, frozen_summary, data
         )
-    writer = metrics_lib.MetricWriter(workdir)
+    start = int(jax.device_get(state.step))
+    writer = metrics_lib.MetricWriter(workdir, start_step=start)
     is_main = jax.process_index() == 0
     logging.info(
         "training %s (%s scope) for %d steps on mesh %s; %d style images",
@@ -250,7 +295,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     images_per_step = config.train.batch_size * (2 if config.train.mode == "nsync" else 1)
-    start = int(jax.device_get(state.step))
     sums, count = None, 0
     tick, tick_step = time.perf_counter(), start
     bar = tqdm.trange(start, config.train.num_steps, disable=not is_main, desc="train")
@@ -280,7 +324,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step
                 checkpoint.save(manager, state, step_rng, config, frozen_summary, data)
             if stop:
                 logging.warning(
-                    "preempted: saved step %d to %s; rerun the same command to resume",
+                    "%s: saved step %d to %s; rerun the same command to resume",
+                    "interrupted" if preemption.interrupted else "preempted",
                     done,
                     checkpoint.step_dir(workdir, done),
                 )
@@ -289,6 +334,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step
         preemption.uninstall()
         bar.close()
         writer.close()
-        manager.wait_until_finished()  # An async save in flight completes (or raises) here.
-        manager.close()
+    if preemption.interrupted:
+        manager.wait_until_finished()  # The save completes before the interrupt goes on.
+        raise KeyboardInterrupt
     return state

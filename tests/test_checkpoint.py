@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -21,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, demo
-from nsync_jax import checkpoint, optim, projection, sharding
+from nsync_jax import checkpoint, metrics, optim, projection, sharding
 from nsync_jax import step as step_lib
 from nsync_jax import train as train_lib
 
@@ -260,6 +261,17 @@ def test_preemption_watcher_turns_sigterm_into_a_flag():
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def test_preemption_watcher_turns_the_first_ctrl_c_into_a_flag_and_the_second_into_an_interrupt():
+    previous = signal.getsignal(signal.SIGINT)
+    with checkpoint.PreemptionWatcher() as watcher:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert watcher.should_stop(3) and watcher.interrupted
+        with pytest.raises(KeyboardInterrupt):  # The second Ctrl-C does not wait for a save.
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
 # --- The loop: tiny demo model -----------------------------------------------------------
 
 
@@ -310,6 +322,53 @@ def test_loop_saves_every_k_and_at_the_end_and_resumes_exactly(
     assert "resuming from step 4" in caplog.text
     _assert_trees_equal(final, expected)
     assert checkpoint.saved_steps(workdir) == [4, 5]
+    # Step 5 ran twice (before the stop and after the resume) but is logged once, and
+    # TensorBoard is told to drop the first run's events after step 4.
+    assert [r["step"] for r in metrics.read_metrics(str(workdir))] == [2, 4, 5]
+    assert 5 in _tensorboard_purge_steps(workdir / "tensorboard")
+
+
+def _tensorboard_purge_steps(directory):
+    """Steps of the SessionLog.START events (TensorBoard's purge marks) in `directory`."""
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc.
+            length = int.from_bytes(data[offset : offset + 8], "little")
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 16 + length
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                steps.append(event.step)
+    return steps
+
+
+def test_ctrl_c_saves_the_step_reached_interrupts_and_resumes_exactly(finetune_reference, tmp_path):
+    _, expected = finetune_reference
+    workdir = tmp_path / "run"
+    overrides = {"train.mode": "finetune", "checkpoint.every": 1}
+
+    def press_ctrl_c():  # As soon as the first save (step 1) has started.
+        deadline = time.monotonic() + 300
+        while not glob.glob(os.path.join(checkpoint.checkpoint_dir(workdir), "1*")):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
+    presser.start()
+    with pytest.raises(KeyboardInterrupt):
+        _train_in_process(workdir, **overrides)
+    presser.join()
+    stopped_at = checkpoint.latest_step(workdir)
+    assert 1 <= stopped_at < 5
+    final = _train_in_process(workdir, **overrides)
+    _assert_trees_equal(final, expected)
+    assert checkpoint.latest_step(workdir) == 5
 
 
 def test_loop_resumes_amortized_negatives_exactly_mid_period(tmp_path):

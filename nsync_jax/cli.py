@@ -1,0 +1,103 @@
+"""What every launch script does around its one library call: logging, flags and errors.
+
+    from nsync_jax import cli
+
+    def main(argv): ...
+
+    if __name__ == "__main__":
+        cli.run(main)
+
+- Logging: absl at INFO, with other libraries' noise dropped: JAX's INFO line for each
+  backend it probes and cannot start ("Unable to initialize backend 'tpu'"), the
+  diffusers/transformers Flax deprecation notices, orbax's per-save INFO lines.
+- Flags: a mistyped config field (`--config.data.paht=x`) is one line naming it.
+- Errors: an `errors.UserError` (a config that cannot work, a missing file or data set, a
+  checkpoint that cannot be resumed) is printed as one line `error: ...` and the script
+  exits with status 2; Ctrl-C outside the training loop (which saves first, see
+  `checkpoint.PreemptionWatcher`) exits with 130. Any other exception is a bug and keeps
+  its traceback. `NSYNC_TRACEBACK=1` shows the traceback of user errors too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from absl import app
+from absl import logging as absl_logging
+
+from nsync_jax import errors
+
+USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130
+
+
+def setup_logging() -> None:
+    """absl logging at INFO, without the libraries' INFO noise (see the module docstring)."""
+    from nsync_jax import checkpoint, models  # Heavy imports; every launch script needs them.
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    # JAX logs at INFO every platform it tries and fails to start; the chosen one is logged
+    # by us (the mesh), and a real failure to start the requested platform still raises.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    models.quiet_library_logs()
+    checkpoint.quiet_orbax_logs()
+
+
+def _fail(message: str, status: int) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _show_tracebacks() -> bool:
+    return os.environ.get("NSYNC_TRACEBACK", "") not in ("", "0")
+
+
+def _flag_error_text(error: Exception) -> str:
+    """ml_collections' message, unwrapped: an unknown field arrives as an AttributeError
+    around a KeyError whose text is "'paht'\\nDid you mean "path" instead of "paht"?"."""
+    while len(error.args) == 1 and isinstance(error.args[0], Exception):
+        error = error.args[0]
+    text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+    field, newline, hint = text.partition("\n")
+    if isinstance(error, KeyError):
+        return f"no config field {field}" + (f". {hint}" if newline else "")
+    return " ".join(text.split())
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config-field mistakes reported in one line.
+
+    ml_collections raises AttributeError (with a "Did you mean" hint) for an unknown field
+    and TypeError/ValueError for a value of the wrong type, all outside absl's own
+    `flags.Error` handling, so they would otherwise end in a traceback.
+    """
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        if _show_tracebacks():
+            raise
+        overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+        _fail(f"bad config flag: {_flag_error_text(e)} (flags given: {overrides})", 2)
+        raise  # Unreachable: _fail exits.
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """`absl.app.run(main)` with this module's logging, flag and error handling."""
+
+    def wrapped(argv: list[str]) -> None:
+        setup_logging()
+        try:
+            main(argv)
+        except errors.UserError as e:
+            if _show_tracebacks():
+                raise
+            _fail(str(e), USER_ERROR_STATUS)
+        except KeyboardInterrupt:
+            if _show_tracebacks():
+                raise
+            _fail("interrupted", INTERRUPTED_STATUS)
+
+    app.run(wrapped, flags_parser=_parse_flags)

@@ -106,11 +106,6 @@ def _validate_negatives(config: ml_collections.ConfigDict) -> None:
             "--config.negatives.path=<store> (or train the baseline with "
             "--config.train.mode=finetune)"
         )
-    if config.negatives.source == "store" and not config.negatives.path:
-        raise errors.ConfigError(
-            "negatives.source='store' needs negatives.path (the folder "
-            "launch/generate_negatives.py wrote)"
-        )
 
 
 @dataclasses.dataclass

@@ -19,96 +19,29 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
 
 from configs import demo
-from nsync_jax import models, sharding, weights
+from nsync_jax import sharding, weights
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-MAX_LENGTH = 16
-TEXT_HIDDEN = 32
+import sd_folders  # noqa: E402  (needs torch)
+
+MAX_LENGTH = sd_folders.MAX_LENGTH
+TEXT_HIDDEN = sd_folders.TEXT_HIDDEN
 ATOL = 1e-4
-
-
-def _randomize(module, seed):
-    """Random values in every parameter, norms included, so no mapping hides behind 0/1."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return module.eval()
-
-
-def _write_pipeline(root, *, sd2: bool):
-    """A tiny SD1-like (conv proj_in, ε) or SD2-like (linear proj_in, v, head list) folder."""
-    tokenizer_dir = models.write_tiny_tokenizer(os.path.join(root, "tokenizer"), MAX_LENGTH)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=TEXT_HIDDEN,
-        norm_num_groups=32,
-        attention_head_dim=(2, 4) if sd2 else 8,
-        use_linear_projection=sd2,
-        upcast_attention=sd2,
-    )
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT_HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_LENGTH,
-            hidden_act="gelu" if sd2 else "quick_gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    seed = 1 if sd2 else 0
-    for i, (name, module) in enumerate(
-        (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))
-    ):
-        _randomize(module, seed * 10 + i).save_pretrained(
-            os.path.join(root, name), safe_serialization=True
-        )
-    if sd2:
-        scheduler = diffusers.DDIMScheduler(prediction_type="v_prediction")
-    else:
-        scheduler = diffusers.PNDMScheduler(skip_prk_steps=True)
-    scheduler.save_pretrained(os.path.join(root, "scheduler"))
-    with open(os.path.join(root, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline"}, f)
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
 
 
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("sd1"))
-    return root, _write_pipeline(root, sd2=False)
+    return root, sd_folders.write_pipeline(root, sd2=False)
 
 
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("sd2"))
-    return root, _write_pipeline(root, sd2=True)
+    return root, sd_folders.write_pipeline(root, sd2=True)
 
 
 def _model_config(directory, param_dtype="float32"):

@@ -154,7 +154,7 @@ def write_pipeline(
     if sd2:
         scheduler = diffusers.DDIMScheduler(prediction_type="v_prediction")
     else:
-        scheduler = diffusers.PNDMScheduler(skip_prk_steps=True)
+        scheduler = diffusers.PNDMScheduler(skip_prk_steps=True, steps_offset=1)
     scheduler.save_pretrained(os.path.join(root, "scheduler"))
     with open(os.path.join(root, "model_index.json"), "w") as f:
         json.dump({"_class_name": "StableDiffusionPipeline"}, f)

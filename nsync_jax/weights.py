@@ -3,7 +3,10 @@
 A diffusers folder (local, or a hub id fetched with `huggingface_hub.snapshot_download`)
 holds `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/`. The Flax modules are
 built from the components' `config.json`; their weights come from PyTorch `.safetensors`
-files, read with safetensors' NumPy API (no torch at run time), or from Flax `.msgpack`.
+(safetensors' NumPy API), PyTorch `.bin` (`torch_pickle`) or Flax `.msgpack` files, in
+that order, optionally of a variant (`*.fp16.*`): no torch at run time. Folders written
+by transformers 4 and 5 both load: the tokenizer through `clip_tokenizer`, the text
+encoder's keys with or without their `text_model.` prefix (`stored_key_rule`).
 
 PyTorch and Flax name the same tensor differently. One rule, `torch_key`, maps every Flax
 parameter path to its PyTorch state-dict key, and `to_flax_layout` / `to_torch_layout`

@@ -277,6 +277,10 @@ def build_tiny(
     """Random-init tiny Stable Diffusion of the real structure, from `model_config.tiny`.
 
     Flax's UNet hard-codes GroupNorm(32), so channel counts are multiples of 32.
+
+    Raises:
+      errors.ConfigError: a channel count, `identity_vae` or `model.resolution` the
+        modules cannot take (checked before any parameter is initialised).
     """
     cfg = model_config.tiny
     compute_dtype = dtype_from_name(model_config.compute_dtype)

@@ -66,7 +66,9 @@ class _Tensor:
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, *_):
     # The trailing requires_grad, backward_hooks (and metadata) do not matter for weights.
-    return _Tensor(storage, storage_offset, tuple(size), tuple(stride))
+    if not isinstance(storage, _Storage):
+        raise pickle.UnpicklingError(f"a tensor's storage is a {type(storage).__name__}")
+    return _Tensor(storage, int(storage_offset), tuple(size), tuple(stride))
 
 
 def _rebuild_parameter(data, *_):

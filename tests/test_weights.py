@@ -369,12 +369,11 @@ def test_transformers5_mismatch_names_the_files_keys(tmp_path, sd1_shapes):
 def test_bin_files_load_without_torch_equal_to_safetensors(sd1, tmp_path, monkeypatch):
     root, _ = sd1
     bin_root = str(tmp_path / "bin")
-    sd_folders.write_pipeline(bin_root, safe_serialization=False)
-    assert os.path.isfile(os.path.join(bin_root, "text_encoder", "pytorch_model.bin"))
-    # Sharded, as big hub checkpoints are: an index naming the shards.
-    text = sd_folders.write_pipeline(str(tmp_path / "scratch"))["text_encoder"]
+    torch_models = sd_folders.write_pipeline(bin_root, safe_serialization=False)
+    assert os.path.isfile(os.path.join(bin_root, "unet", "diffusion_pytorch_model.bin"))
+    # The text encoder sharded, as big hub checkpoints are: an index naming the shards.
     shutil.rmtree(os.path.join(bin_root, "text_encoder"))
-    text.save_pretrained(
+    torch_models["text_encoder"].save_pretrained(
         os.path.join(bin_root, "text_encoder"), safe_serialization=False, max_shard_size="20KB"
     )
     fmt, files = weights.find_weights(os.path.join(bin_root, "text_encoder"), "text_encoder")

@@ -91,8 +91,8 @@ def check_resolution(
     below = resolution // multiple * multiple
     nearest = [str(side) for side in (below, below + multiple) if side > 0]
     raise errors.ConfigError(
-        f"model.resolution={resolution} is not a multiple of {multiple} (the VAE halves the "
-        f"side {vae_halvings} times, the UNet {unet_halvings} times): nearest valid "
+        f"model.resolution={resolution} is not a multiple of {multiple} (the VAE downsamples "
+        f"by {2**vae_halvings}, the UNet by {2**unet_halvings}): nearest valid "
         f"{' or '.join(nearest)}"
     )
 

@@ -84,38 +84,35 @@ _GLOBALS = {
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, path: str):
-        super().__init__(io.BytesIO(data))
-        self.path = path
+    """Resolves only the globals of `_GLOBALS`, and storages by their persistent id."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _GLOBALS:
             raise pickle.UnpicklingError(
-                f"{self.path}: refusing to unpickle {module}.{name} (only state dicts of "
+                f"refusing to unpickle {module}.{name} (only state dicts of "
                 "tensors are read; convert other files to safetensors)"
             )
         return _GLOBALS[(module, name)]
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"{self.path}: unknown persistent id {pid!r}")
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise pickle.UnpicklingError(f"{self.path}: storage type {storage_type!r} unknown")
+            raise pickle.UnpicklingError(f"storage type {storage_type!r} unknown")
         return _Storage(str(key), storage_type.dtype, int(numel))
 
 
-def _flatten(tree: Any, path: str, prefix: str = "") -> dict[str, _Tensor]:
+def _flatten(tree: Any, prefix: str = "") -> dict[str, _Tensor]:
     if isinstance(tree, _Tensor):
         return {prefix: tree}
     if isinstance(tree, dict):
         flat = {}
         for key, value in tree.items():
-            flat.update(_flatten(value, path, f"{prefix}.{key}" if prefix else str(key)))
+            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
         return flat
-    raise pickle.UnpicklingError(
-        f"{path}: {prefix or 'the file'} holds a {type(tree).__name__}, not tensors"
-    )
+    what = prefix or "the file"
+    raise pickle.UnpicklingError(f"{what} holds a {type(tree).__name__}, not tensors")
 
 
 class TorchFile:
@@ -145,11 +142,10 @@ class TorchFile:
             self._zip.close()
             raise pickle.UnpicklingError(f"{path}: big-endian tensors are not supported")
         try:
-            state = _Unpickler(self._zip.read(pickles[0]), path).load()
-            self._tensors = _flatten(state, path)
-        except Exception:
+            self._tensors = _flatten(_Unpickler(io.BytesIO(self._zip.read(pickles[0]))).load())
+        except Exception as e:  # Whatever a crafted pickle provokes, named with the file.
             self._zip.close()
-            raise
+            raise pickle.UnpicklingError(f"{path}: {e}") from e
 
     def __enter__(self) -> TorchFile:
         return self

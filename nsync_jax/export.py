@@ -11,12 +11,15 @@
   format, for `pipe.load_textual_inversion(output_dir)`) and the text encoder and
   tokenizer stay the base's, without the placeholder.
 - The frozen components are copied verbatim from the base folder when it has them in
-  safetensors (byte for byte: no renaming to get wrong), else converted from our params
-  (a tiny model, or a base stored only as Flax msgpack).
+  safetensors under our key names (byte for byte: no renaming to get wrong), else
+  converted from our params: a tiny model, a base stored as `.bin` or Flax msgpack, or a
+  transformers-5 text encoder (keys without `text_model.`, which transformers 4 cannot
+  read). A transformers-5 tokenizer (`tokenizer.json` only) is written as `vocab.json` +
+  `merges.txt`, which transformers 4 and 5 both read.
 
 Every converted state dict is checked key by key and shape by shape against what the
-PyTorch class expects: the base's safetensors header where there is one, else the PyTorch
-class built on torch's meta device when torch is installed.
+PyTorch class expects: the base's weight files where there are some (in their own key
+names), else the PyTorch class built on torch's meta device when torch is installed.
 """
 
 from __future__ import annotations
@@ -106,14 +109,30 @@ def check_torch_keys(
         raise weights.mismatch_error(what, missing, unexpected, misshapen)
 
 
-def _base_safetensors(base_dir: str | None, component: str) -> list[str]:
+def _base_files(base_dir: str | None, component: str) -> list[str]:
+    """The base's PyTorch weight files of `component` (safetensors, else `.bin`), or []."""
     if base_dir is None:
         return []
     directory = os.path.join(base_dir, component)
     if not os.path.isfile(os.path.join(directory, "config.json")):
         return []
     # Only the plain (non-variant) files: `from_pretrained` without `variant` reads those.
-    return weights.torch_weight_files(directory, component, variant="")
+    for fmt in weights.TORCH_FORMATS:
+        if files := weights.weight_files(directory, component, fmt, variant=""):
+            return files
+    return []
+
+
+def _copyable(component: str, base_files: list[str]) -> bool:
+    """Whether the base's files load as they are in transformers 4 and diffusers 0.39.
+
+    Safetensors with our key names are; `.bin` files are converted (safetensors out), and
+    so is a transformers-5 text encoder, whose keys lack the `text_model.` prefix.
+    """
+    if not base_files or not base_files[0].endswith(".safetensors"):
+        return False
+    keys = weights.torch_file_shapes(base_files)
+    return weights.stored_key_rule(component, keys) is weights.same_key
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
@@ -136,7 +155,7 @@ def _copy_component(base_dir: str, component: str, output_dir: str, files: list[
     for name in [os.path.join(base_dir, component, "config.json"), *files]:
         shutil.copy2(name, target)
     index = os.path.join(
-        base_dir, component, weights.TORCH_STEMS[component] + ".safetensors.index.json"
+        base_dir, component, weights.WEIGHT_FILES[component]["safetensors"] + ".index.json"
     )
     if os.path.isfile(index):
         shutil.copy2(index, target)
@@ -169,8 +188,10 @@ def _write_component(
         )
     state = torch_state_dict(component_params, dtype)
     what = f"exported {component}"
-    if base_files:
-        check_torch_keys(what, state, weights.safetensors_shapes(base_files))
+    if base_files:  # Checked in the base's names; written in ours (transformers 4's).
+        reference = weights.torch_file_shapes(base_files)
+        stored_key = weights.stored_key_rule(component, reference)
+        check_torch_keys(what, {stored_key(k): v for k, v in state.items()}, reference)
     else:
         try:
             reference = torch_reference_shapes(component, target)
@@ -180,7 +201,7 @@ def _write_component(
             check_torch_keys(what, state, reference)
     save_file(
         state,
-        os.path.join(target, weights.TORCH_STEMS[component] + ".safetensors"),
+        os.path.join(target, weights.WEIGHT_FILES[component]["safetensors"]),
         metadata={"format": "pt"},
     )
 
@@ -278,8 +299,8 @@ def export_pipeline(
     component_params = {"unet": params["unet"], "vae": params["vae"], "text_encoder": text_params}
     sources = {}
     for component in weights.COMPONENTS:
-        base_files = _base_safetensors(base_dir, component)
-        if base_files and component not in trained:
+        base_files = _base_files(base_dir, component)
+        if component not in trained and _copyable(component, base_files):
             _copy_component(base_dir, component, output_dir, base_files)
             sources[component] = "copied"
         else:
@@ -296,7 +317,9 @@ def export_pipeline(
 
     tokenizer_dir = os.path.join(output_dir, "tokenizer")
     base_tokenizer = os.path.join(base_dir, "tokenizer") if base_dir else None
-    if base_tokenizer and os.path.isdir(base_tokenizer):
+    # Copied only in transformers 4's layout (vocab.json, merges.txt), which transformers
+    # 4 and 5 both read; a transformers-5 tokenizer.json is written in that layout.
+    if base_tokenizer and os.path.isfile(os.path.join(base_tokenizer, "vocab.json")):
         shutil.copytree(base_tokenizer, tokenizer_dir)
     else:
         _save_base_tokenizer(model.tokenizer, tokenizer_dir, vocab_size)

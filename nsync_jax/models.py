@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from nsync_jax import errors
+
 _DEPRECATION_MARKERS = (
     "Flax classes are deprecated",
     "TensorFlow and JAX classes are deprecated",
@@ -68,9 +70,36 @@ Params = dict[str, Any]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def check_resolution(
+    resolution: int, unet: FlaxUNet2DConditionModel, vae: FlaxAutoencoderKL
+) -> None:
+    """Raises unless the model can take images of side `resolution`.
+
+    Every VAE block but the last halves the side, and so does every UNet down block but
+    the last (each has a downsampler); the UNet's up path doubles it back and joins the
+    skip connections, which fails deep inside the UNet ("Cannot concatenate arrays") when
+    a halving was rounded. So the side must be a multiple of the product of the halvings.
+
+    Raises:
+      errors.ConfigError: naming `model.resolution`, the multiple and the nearest values.
+    """
+    vae_halvings = len(vae.block_out_channels) - 1
+    unet_halvings = len(unet.down_block_types) - 1
+    multiple = 2 ** (vae_halvings + unet_halvings)
+    if resolution > 0 and resolution % multiple == 0:
+        return
+    below = resolution // multiple * multiple
+    nearest = [str(side) for side in (below, below + multiple) if side > 0]
+    raise errors.ConfigError(
+        f"model.resolution={resolution} is not a multiple of {multiple} (the VAE downsamples "
+        f"by {2**vae_halvings}, the UNet by {2**unet_halvings}): nearest valid "
+        f"{' or '.join(nearest)}"
+    )
+
+
 def dtype_from_name(name: str) -> jnp.dtype:
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+        raise errors.ConfigError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 
@@ -248,17 +277,21 @@ def build_tiny(
     """Random-init tiny Stable Diffusion of the real structure, from `model_config.tiny`.
 
     Flax's UNet hard-codes GroupNorm(32), so channel counts are multiples of 32.
+
+    Raises:
+      errors.ConfigError: a channel count, `identity_vae` or `model.resolution` the
+        modules cannot take (checked before any parameter is initialised).
     """
     cfg = model_config.tiny
     compute_dtype = dtype_from_name(model_config.compute_dtype)
     for channels in (*cfg.unet_channels, *cfg.vae_channels):
         if channels % 32:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"model.tiny channel count {channels} is not a multiple of 32 "
                 "(diffusers' Flax UNet and VAE use GroupNorm(32))"
             )
     if cfg.identity_vae and len(cfg.vae_channels) != 1:
-        raise ValueError(
+        raise errors.ConfigError(
             f"model.tiny.identity_vae needs one VAE block (latents at pixel size), got "
             f"vae_channels={tuple(cfg.vae_channels)}"
         )
@@ -289,6 +322,7 @@ def build_tiny(
         sample_size=model_config.resolution,
         dtype=compute_dtype,
     )
+    check_resolution(model_config.resolution, unet, vae)
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.text_hidden,
@@ -337,7 +371,9 @@ def build(
         from nsync_jax import weights  # Loading code lives apart; tiny runs never need it.
 
         return weights.load_pretrained(model_config, shardings_fn)
-    raise ValueError(f"model.source={model_config.source!r}: expected 'tiny' or 'pretrained'")
+    raise errors.ConfigError(
+        f"model.source={model_config.source!r}: expected 'tiny' or 'pretrained'"
+    )
 
 
 def make_scheduler(model: StableDiffusion) -> FlaxDDPMScheduler:

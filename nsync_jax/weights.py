@@ -3,7 +3,10 @@
 A diffusers folder (local, or a hub id fetched with `huggingface_hub.snapshot_download`)
 holds `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/`. The Flax modules are
 built from the components' `config.json`; their weights come from PyTorch `.safetensors`
-files, read with safetensors' NumPy API (no torch at run time), or from Flax `.msgpack`.
+(safetensors' NumPy API), PyTorch `.bin` (`torch_pickle`) or Flax `.msgpack` files, in
+that order, optionally of a variant (`*.fp16.*`): no torch at run time. Folders written
+by transformers 4 and 5 both load: the tokenizer through `clip_tokenizer`, the text
+encoder's keys with or without their `text_model.` prefix (`stored_key_rule`).
 
 PyTorch and Flax name the same tensor differently. One rule, `torch_key`, maps every Flax
 parameter path to its PyTorch state-dict key, and `to_flax_layout` / `to_torch_layout`
@@ -31,7 +34,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import flax.core
@@ -43,7 +46,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import safe_open
 
-from nsync_jax import models
+from nsync_jax import clip_tokenizer, errors, models, torch_pickle
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
@@ -51,17 +54,31 @@ ShardingsFn = Callable[[Params], Any]
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 
-# PyTorch weight file stems per component (diffusers' for UNet/VAE, transformers' for CLIP).
-TORCH_STEMS = {
-    "unet": "diffusion_pytorch_model",
-    "vae": "diffusion_pytorch_model",
-    "text_encoder": "model",
+# Weight file names per component and format, in the order they are looked for: PyTorch
+# safetensors, PyTorch pickle (`torch.save`), Flax msgpack; diffusers' names for the UNet
+# and VAE, transformers' for CLIP.
+WEIGHT_FILES = {
+    "unet": {
+        "safetensors": "diffusion_pytorch_model.safetensors",
+        "bin": "diffusion_pytorch_model.bin",
+        "flax": "diffusion_flax_model.msgpack",
+    },
+    "vae": {
+        "safetensors": "diffusion_pytorch_model.safetensors",
+        "bin": "diffusion_pytorch_model.bin",
+        "flax": "diffusion_flax_model.msgpack",
+    },
+    "text_encoder": {
+        "safetensors": "model.safetensors",
+        "bin": "pytorch_model.bin",
+        "flax": "flax_model.msgpack",
+    },
 }
-FLAX_FILES = {
-    "unet": "diffusion_flax_model.msgpack",
-    "vae": "diffusion_flax_model.msgpack",
-    "text_encoder": "flax_model.msgpack",
-}
+FORMATS = ("safetensors", "bin", "flax")
+TORCH_FORMATS = ("safetensors", "bin")
+# transformers 4 names CLIP text-encoder tensors `text_model.*` (as `torch_key` does);
+# transformers 5 saves them without the prefix.
+TEXT_MODEL_PREFIX = "text_model."
 
 # Flax names the i-th module of a list `<list>_<i>`; PyTorch nests it as `<list>.<i>`.
 # Listed explicitly: `time_embedding.linear_1` keeps its underscore in PyTorch too.
@@ -200,7 +217,7 @@ def _describe(names: list[str], limit: int = 5) -> str:
 
 def mismatch_error(
     source: str, missing: list[str], unexpected: list[str], misshapen: list[str]
-) -> ValueError:
+) -> errors.ConfigError:
     """One error naming (the first few of) each kind of mismatched tensor."""
     problems = []
     if missing:
@@ -209,25 +226,51 @@ def mismatch_error(
         problems.append(f"unexpected {_describe(unexpected)}")
     if misshapen:
         problems.append(f"wrong shape {_describe(misshapen)}")
-    return ValueError(f"{source} does not match the model: " + "; ".join(problems))
+    return errors.ConfigError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+def same_key(key: str) -> str:
+    """The identity: a file that names tensors as `torch_key` does."""
+    return key
+
+
+def _without_text_model_prefix(key: str) -> str:
+    return key.removeprefix(TEXT_MODEL_PREFIX)
+
+
+def stored_key_rule(component: str, keys: Iterable[str]) -> Callable[[str], str]:
+    """How a file holding `keys` names the tensor that `torch_key` names.
+
+    The one place where layouts differ: transformers 5 saves a CLIP text encoder without
+    the `text_model.` prefix (`final_layer_norm.weight` for `torch_key`'s
+    `text_model.final_layer_norm.weight`). Every other file uses `torch_key`'s names.
+    """
+    if component == "text_encoder" and not any(k.startswith(TEXT_MODEL_PREFIX) for k in keys):
+        return _without_text_model_prefix
+    return same_key
 
 
 def match_torch_keys(
-    source: str, expected: Mapping[Path, Any], available: Mapping[str, tuple[int, ...]]
+    source: str,
+    expected: Mapping[Path, Any],
+    available: Mapping[str, tuple[int, ...]],
+    stored_key: Callable[[str], str] = same_key,
 ) -> dict[Path, str]:
     """Maps each expected Flax path to its key among `available` PyTorch tensors.
 
     Args:
       source: what `available` came from, for error messages.
       expected: flat Flax parameters (anything with `.shape`) by path.
-      available: PyTorch tensor shapes by key.
+      available: PyTorch tensor shapes by key, as the file names them.
+      stored_key: the file's name for a `torch_key` name (`stored_key_rule`).
 
     Raises:
-      ValueError: naming the missing, unexpected (buffers aside) and misshapen tensors.
+      errors.ConfigError: naming, with the file's key names, the missing, unexpected
+        (buffers aside) and misshapen tensors.
     """
     found, missing, misshapen, used = {}, [], [], set()
     for path, leaf in expected.items():
-        key = torch_key(path)
+        key = stored_key(torch_key(path))
         if key not in available and _legacy_torch_key(key) in available:
             key = _legacy_torch_key(key)
         if key not in available:
@@ -248,14 +291,29 @@ def match_torch_keys(
 # Weight files.
 
 
-def torch_weight_files(directory: str, component: str, variant: str = "") -> list[str]:
-    """The safetensors file(s) of a component: one file, or the shards its index names."""
-    stem = TORCH_STEMS[component] + (f".{variant}" if variant else "")
-    single = os.path.join(directory, f"{stem}.safetensors")
+def variant_name(name: str, variant: str) -> str:
+    """`name` of weight `variant`, as diffusers and transformers write it.
+
+    The variant goes before the last extension: `model.fp16.safetensors`,
+    `pytorch_model.bin.index.fp16.json`.
+    """
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def weight_files(directory: str, component: str, fmt: str, variant: str = "") -> list[str]:
+    """A component's files in `fmt`: the single file, or the shards its index names.
+
+    Returns [] when the folder has neither.
+    """
+    name = WEIGHT_FILES[component][fmt]
+    single = os.path.join(directory, variant_name(name, variant))
     if os.path.isfile(single):
         return [single]
-    index = single + ".index.json"
-    if os.path.isfile(index):
+    index = os.path.join(directory, variant_name(name + ".index.json", variant))
+    if fmt != "flax" and os.path.isfile(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         return [os.path.join(directory, shard) for shard in shards]
@@ -263,41 +321,53 @@ def torch_weight_files(directory: str, component: str, variant: str = "") -> lis
 
 
 def find_weights(directory: str, component: str, variant: str = "") -> tuple[str, list[str]]:
-    """("torch" | "flax", files) for a component folder; PyTorch safetensors first.
+    """(format, files) of a component folder: the first of `FORMATS` it holds.
+
+    PyTorch safetensors, then PyTorch `.bin` (read without torch: `torch_pickle`), then
+    Flax msgpack; `variant` ("fp16") picks the `*.fp16.*` files of each.
 
     Raises:
-      FileNotFoundError: naming the folder and the file names looked for.
+      errors.NotFound: naming the folder and the file names looked for.
     """
-    files = torch_weight_files(directory, component, variant)
-    if files:
-        return "torch", files
-    flax_file = os.path.join(directory, FLAX_FILES[component])
-    if os.path.isfile(flax_file):
-        return "flax", [flax_file]
-    stem = TORCH_STEMS[component] + (f".{variant}" if variant else "")
-    raise FileNotFoundError(
-        f"no {component} weights in {directory}: looked for {stem}.safetensors (or its "
-        f".index.json) and {FLAX_FILES[component]}; PyTorch .bin files are not read "
-        "(convert them to safetensors)"
+    for fmt in FORMATS:
+        files = weight_files(directory, component, fmt, variant)
+        if files:
+            return fmt, files
+    names = [variant_name(WEIGHT_FILES[component][fmt], variant) for fmt in FORMATS]
+    raise errors.NotFound(
+        f"no {component} weights in {os.path.abspath(directory)}: looked for "
+        f"{', '.join(names)} (and the PyTorch ones' .index.json shards)"
     )
 
 
 @contextlib.contextmanager
-def _open_safetensors(files: list[str]) -> Iterator[dict[str, Any]]:
-    """Key -> open safetensors handle (NumPy framework), over all shards."""
+def open_torch_files(
+    files: list[str],
+) -> Iterator[tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]]:
+    """(shapes by key, read(key)) over all shards of a safetensors or `.bin` checkpoint.
+
+    Shapes come from the safetensors headers or the `.bin` pickles; `read` reads one
+    tensor as NumPy (safetensors' NumPy API, `torch_pickle`): torch is never imported.
+    """
     with contextlib.ExitStack() as stack:
-        handles = {}
+        shapes, readers = {}, {}
         for name in files:
-            handle = stack.enter_context(safe_open(name, framework="np"))
-            for key in handle.keys():
-                handles[key] = handle
-        yield handles
+            if name.endswith(".safetensors"):
+                handle = stack.enter_context(safe_open(name, framework="np"))
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    readers[key] = handle.get_tensor
+            else:
+                checkpoint = stack.enter_context(torch_pickle.TorchFile(name))
+                shapes.update(checkpoint.shapes())
+                readers.update(dict.fromkeys(checkpoint.keys(), checkpoint.read))
+        yield shapes, lambda key: readers[key](key)
 
 
-def safetensors_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from safetensors headers, without reading the tensors."""
-    with _open_safetensors(files) as handles:
-        return {k: tuple(h.get_slice(k).get_shape()) for k, h in handles.items()}
+def torch_file_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a safetensors or `.bin` checkpoint, without reading the tensors."""
+    with open_torch_files(files) as (shapes, _):
+        return shapes
 
 
 def _place(array: np.ndarray, dtype: jnp.dtype, sharding: Any) -> jax.Array:
@@ -328,20 +398,20 @@ def load_component_params(
       variant: weight file variant, e.g. "fp16" for `*.fp16.safetensors`.
 
     Raises:
-      FileNotFoundError: no weight file.
-      ValueError: a missing, unexpected or misshapen tensor (named).
+      errors.NotFound: no weight file.
+      errors.ConfigError: a missing, unexpected or misshapen tensor (named).
     """
     fmt, files = find_weights(directory, component, variant)
     flat_expected = flatten_dict(flax.core.unfreeze(expected))
     flat_shardings = flatten_dict(flax.core.unfreeze(shardings)) if shardings is not None else {}
     source = ", ".join(files)
     flat = {}
-    if fmt == "torch":
-        with _open_safetensors(files) as handles:
-            shapes = {k: tuple(h.get_slice(k).get_shape()) for k, h in handles.items()}
-            keys = match_torch_keys(source, flat_expected, shapes)
+    if fmt in TORCH_FORMATS:
+        with open_torch_files(files) as (shapes, read):
+            stored_key = stored_key_rule(component, shapes)
+            keys = match_torch_keys(source, flat_expected, shapes, stored_key)
             for path, key in keys.items():
-                array = to_flax_layout(path[-1], handles[key].get_tensor(key))
+                array = to_flax_layout(path[-1], read(key))
                 flat[path] = _place(array, param_dtype, flat_shardings.get(path))
     else:
         with open(files[0], "rb") as f:
@@ -366,7 +436,9 @@ def load_component_params(
 
 def _read_json(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found (is this a diffusers pipeline folder?)")
+        raise errors.NotFound(
+            f"{os.path.abspath(path)} not found (is this a diffusers pipeline folder?)"
+        )
     with open(path) as f:
         return json.load(f)
 
@@ -374,14 +446,22 @@ def _read_json(path: str) -> dict[str, Any]:
 def _check_supported(component: str, config: dict[str, Any], path: str) -> None:
     for field, value in _UNSUPPORTED.get(component, {}).items():
         if field in config and config[field] != value:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"{path}: {field}={config[field]!r} is not supported by the Flax "
                 f"{component} (only {value!r})"
             )
 
 
 def load_modules(directory: str, model_config: ml_collections.ConfigDict) -> models.StableDiffusion:
-    """The Flax modules, tokenizer and scheduler config of a local diffusers folder."""
+    """The Flax modules, tokenizer and scheduler config of a local diffusers folder.
+
+    Reads configs and the tokenizer (either layout, `clip_tokenizer.load`), no weights.
+
+    Raises:
+      errors.NotFound: a config file or the tokenizer is missing.
+      errors.ConfigError: a config the Flax classes do not implement, a tokenizer that
+        does not fit the text encoder, or a `model.resolution` the model cannot divide.
+    """
     compute_dtype = models.dtype_from_name(model_config.compute_dtype)
     unet_path = os.path.join(directory, "unet", "config.json")
     unet_config = _read_json(unet_path)
@@ -397,18 +477,21 @@ def load_modules(directory: str, model_config: ml_collections.ConfigDict) -> mod
     vae_config = _read_json(vae_path)
     _check_supported("vae", vae_config, vae_path)
     text_path = os.path.join(directory, "text_encoder", "config.json")
-    _read_json(text_path)  # A clear FileNotFoundError before transformers' own.
+    _read_json(text_path)  # A clear NotFound before transformers' own error.
     text_config = models.CLIPTextConfig.from_pretrained(os.path.dirname(text_path))
-    tokenizer = models.CLIPTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
+    tokenizer = clip_tokenizer.load(os.path.join(directory, "tokenizer"))
     if len(tokenizer) != text_config.vocab_size:
-        raise ValueError(
+        raise errors.ConfigError(
             f"{directory}: tokenizer has {len(tokenizer)} tokens but the text encoder's "
             f"vocab_size is {text_config.vocab_size}"
         )
     scheduler_config = _read_json(os.path.join(directory, "scheduler", "scheduler_config.json"))
+    unet = models.FlaxUNet2DConditionModel.from_config(unet_config, dtype=compute_dtype)
+    vae = models.FlaxAutoencoderKL.from_config(vae_config, dtype=compute_dtype)
+    models.check_resolution(model_config.resolution, unet, vae)
     return models.StableDiffusion(
-        unet=models.FlaxUNet2DConditionModel.from_config(unet_config, dtype=compute_dtype),
-        vae=models.FlaxAutoencoderKL.from_config(vae_config, dtype=compute_dtype),
+        unet=unet,
+        vae=vae,
         text_encoder=models.FlaxCLIPTextModel(text_config, dtype=compute_dtype, _do_init=False),
         tokenizer=tokenizer,
         scheduler_config=scheduler_config,
@@ -439,50 +522,94 @@ def param_shapes(model: models.StableDiffusion, param_dtype: jnp.dtype) -> Param
 # Entry points.
 
 
-def _hub_patterns(variant: str) -> list[str]:
-    suffix = f".{variant}" if variant else ""
-    patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*"]
-    for component in COMPONENTS:
-        stem = f"{component}/{TORCH_STEMS[component]}{suffix}"
-        patterns += [
-            f"{component}/config.json",
-            f"{stem}.safetensors",
-            f"{stem}.safetensors.index.json",
-        ]
-        # Shards of an indexed checkpoint, e.g. model-00001-of-00002.safetensors.
-        patterns.append(f"{component}/{TORCH_STEMS[component]}-*{suffix}.safetensors")
+# Fetched from the hub with the first weights: everything but the weights.
+HUB_CONFIGS = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/*",
+    *(f"{component}/config.json" for component in COMPONENTS),
+)
+HUB_EXAMPLE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def _hub_patterns(components: list[str], fmt: str, variant: str) -> list[str]:
+    """The hub files of `components`' weights in `fmt`: one file, or an index and shards."""
+    patterns = []
+    for component in components:
+        name = WEIGHT_FILES[component][fmt]
+        patterns.append(f"{component}/{variant_name(name, variant)}")
+        if fmt != "flax":
+            stem, ext = name.rsplit(".", 1)
+            variant_stem = f"{stem}.{variant}" if variant else stem
+            patterns += [
+                f"{component}/{variant_name(name + '.index.json', variant)}",
+                f"{component}/{variant_stem}-*-of-*.{ext}",  # model.fp16-00001-of-00002.bin
+            ]
     return patterns
+
+
+def _hub_failure(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def resolve_pretrained(model_config: ml_collections.ConfigDict) -> str:
     """A local folder for `model.pretrained`: the folder itself, or a hub snapshot.
 
-    From the hub only configs, tokenizer and PyTorch safetensors are fetched; a component
-    without safetensors is then fetched as Flax msgpack.
+    A name shaped like a hub id (`owner/name`) goes to the hub unless its first part is a
+    local folder (then it is a mistyped path). From the hub come the configs, the
+    tokenizer and each component's weights in the first of `FORMATS` the repo has
+    (safetensors, then `.bin`, then Flax msgpack): one download per format, for the
+    components still lacking weights.
+
+    Raises:
+      errors.NotFound: no such folder (named as an absolute path) and, for a hub id,
+        the hub's reason it was not found.
     """
-    name = os.path.expanduser(model_config.pretrained)
+    pretrained = model_config.pretrained
+    name = os.path.expanduser(pretrained)
     if os.path.isdir(name):
         return name
+    where = os.path.abspath(name)
     if name.startswith((".", "/")) or name.count("/") != 1:
-        raise FileNotFoundError(
-            f"model.pretrained={model_config.pretrained!r} is neither a folder nor a hub id "
-            "like 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+        raise errors.NotFound(
+            f"model.pretrained={pretrained!r} is neither a folder nor a hub id like "
+            f"{HUB_EXAMPLE!r}: no folder {where}"
+        )
+    parent = name.split("/")[0]
+    if os.path.isdir(parent):
+        raise errors.NotFound(
+            f"model.pretrained={pretrained!r}: no folder {where} (taken as a path, not a hub "
+            f"id, since {os.path.abspath(parent)} exists)"
         )
     import huggingface_hub  # Only hub runs need it.
 
     revision = model_config.revision or None
-    directory = huggingface_hub.snapshot_download(
-        name, revision=revision, allow_patterns=_hub_patterns(model_config.variant)
-    )
-    lacking = [
-        c
-        for c in COMPONENTS
-        if not torch_weight_files(os.path.join(directory, c), c, model_config.variant)
-    ]
-    if lacking:
-        directory = huggingface_hub.snapshot_download(
-            name, revision=revision, allow_patterns=[f"{c}/{FLAX_FILES[c]}" for c in lacking]
-        )
+    variant = model_config.variant
+    directory, lacking = None, list(COMPONENTS)
+    for fmt in FORMATS:
+        patterns = _hub_patterns(lacking, fmt, variant)
+        if directory is None:
+            try:
+                directory = huggingface_hub.snapshot_download(
+                    name, revision=revision, allow_patterns=[*HUB_CONFIGS, *patterns]
+                )
+            # The hub's errors are OSErrors (not found, offline, HTTP) or ValueErrors (an
+            # id it cannot take).
+            except (OSError, ValueError) as e:
+                raise errors.NotFound(
+                    f"model.pretrained={pretrained!r}: no folder {where}, and not found on "
+                    f"the hub: {_hub_failure(e)}"
+                ) from e
+        else:
+            directory = huggingface_hub.snapshot_download(
+                name, revision=revision, allow_patterns=patterns
+            )
+        lacking = [
+            c for c in lacking if not weight_files(os.path.join(directory, c), c, fmt, variant)
+        ]
+        if not lacking:
+            break
     return directory
 
 

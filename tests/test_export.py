@@ -17,6 +17,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+import sd_folders  # noqa: E402  (needs torch)
+
 ATOL = 1e-4
 PROMPT = "a red circle in the style of <s*>"
 
@@ -224,3 +226,32 @@ def test_export_run_restores_the_trained_params_of_a_checkpoint(tiny, tmp_path, 
     other_seed.seed = 1  # Rebuilds different frozen (tiny, random) weights: refused.
     with pytest.raises(ValueError, match="frozen parameters differ"):
         export.export_run(workdir, str(tmp_path / "out2"), config=other_seed)
+
+
+def test_export_of_a_transformers5_base_loads_in_transformers4(tmp_path):
+    """A base saved by transformers 5 (tokenizer.json, keys without `text_model.`) exports
+    in the layout transformers 4 reads: its frozen text encoder and tokenizer are written,
+    not copied."""
+    base = str(tmp_path / "base")
+    torch_models = sd_folders.write_pipeline(base, layout="transformers5")
+    model_config = demo.get_config().model
+    model_config.source, model_config.pretrained = "pretrained", base
+    model, params = weights.load_pretrained(model_config)
+    params = {**params, "unet": _perturb(params["unet"], 3)}
+    output = export.export_pipeline(
+        model, params, str(tmp_path / "out"), scope=scope_lib.UnetScope(), base_dir=base
+    )
+    assert {"vocab.json", "merges.txt"} <= set(os.listdir(os.path.join(output, "tokenizer")))
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert filecmp.cmp(os.path.join(base, vae), os.path.join(output, vae), shallow=False)
+    text_state = load_file(os.path.join(output, "text_encoder", "model.safetensors"))
+    for key, value in torch_models["text_encoder"].state_dict().items():
+        np.testing.assert_array_equal(text_state[key], value.numpy())  # `text_model.` keys.
+
+    _load_checked(transformers.CLIPTextModel, os.path.join(output, "text_encoder"))
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(output)
+    assert pipe.tokenizer.model_max_length == sd_folders.MAX_LENGTH
+    flax_text, torch_text = _text_outputs(
+        model, params["text_encoder"], pipe.text_encoder, pipe.tokenizer
+    )
+    np.testing.assert_allclose(flax_text, torch_text, atol=ATOL, rtol=ATOL)

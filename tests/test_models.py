@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from nsync_jax import models
+from nsync_jax import errors, models
 
 
 @pytest.fixture
@@ -105,3 +105,19 @@ def test_identity_vae_latents_are_the_pixels():
     config.model.tiny.vae_channels = (32, 32)
     with pytest.raises(ValueError, match="identity_vae"):
         models.build_tiny(config.model, jax.random.key(0))
+
+
+@pytest.mark.parametrize(
+    "unet_channels, resolution, message",
+    [
+        ((32, 64), 62, r"model\.resolution=62 is not a multiple of 4 .* 60 or 64"),
+        ((32, 64, 64), 60, r"model\.resolution=60 is not a multiple of 8 .* 56 or 64"),
+        ((32, 64), 2, r"model\.resolution=2 is not a multiple of 4 .* 4$"),
+    ],
+)
+def test_resolution_the_model_cannot_divide_is_refused_at_build(unet_channels, resolution, message):
+    config = demo.get_config().model
+    config.tiny.unet_channels = unet_channels
+    config.resolution = resolution
+    with pytest.raises(errors.ConfigError, match=message):
+        models.build(config, jax.random.key(0))

@@ -8,7 +8,9 @@ with `weights.load_pretrained`, and run on the same inputs in both frameworks.
 import functools
 import json
 import os
+import pickle
 import shutil
+import sys
 
 import flax.serialization
 import jax
@@ -19,96 +21,29 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
 
 from configs import demo
-from nsync_jax import models, sharding, weights
+from nsync_jax import clip_tokenizer, errors, sharding, torch_pickle, weights
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-MAX_LENGTH = 16
-TEXT_HIDDEN = 32
+import sd_folders  # noqa: E402  (needs torch)
+
+MAX_LENGTH = sd_folders.MAX_LENGTH
+TEXT_HIDDEN = sd_folders.TEXT_HIDDEN
 ATOL = 1e-4
-
-
-def _randomize(module, seed):
-    """Random values in every parameter, norms included, so no mapping hides behind 0/1."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return module.eval()
-
-
-def _write_pipeline(root, *, sd2: bool):
-    """A tiny SD1-like (conv proj_in, ε) or SD2-like (linear proj_in, v, head list) folder."""
-    tokenizer_dir = models.write_tiny_tokenizer(os.path.join(root, "tokenizer"), MAX_LENGTH)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=TEXT_HIDDEN,
-        norm_num_groups=32,
-        attention_head_dim=(2, 4) if sd2 else 8,
-        use_linear_projection=sd2,
-        upcast_attention=sd2,
-    )
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-    )
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT_HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_LENGTH,
-            hidden_act="gelu" if sd2 else "quick_gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    seed = 1 if sd2 else 0
-    for i, (name, module) in enumerate(
-        (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))
-    ):
-        _randomize(module, seed * 10 + i).save_pretrained(
-            os.path.join(root, name), safe_serialization=True
-        )
-    if sd2:
-        scheduler = diffusers.DDIMScheduler(prediction_type="v_prediction")
-    else:
-        scheduler = diffusers.PNDMScheduler(skip_prk_steps=True)
-    scheduler.save_pretrained(os.path.join(root, "scheduler"))
-    with open(os.path.join(root, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline"}, f)
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
 
 
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("sd1"))
-    return root, _write_pipeline(root, sd2=False)
+    return root, sd_folders.write_pipeline(root, sd2=False)
 
 
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("sd2"))
-    return root, _write_pipeline(root, sd2=True)
+    return root, sd_folders.write_pipeline(root, sd2=True)
 
 
 def _model_config(directory, param_dtype="float32"):
@@ -350,3 +285,226 @@ def test_torch_key_rule():
     assert weights.torch_key(("conv_norm_out", "scale")) == "conv_norm_out.weight"
     flat = flatten_dict({"a": {"kernel": np.zeros((3, 3, 4, 8))}})
     assert weights.torch_shape("kernel", flat[("a", "kernel")].shape) == (8, 4, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------
+# transformers 5's layout, PyTorch .bin files and weight variants.
+
+
+def _load(root, **overrides):
+    config = _model_config(root)
+    config.update(overrides)
+    return weights.load_pretrained(config)
+
+
+PROMPTS = [
+    "a red circle in the style of painting",
+    "Two BLUE squares, big!",
+    "zebra’s café  at 3pm #style <|endoftext|>",
+]
+
+
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+def test_transformers5_layout_loads_like_transformers4(version, tmp_path, request):
+    root, _ = request.getfixturevalue(version)  # The same weights, transformers 4's layout.
+    sd2 = version == "sd2"
+    t5_root = str(tmp_path / "t5")
+    torch_models = sd_folders.write_pipeline(t5_root, sd2=sd2, layout="transformers5")
+    assert sorted(os.listdir(os.path.join(t5_root, "tokenizer"))) == [
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    t5_keys = load_file(os.path.join(t5_root, "text_encoder", "model.safetensors"))
+    assert "final_layer_norm.weight" in t5_keys
+
+    model, params = _load(t5_root)
+    reference_model, reference = _load(root)
+    jax.tree.map(np.testing.assert_array_equal, params, reference)
+    tokenizer = model.tokenizer
+    assert isinstance(tokenizer, transformers.CLIPTokenizer)  # The slow class, as before.
+    assert tokenizer.model_max_length == MAX_LENGTH
+    assert tokenizer.pad_token == ("!" if sd2 else "<|endoftext|>")
+    np.testing.assert_array_equal(model.tokenize(PROMPTS), reference_model.tokenize(PROMPTS))
+    fast = torch_models["tokenizer"]  # The tokenizer.json itself, read by `tokenizers`.
+    np.testing.assert_array_equal(
+        model.tokenize(PROMPTS),
+        fast(PROMPTS, padding="max_length", max_length=MAX_LENGTH, truncation=True).input_ids,
+    )
+    _check_text(model, params, torch_models["text_encoder"])
+
+
+def test_tokenizer_json_merges_as_strings_and_added_tokens(tmp_path):
+    sd_folders.write_pipeline(str(tmp_path), layout="transformers5")
+    path = tmp_path / "tokenizer" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    reference = clip_tokenizer.load(str(tmp_path / "tokenizer"))
+    data["model"]["merges"] = [" ".join(pair) for pair in data["model"]["merges"]]
+    placeholder = {"id": len(reference), "content": "<s*>", "special": False}
+    data["added_tokens"].append(placeholder)
+    path.write_text(json.dumps(data))
+    tokenizer = clip_tokenizer.load(str(tmp_path / "tokenizer"))
+    assert tokenizer.convert_tokens_to_ids("<s*>") == len(reference)
+    assert tokenizer("a painting")["input_ids"] == reference("a painting")["input_ids"]
+
+    placeholder["id"] += 1  # A gap in the ids: refused, not renumbered.
+    path.write_text(json.dumps(data))
+    with pytest.raises(errors.ConfigError, match=r"<s\*>.*has id"):
+        clip_tokenizer.load(str(tmp_path / "tokenizer"))
+    with pytest.raises(errors.NotFound, match="tokenizer.json"):
+        clip_tokenizer.load(str(tmp_path))
+
+
+def test_transformers5_mismatch_names_the_files_keys(tmp_path, sd1_shapes):
+    sd_folders.write_pipeline(str(tmp_path), layout="transformers5")
+    path = tmp_path / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(path))
+    del tensors["final_layer_norm.weight"]
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=r"missing final_layer_norm\.weight \(1\)$"):
+        weights.load_component_params(
+            str(tmp_path / "text_encoder"), "text_encoder", sd1_shapes["text_encoder"], jnp.float32
+        )
+
+
+def test_bin_files_load_without_torch_equal_to_safetensors(sd1, tmp_path, monkeypatch):
+    root, _ = sd1
+    bin_root = str(tmp_path / "bin")
+    torch_models = sd_folders.write_pipeline(bin_root, safe_serialization=False)
+    assert os.path.isfile(os.path.join(bin_root, "unet", "diffusion_pytorch_model.bin"))
+    # The text encoder sharded, as big hub checkpoints are: an index naming the shards.
+    shutil.rmtree(os.path.join(bin_root, "text_encoder"))
+    torch_models["text_encoder"].save_pretrained(
+        os.path.join(bin_root, "text_encoder"), safe_serialization=False, max_shard_size="20KB"
+    )
+    fmt, files = weights.find_weights(os.path.join(bin_root, "text_encoder"), "text_encoder")
+    assert fmt == "bin" and len(files) > 1
+    shapes = weights.param_shapes(
+        weights.load_modules(bin_root, _model_config(bin_root)), jnp.float32
+    )
+    monkeypatch.setitem(sys.modules, "torch", None)  # Any `import torch` now fails.
+    loaded = {
+        c: weights.load_component_params(os.path.join(bin_root, c), c, shapes[c], jnp.float32)
+        for c in weights.COMPONENTS
+    }
+    monkeypatch.undo()  # transformers' config classes import torch where it is installed.
+    _, reference = _load(root)
+    jax.tree.map(np.testing.assert_array_equal, loaded, reference)
+
+
+def test_fp16_variants_load_from_safetensors_and_bin(sd1, tmp_path):
+    root, _ = sd1
+    _, reference = _load(root)
+    half = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), reference)
+    for safe in (True, False):
+        variant_root = str(tmp_path / f"fp16-{safe}")
+        sd_folders.write_pipeline(variant_root, safe_serialization=safe, variant="fp16")
+        name = "diffusion_pytorch_model.fp16." + ("safetensors" if safe else "bin")
+        assert os.path.isfile(os.path.join(variant_root, "unet", name))
+        _, loaded = _load(variant_root, variant="fp16")
+        jax.tree.map(np.testing.assert_array_equal, loaded, half)
+    with pytest.raises(errors.NotFound, match=r"diffusion_pytorch_model\.safetensors, "):
+        _load(variant_root)  # No plain files: an error, not the fp16 ones.
+
+
+def test_safetensors_are_read_before_bin(sd1, tmp_path):
+    root, _ = sd1
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    torch.save({"garbage": torch.zeros(1)}, copy / "unet" / "diffusion_pytorch_model.bin")
+    fmt, files = weights.find_weights(str(copy / "unet"), "unet")
+    assert fmt == "safetensors"
+    assert files == [str(copy / "unet" / "diffusion_pytorch_model.safetensors")]
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = str(tmp_path / "pytorch_model.bin")
+    torch.save({"weight": torch.zeros(2), "payload": _Exploit(marker)}, path)
+    with pytest.raises(pickle.UnpicklingError, match=r"pytorch_model\.bin: refusing .*system"):
+        torch_pickle.TorchFile(path)
+    assert not marker.exists()
+    torch.save({"weight": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(pickle.UnpicklingError, match="not a zip-format"):
+        torch_pickle.TorchFile(path)
+
+
+def test_torch_pickle_reads_views_dtypes_and_parameters(tmp_path):
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    state = {
+        "transposed": base.t(),  # Strided: shares the storage of `base`.
+        "sliced": base[1:3, 2:],
+        "base": base,
+        "half": torch.randn(3, 2).half(),
+        "bf16": torch.randn(5).bfloat16(),
+        "long": torch.arange(4),
+        "bool": torch.tensor([True, False]),
+        "parameter": torch.nn.Parameter(torch.ones(2, 2)),
+        "nested": {"inner": torch.zeros(1)},
+    }
+    path = str(tmp_path / "state.bin")
+    torch.save(state, path)
+    with torch_pickle.TorchFile(path) as f:
+        assert f.shapes()["transposed"] == (6, 4)
+        for key in ("transposed", "sliced", "base", "half", "long", "bool"):
+            np.testing.assert_array_equal(f.read(key), state[key].numpy())
+            assert f.read(key).dtype == state[key].numpy().dtype
+        np.testing.assert_array_equal(
+            f.read("bf16").astype(np.float32), state["bf16"].float().numpy()
+        )
+        np.testing.assert_array_equal(f.read("parameter"), np.ones((2, 2), np.float32))
+        np.testing.assert_array_equal(f.read("nested.inner"), np.zeros(1, np.float32))
+
+
+# ---------------------------------------------------------------------------------------
+# Paths, hub ids and resolution.
+
+
+def test_mistyped_relative_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("models/sd-tine")
+    with pytest.raises(errors.NotFound, match=f"no folder {tmp_path}/models/sd-tiny .*exists"):
+        weights.resolve_pretrained(_model_config("models/sd-tiny"))
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest.py: the hub says "not found".
+    with pytest.raises(FileNotFoundError) as info:
+        weights.resolve_pretrained(_model_config("owner/sd-tiny"))
+    message = str(info.value)
+    assert f"no folder {tmp_path}/owner/sd-tiny, and not found on the hub: " in message
+    assert "\n" not in message
+
+
+def test_hub_bin_only_components_are_fetched_as_bin(tmp_path, monkeypatch):
+    root = str(tmp_path / "repo")
+    sd_folders.write_pipeline(root, safe_serialization=False, variant="fp16")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision, allow_patterns):
+        calls.append(allow_patterns)
+        return root
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    config = _model_config("org/model")
+    config.variant = "fp16"
+    assert weights.resolve_pretrained(config) == root
+    assert len(calls) == 2  # safetensors (none), then .bin (all): no msgpack fetch.
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in calls[0]
+    assert "tokenizer/*" in calls[0]
+    assert "text_encoder/pytorch_model.fp16.bin" in calls[1]
+    assert "text_encoder/pytorch_model.bin.index.fp16.json" in calls[1]
+    assert "text_encoder/pytorch_model.fp16-*-of-*.bin" in calls[1]
+    assert not any(p.endswith((".safetensors", ".msgpack")) for p in calls[1])
+
+
+def test_resolution_the_model_cannot_divide_is_refused_before_loading(sd1):
+    root, _ = sd1
+    config = _model_config(root)
+    config.resolution = 62  # VAE halves once, UNet once: multiples of 4.
+    with pytest.raises(errors.ConfigError, match=r"model.resolution=62 .*of 4.* 60 or 64"):
+        weights.load_modules(root, config)

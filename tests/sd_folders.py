@@ -1,0 +1,161 @@
+"""Tiny pretrained Stable Diffusion folders, written by PyTorch diffusers and transformers.
+
+`write_pipeline(root)` saves a random-init UNet, VAE, CLIP text encoder, tokenizer and
+scheduler the way `StableDiffusionPipeline.save_pretrained` lays them out, shaped like the
+tiny model `configs/demo.py` builds, so a test can load it as `model.source="pretrained"`
+(resolution 32) and compare with the returned PyTorch modules. Tests import it as
+`import sd_folders` (pytest puts `tests/` on `sys.path`).
+
+Layouts: `"transformers4"` is what transformers 4 writes (tokenizer `vocab.json` +
+`merges.txt`, text encoder keys `text_model.*`); `"transformers5"` what transformers 5
+writes (tokenizer `tokenizer.json` only, text encoder keys without `text_model.`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from nsync_jax import models
+
+MAX_LENGTH = 16
+TEXT_HIDDEN = 32
+LAYOUTS = ("transformers4", "transformers5")
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random values in every parameter, norms included, so no mapping hides behind 0/1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return module.eval()
+
+
+def _write_tokenizer(directory: str, *, sd2: bool, layout: str) -> None:
+    """The tiny CLIP tokenizer; SD 2's pads with "!", SD 1's with `<|endoftext|>`."""
+    models.write_tiny_tokenizer(directory, MAX_LENGTH)
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if sd2:
+        with open(config_path) as f:
+            config = json.load(f)
+        with open(config_path, "w") as f:
+            json.dump({**config, "pad_token": "!"}, f)
+    if layout == "transformers5":
+        # transformers 5 writes the fast tokenizer's file and a config naming the tokens.
+        fast = transformers.CLIPTokenizerFast.from_pretrained(directory)
+        fast.save_pretrained(directory)
+        for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+            os.remove(os.path.join(directory, name))
+        with open(config_path) as f:
+            config = json.load(f)
+        config["tokenizer_class"] = "CLIPTokenizer"
+        config["do_lower_case"] = True
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def _strip_text_model_prefix(directory: str) -> None:
+    """Rewrites the text encoder's safetensors keys as transformers 5 names them."""
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors"):
+            path = os.path.join(directory, name)
+            tensors = load_file(path)
+            renamed = {k.removeprefix("text_model."): v for k, v in tensors.items()}
+            save_file(renamed, path, metadata={"format": "pt"})
+
+
+def write_pipeline(
+    root: str,
+    *,
+    sd2: bool = False,
+    layout: str = "transformers4",
+    safe_serialization: bool = True,
+    variant: str | None = None,
+) -> dict[str, Any]:
+    """Writes a tiny SD1-like or SD2-like diffusers folder at `root`.
+
+    Args:
+      root: the folder to write (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+        `scheduler/`, `model_index.json`).
+      sd2: SD2-like (linear `proj_in`, v-prediction, per-block head dims, GELU text MLP,
+        pad token "!") instead of SD1-like (conv `proj_in`, ε, quick GELU).
+      layout: "transformers4" or "transformers5" (see the module docstring).
+      safe_serialization: `.safetensors` if True, PyTorch pickle `.bin` if False.
+      variant: e.g. "fp16" for `*.fp16.safetensors` / `*.fp16.bin`; "fp16" files hold
+        float16 tensors, as the hub's do (the returned modules stay float32).
+
+    Returns:
+      The float32 PyTorch modules `{"unet", "vae", "text_encoder"}` and the `tokenizer`.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+    if layout == "transformers5" and not safe_serialization:
+        raise ValueError("transformers 5 writes safetensors only")
+    tokenizer_dir = os.path.join(root, "tokenizer")
+    _write_tokenizer(tokenizer_dir, sd2=sd2, layout=layout)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_HIDDEN,
+        norm_num_groups=32,
+        attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
+    )
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_LENGTH,
+            hidden_act="gelu" if sd2 else "quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    seed = 1 if sd2 else 0
+    modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    for i, (name, module) in enumerate(modules.items()):
+        randomize(module, seed * 10 + i)
+        saved = copy.deepcopy(module).half() if variant == "fp16" else module
+        saved.save_pretrained(
+            os.path.join(root, name), safe_serialization=safe_serialization, variant=variant
+        )
+    if layout == "transformers5":
+        _strip_text_model_prefix(os.path.join(root, "text_encoder"))
+    if sd2:
+        scheduler = diffusers.DDIMScheduler(prediction_type="v_prediction")
+    else:
+        scheduler = diffusers.PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+    scheduler.save_pretrained(os.path.join(root, "scheduler"))
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline"}, f)
+    return {**modules, "tokenizer": tokenizer}

@@ -100,8 +100,8 @@ def write_pipeline(
     if layout == "transformers5" and not safe_serialization:
         raise ValueError("transformers 5 writes safetensors only")
     tokenizer_dir = os.path.join(root, "tokenizer")
-    _write_tokenizer(tokenizer_dir, sd2=sd2, layout=layout)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    _write_tokenizer(tokenizer_dir, sd2=sd2, layout="transformers4")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
     unet = diffusers.UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
@@ -143,19 +143,23 @@ def write_pipeline(
     )
     seed = 1 if sd2 else 0
     modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
-    for i, (name, module) in enumerate(modules.items()):
+    for i, module in enumerate(modules.values()):
         randomize(module, seed * 10 + i)
-        saved = copy.deepcopy(module).half() if variant == "fp16" else module
-        saved.save_pretrained(
-            os.path.join(root, name), safe_serialization=safe_serialization, variant=variant
-        )
-    if layout == "transformers5":
-        _strip_text_model_prefix(os.path.join(root, "text_encoder"))
     if sd2:
         scheduler = diffusers.DDIMScheduler(prediction_type="v_prediction")
     else:
         scheduler = diffusers.PNDMScheduler(skip_prk_steps=True, steps_offset=1)
-    scheduler.save_pretrained(os.path.join(root, "scheduler"))
-    with open(os.path.join(root, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline"}, f)
+    saved = {k: copy.deepcopy(m).half() if variant == "fp16" else m for k, m in modules.items()}
+    # What a user's checkpoint is: the pipeline's own save_pretrained, model_index.json and all.
+    diffusers.StableDiffusionPipeline(
+        **saved,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(root, safe_serialization=safe_serialization, variant=variant)
+    if layout == "transformers5":
+        _write_tokenizer(tokenizer_dir, sd2=sd2, layout=layout)
+        _strip_text_model_prefix(os.path.join(root, "text_encoder"))
     return {**modules, "tokenizer": tokenizer}

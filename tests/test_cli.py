@@ -78,7 +78,7 @@ def test_mistakes_end_in_one_line_naming_the_thing(tmp_path, changed_config_work
             },
             "cycle_gan/monet2photo",
         ),
-        "resolution": ("train", {**demo_run, "config.model.resolution": 60}, "model.resolution"),
+        "resolution": ("train", {**demo_run, "config.model.resolution": 62}, "model.resolution"),
         "config field typo": ("train", {**demo_run, "config.data.paht": "x"}, "'paht'"),
         "changed config on resume": (
             "train",

@@ -26,7 +26,9 @@ def _lazy(count, bad=(), prefix="p"):
 
     ids = [f"id-{i}" for i in range(count)]
     names = [f"/data/{i}.png" for i in ids]
-    return LazyExamples(ids, [f"{prefix} {i}" for i in range(count)], names, read, 8, True), calls
+    captions = [f"{prefix} {i}" for i in range(count)]
+    lazy = LazyExamples(ids, captions, names, read, 8, True, identify=lambda rows: {"rows": rows})
+    return lazy, calls
 
 
 def _batches(positives, negatives=None, batch=4, seed=0, index=0, count=1, **kw):

@@ -23,6 +23,7 @@ decoded pixels), the ids and prompts, the global batch size, seed and flipping.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -105,7 +106,7 @@ class PairedBatches:
         The batch of step s is a pure function of (seed, s) and these examples, so this
         plus the step is the iterator's whole position.
         """
-        return {
+        fingerprint = {
             "num_examples": len(self.positives),
             "ids_and_prompts_sha256": sha256_json([list(self.positives.ids), list(self.prompts)]),
             "positives": self.positives.fingerprint(),
@@ -114,6 +115,8 @@ class PairedBatches:
             "seed": self.seed,
             "random_flip": self.random_flip,
         }
+        # As the checkpoint's JSON gives it back (tuples become lists), so they compare.
+        return json.loads(json.dumps(fingerprint))
 
     @property
     def branches(self) -> dict[str, ExampleSet]:

@@ -36,7 +36,7 @@ import numpy as np
 
 from configs import default
 from nsync_jax import checkpoint, negatives, runs, sampling, sharding, style_metrics, train
-from nsync_jax.data import digits, pipeline
+from nsync_jax.data import digits, negatives_store, pipeline
 
 RESOLUTION = 8  # The digits' own size: CPU time grows with the pixel count.
 STYLE_CLASSES = (0, 1, 2, 3, 4)
@@ -347,9 +347,10 @@ def main() -> None:
         ref_scores[f"real {rendering} digits"] = score(
             real.images, real_labels, reference, classifier
         )
-    negs = negatives.load_store(store.path, RESOLUTION)
+    negs = negatives_store.load_store(store.path, RESOLUTION)
+    neg_images = np.stack([negs.image(i) for i in range(len(negs))])
     neg_labels = np.asarray([digits.NAMES.index(c.split()[-1]) for c in negs.captions])
-    ref_scores["negatives (base model)"] = score(negs.images, neg_labels, reference, classifier)
+    ref_scores["negatives (base model)"] = score(neg_images, neg_labels, reference, classifier)
     base_run = runs.load_trained(os.path.join(args.cache, "base"))
     base_sampler = sampling.make_sampler(base, base.sample, base_run.model, base_run.params)
     base_prompts = [digits.caption(d) for d in range(10) for _ in range(args.per_class)]

@@ -2,7 +2,9 @@
 
 One image per training caption (negatives.per_example), prompt "{caption} in the style of
 painting", 50 PNDM steps, guidance 7.5, saved at 256 px. Rerun to resume; the store's
-settings must match. Then train with --config.negatives.source=store and the same path.
+settings must match (they are recorded once the model has loaded). Every positive is
+decoded first: a bad one stops the run, or with --config.data.on_bad_image=skip gets no
+negative. Then train with --config.negatives.source=store and the same path.
 
     python launch/generate_negatives.py --config configs/monet.py \
         --config.negatives.path=/data/monet-negatives
@@ -27,11 +29,13 @@ def main(argv):
     del argv
     result = negatives.generate_store(_CONFIG.value, max_images=_MAX_IMAGES.value)
     logging.info(
-        "negatives store %s: %d generated now, %s (%d images expected)",
+        "negatives store %s: %d generated now, %s (%d images expected; %d positives "
+        "undecodable, skipped)",
         result.path,
         result.generated,
         "complete" if result.complete else "incomplete: rerun to finish",
         result.total,
+        result.bad_positives,
     )
 
 

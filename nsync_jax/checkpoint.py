@@ -20,13 +20,11 @@ nothing falls back to a fresh start or an older step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import signal
 import threading
-import zlib
 from typing import Any
 
 import jax
@@ -213,27 +211,38 @@ def _format_problems(problems: list[str], limit: int = 8) -> str:
 
 
 def data_fingerprint(batches: Any) -> dict[str, Any]:
-    """What identifies the training data of a `pipeline.PairedBatches`.
+    """What identifies the training data: `pipeline.PairedBatches.fingerprint()`.
 
-    The batch of step s is a pure function of (seed, s) and these examples, so this plus
-    the step is the iterator's whole position. A CRC of the images catches a data set
-    whose files changed under the same names.
+    Built from each data set's own identity (file names, sizes and times, dataset
+    versions, the negatives store's manifest; in-memory sets hash their pixels), so no
+    image is decoded for it. The batch of step s is a pure function of (seed, s) and these
+    examples, so this plus the step is the iterator's whole position.
     """
-    ids_and_prompts = hashlib.sha256(
-        json.dumps([batches.positives.ids, batches.prompts]).encode()
-    ).hexdigest()
-    out = {
-        "num_examples": len(batches.positives),
-        "ids_and_prompts_sha256": ids_and_prompts,
-        "positives_crc32": zlib.crc32(np.ascontiguousarray(batches.positives.images)),
-        "negatives_crc32": None,
-        "global_batch_size": batches.global_batch_size,
-        "seed": batches.seed,
-        "random_flip": batches.random_flip,
-    }
-    if batches.negatives is not None:
-        out["negatives_crc32"] = zlib.crc32(np.ascontiguousarray(batches.negatives.images))
-    return out
+    return batches.fingerprint()
+
+
+# Keys only the first format (CRC32 of every decoded image) wrote.
+_OLD_DATA_KEYS = ("positives_crc32", "negatives_crc32")
+
+
+def check_data_fingerprint(saved: dict[str, Any], live: dict[str, Any], where: str) -> None:
+    """Raises `CheckpointError` naming each field in which the training data differ."""
+    if any(key in saved for key in _OLD_DATA_KEYS):
+        raise CheckpointError(
+            f"checkpoint {where} was written by an older version of nsync_jax: its data "
+            "fingerprint format differs (CRCs of decoded images), so this version cannot "
+            "check that the data are the same; resume it with the version that wrote it, "
+            "or start a new workdir"
+        )
+    saved_flat, live_flat = _flatten(saved), _flatten(live)
+    changed = sorted(
+        k for k in set(saved_flat) | set(live_flat) if saved_flat.get(k) != live_flat.get(k)
+    )
+    if changed:
+        raise CheckpointError(
+            f"the training data differ from those of checkpoint {where} in {changed} "
+            "(files changed, added or removed, other captions, or other batch settings)"
+        )
 
 
 # --- Config ---------------------------------------------------------------------------------
@@ -533,11 +542,7 @@ def restore_state(
     """
     where = step_dir(workdir, step)
     saved_data = {k: v for k, v in meta["data"].items() if k != "position"}
-    if saved_data != data:
-        changed = sorted(k for k in set(saved_data) | set(data) if saved_data.get(k) != data.get(k))
-        raise CheckpointError(
-            f"the training data differ from those of checkpoint {where} in {changed}"
-        )
+    check_data_fingerprint(saved_data, data, where)
     if meta["data"]["position"] != step or meta["step"] != step:
         raise CheckpointError(f"checkpoint {where} records step {meta['step']}, not {step}")
     problems = compare_summaries(meta["frozen"], frozen_summary)

@@ -16,8 +16,23 @@ manifest. An interruption leaves at most PNGs without a line (regenerated, ident
 and a partial last line (dropped). Image (id, k)'s noise folds a stable hash of id and k
 into `negatives.seed`, so its pixels do not depend on batching, devices or resumption.
 
-In multi-host runs every process reads the (shared) store, takes its share of the work
-and appends to its own `manifest-<process>.jsonl`; readers take all manifests.
+`settings.json` is written only once the model is built, right before the first image
+(so a failed first try, e.g. a wrong `model.pretrained`, leaves nothing that would refuse
+the corrected command); an existing one is checked before any work.
+
+Each positive is decoded before its negative is made, since a negative of an image that
+cannot be trained on is wasted work and a silent mismatch. With `data.on_bad_image="error"`
+a bad positive stops generation naming its file; with "skip" no negative is made for it
+and its manifest gets a line `{"id", "k", "caption", "prompt", "bad": reason}` with no
+file. The reader (`data/negatives_store.py`) turns that line into a bad image, so training
+with "skip" drops the example like any bad image, while an id with no line at all stays an
+error (an unfinished store). A rerun decodes such positives again and makes their
+negatives if they have been fixed.
+
+In multi-host runs every process reads the (shared) store and decodes the positives still
+to do, takes its share of the work and appends to its own `manifest-<process>.jsonl`;
+readers take all manifests. Reading a store is `data/negatives_store.py`, which imports no
+model code; this module is generation only.
 """
 
 from __future__ import annotations
@@ -28,24 +43,23 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import tqdm
 from flax import traverse_util
 from PIL import Image
 
-from nsync_jax import models, runs, sampling
+from nsync_jax import errors, models, runs, sampling
 from nsync_jax.data import sources
-from nsync_jax.data.examples import Examples, resize_and_crop
+from nsync_jax.data.examples import BadImageError, ExampleSet
+from nsync_jax.data.negatives_store import IMAGES, SETTINGS, image_name, read_manifest
 
-SETTINGS = "settings.json"
-IMAGES = "images"
+__all__ = ["IMAGES", "SETTINGS", "image_name", "read_manifest"]  # The reader's, re-exported.
+
 FORMAT_VERSION = 1
 
 
@@ -53,14 +67,6 @@ def image_seed(example_id: str, k: int) -> int:
     """A stable 32-bit seed for image k of example `example_id` (same across runs/hosts)."""
     digest = hashlib.sha256(f"{example_id}\x00{k}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def image_name(example_id: str, k: int) -> str:
-    """File name of image (id, k); ids with characters unsafe in names get a hash suffix."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", example_id)
-    if safe != example_id:
-        safe += "-" + hashlib.sha256(example_id.encode()).hexdigest()[:8]
-    return f"{safe}_{k}.png"
 
 
 def store_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -109,7 +115,7 @@ def check_settings(path: str, settings: dict[str, Any]) -> None:
         if stored.get(key) != wanted.get(key)
     ]
     if differing:
-        raise ValueError(
+        raise errors.ConfigError(
             f"negatives store {path} was made with other settings; use another "
             "negatives.path or the store's settings. Differences:\n  " + "\n  ".join(differing)
         )
@@ -125,35 +131,6 @@ def _manifest_name(process_index: int) -> str:
     return "manifest.jsonl" if process_index == 0 else f"manifest-{process_index}.jsonl"
 
 
-def _read_manifest_file(path: str, repair: bool) -> list[dict[str, Any]]:
-    """Lines of one manifest; a partial last line (a crash mid-append) is dropped.
-
-    With `repair`, the partial line is also cut from the file so appends start clean.
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    complete = data[: data.rfind(b"\n") + 1]
-    if repair and len(complete) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    entries = []
-    for number, line in enumerate(complete.decode().splitlines(), start=1):
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {number} is not valid JSON: {e}") from e
-    return entries
-
-
-def read_manifest(path: str, repair: bool = False) -> dict[tuple[str, int], dict[str, Any]]:
-    """Finished images of the store at `path`: {(id, k): manifest entry}."""
-    entries: dict[tuple[str, int], dict[str, Any]] = {}
-    for name in sorted(glob.glob(os.path.join(path, "manifest*.jsonl"))):
-        for entry in _read_manifest_file(name, repair):
-            entries[(entry["id"], entry["k"])] = entry  # A repeat is the same image.
-    return entries
-
-
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     """What one `generate_store` call did."""
@@ -161,20 +138,60 @@ class GenerationResult:
     path: str
     generated: int  # Images made by this call (this process).
     total: int  # Images the store should hold (positives × K).
-    complete: bool  # Whether every (id, k) is now in the manifest.
+    complete: bool  # Whether every (id, k) is now in the manifest (made, or bad positive).
+    bad_positives: int = 0  # Positives found undecodable by this call (skipped).
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
     neg = config.negatives
     if not neg.path:
-        raise ValueError("negatives.path is empty: set the store folder to write")
+        raise errors.ConfigError("negatives.path is empty: set the store folder to write")
     if "{caption}" not in neg.prompt_template:
-        raise ValueError(f"negatives.prompt_template {neg.prompt_template!r} has no {{caption}}")
+        raise errors.ConfigError(
+            f"negatives.prompt_template {neg.prompt_template!r} has no {{caption}}"
+        )
     if neg.per_example < 1:
-        raise ValueError(f"negatives.per_example must be >= 1, got {neg.per_example}")
+        raise errors.ConfigError(f"negatives.per_example must be >= 1, got {neg.per_example}")
     if neg.size < 0:
-        raise ValueError(f"negatives.size must be >= 0, got {neg.size}")
+        raise errors.ConfigError(f"negatives.size must be >= 0, got {neg.size}")
     sampling.SamplerSettings.from_config(neg)  # Scheduler, steps and guidance checks.
+
+
+def _decodable(
+    positives: ExampleSet,
+    pending: list[tuple[str, int]],
+    on_bad_image: str,
+    max_images: int | None,
+) -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """(the pending (id, k) whose positive decodes, up to `max_images`; {bad id: reason}).
+
+    Every process decodes the same positives, so all agree on the work to share.
+    """
+    row = {example_id: i for i, example_id in enumerate(positives.ids)}
+    good: list[tuple[str, int]] = []
+    bad: dict[str, str] = {}
+    checked: set[str] = set()
+    for example_id, k in pending:
+        if max_images is not None and len(good) >= max_images:
+            break
+        if example_id not in checked:
+            checked.add(example_id)
+            try:
+                positives.image(row[example_id])
+            except BadImageError as e:
+                if on_bad_image != "skip":
+                    raise
+                bad[example_id] = str(e)
+        if example_id not in bad:
+            good.append((example_id, k))
+    if bad:
+        logging.warning(
+            "negatives: %d positives cannot be decoded (e.g. %s); no negatives are made for "
+            "them (data.on_bad_image='skip'); training skips them",
+            len(bad),
+            next(iter(bad.values())),
+        )
+    return good, bad
 
 
 def generate_store(
@@ -194,64 +211,97 @@ def generate_store(
 
     Returns:
       What was generated and whether the store is complete.
+
+    Raises:
+      errors.ConfigError: bad negatives settings, or a store made with other settings or
+        other captions.
+      BadImageError: a positive cannot be decoded and `data.on_bad_image="error"`.
     """
     _validate(config)
     neg = config.negatives
     path = neg.path
     settings = store_settings(config)
     process, processes = jax.process_index(), jax.process_count()
-    os.makedirs(os.path.join(path, IMAGES), exist_ok=True)
     if os.path.exists(os.path.join(path, SETTINGS)):
         check_settings(path, settings)
-    elif process == 0:
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(settings, f, indent=2)
-
-        _write_atomic(os.path.join(path, SETTINGS), write)
-
+    os.makedirs(os.path.join(path, IMAGES), exist_ok=True)
     if process == 0:
         # Temporaries of an interrupted run. Safe: no process can finish a batch (and
         # write) before every process, this one included, has joined the first.
         for stale in glob.glob(os.path.join(path, IMAGES, "*.tmp-*")):
             os.remove(stale)
-    positives = sources.load_positives(config.data, config.model.resolution)
+    data_config = ml_collections.ConfigDict(config.data.to_dict())
+    data_config.cache_images = False  # Each positive is decoded once, to check it.
+    positives = sources.load_positives(data_config, config.model.resolution)
     done = read_manifest(path, repair=True)
     captions = dict(zip(positives.ids, positives.captions, strict=True))
     prompts = {i: neg.prompt_template.format(caption=c) for i, c in captions.items()}
     for (example_id, k), entry in done.items():
         if example_id in prompts and entry["prompt"] != prompts[example_id]:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"negatives store {path} holds image {example_id!r} k={k} for prompt "
                 f"{entry['prompt']!r}, but the data now gives {prompts[example_id]!r}; "
                 "the captions changed: use a new negatives.path"
             )
     total = len(positives) * neg.per_example
+    # Recorded bad positives are tried again: they may have been fixed since.
     pending = [
         (example_id, k)
         for example_id in positives.ids
         for k in range(neg.per_example)
-        if (example_id, k) not in done
+        if "file" not in done.get((example_id, k), {})
     ]
-    if max_images is not None:
-        pending = pending[: max(0, max_images)]
-    if not pending:
+    todo, bad = _decodable(positives, pending, config.data.on_bad_image, max_images)
+    new_bad = [(i, k) for i, k in pending if i in bad and (i, k) not in done]
+
+    def start_writing() -> None:
+        """Claims the store for these settings and records the bad positives (process 0)."""
+        if process != 0:
+            return
+        if not os.path.exists(os.path.join(path, SETTINGS)):
+
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    json.dump(settings, f, indent=2)
+
+            _write_atomic(os.path.join(path, SETTINGS), write)
+        if new_bad:
+            with open(os.path.join(path, _manifest_name(process)), "a") as f:
+                for example_id, k in new_bad:
+                    entry = {
+                        "id": example_id,
+                        "k": k,
+                        "caption": captions[example_id],
+                        "prompt": prompts[example_id],
+                        "bad": bad[example_id],
+                    }
+                    f.write(json.dumps(entry) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def result(generated: int) -> GenerationResult:
+        done = read_manifest(path)
         complete = all((i, k) in done for i in positives.ids for k in range(neg.per_example))
-        return GenerationResult(path, 0, total, complete)
+        return GenerationResult(path, generated, total, complete, len(bad))
+
+    if not todo:
+        if new_bad:
+            start_writing()
+        return result(0)
 
     # Contiguous equal shares; every process runs the same number of batches.
-    share = -(-len(pending) // processes)
-    mine = pending[process * share : (process + 1) * share]
+    share = -(-len(todo) // processes)
+    mine = todo[process * share : (process + 1) * share]
     logging.info(
         "negatives: %d of %d images to generate into %s (%d here)",
-        len(pending),
+        len(todo),
         total,
         path,
         len(mine),
     )
     model, params = model_and_params or runs.build_base(config)
     sampler = sampling.make_sampler(config, neg, model, params, devices)
+    start_writing()  # The model is built: these settings will make images.
     manifest = open(os.path.join(path, _manifest_name(process)), "a")
     bar = tqdm.tqdm(total=len(mine), unit="img", desc="negatives", disable=process != 0)
     generated, start = 0, time.perf_counter()
@@ -284,60 +334,4 @@ def generate_store(
     finally:
         bar.close()
         manifest.close()
-    done = read_manifest(path)
-    complete = all((i, k) in done for i in positives.ids for k in range(neg.per_example))
-    return GenerationResult(path, generated, total, complete)
-
-
-def _load_png(path: str, resolution: int) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            image.load()  # Decodes now, so a truncated file fails here, named.
-            return resize_and_crop(image, resolution)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"negative image {path} is missing") from e
-    except (OSError, Image.UnidentifiedImageError, SyntaxError) as e:
-        raise ValueError(f"negative image {path} is not a readable PNG: {e}") from e
-
-
-def load_store(
-    path: str, resolution: int, k: int = 0, ids: Sequence[str] | None = None
-) -> Examples:
-    """The store's images number `k` as `Examples` with the positives' ids.
-
-    Image (id, k) becomes example `id`, so `PairedBatches` pairs it with positive `id`.
-    Images are resized and centre-cropped to `resolution` as positives are.
-
-    Args:
-      path: the store folder.
-      resolution: training resolution.
-      k: which of the K images per example (`negatives.pair_k`).
-      ids: the ids to load (e.g. the positives'); all of the store's by default.
-
-    Raises:
-      FileNotFoundError: no store at `path`, or an image file is missing.
-      KeyError: an id in `ids` has no image k.
-      ValueError: a PNG cannot be decoded, or `k` is out of the store's range.
-    """
-    if not os.path.exists(os.path.join(path, SETTINGS)):
-        raise FileNotFoundError(
-            f"no negatives store at {path!r} (no {SETTINGS}); make one with "
-            "launch/generate_negatives.py"
-        )
-    with open(os.path.join(path, SETTINGS)) as f:
-        per_example = json.load(f)["per_example"]
-    if not 0 <= k < per_example:
-        raise ValueError(f"negatives.pair_k={k} but the store at {path} has {per_example} per id")
-    entries = {i: e for (i, kk), e in read_manifest(path).items() if kk == k}
-    if ids is None:
-        ids = sorted(entries)
-    if not ids:
-        raise ValueError(f"negatives store {path} holds no images")
-    missing = [i for i in ids if i not in entries]
-    if missing:
-        raise KeyError(
-            f"negatives store {path} has no image k={k} for example {missing[0]!r} "
-            f"({len(missing)} missing); finish it with launch/generate_negatives.py"
-        )
-    images = np.stack([_load_png(os.path.join(path, entries[i]["file"]), resolution) for i in ids])
-    return Examples(tuple(ids), images, tuple(entries[i]["caption"] for i in ids))
+    return result(generated)

@@ -528,3 +528,67 @@ def test_orbax_info_lines_are_dropped_but_its_warnings_kept():
     assert not absl_logger.filter(record(logging.INFO, orbax_file))
     assert absl_logger.filter(record(logging.WARNING, orbax_file))
     assert absl_logger.filter(record(logging.INFO, "/repo/nsync_jax/train.py"))
+
+
+# --- The data fingerprint ------------------------------------------------------------------
+
+
+def _save_with_data(workdir, state, config, data):
+    with checkpoint.make_manager(str(workdir)) as manager:
+        frozen = checkpoint.tree_summary(state.frozen)
+        checkpoint.save(manager, state, jax.random.key(0), config, frozen, data)
+        manager.wait_until_finished()
+
+
+def test_old_data_fingerprint_format_is_refused_clearly(tmp_path):
+    config = _config()
+    old = {**_DATA, "positives_crc32": 123, "negatives_crc32": None}  # Before fingerprint().
+    _save_with_data(tmp_path, _make_state(config), config, old)
+    with pytest.raises(checkpoint.CheckpointError, match="older version.*format differs"):
+        _restore(tmp_path, _make_state(config), config)
+
+
+def test_changed_nested_data_fingerprint_names_the_field(tmp_path):
+    config = _config()
+    saved = {**_DATA, "positives": {"source": {"kind": "folder", "bytes": 10}}}
+    _save_with_data(tmp_path, _make_state(config), config, saved)
+    changed = {**_DATA, "positives": {"source": {"kind": "folder", "bytes": 11}}}
+    with pytest.raises(checkpoint.CheckpointError, match=r"\['positives\.source\.bytes'\]"):
+        _restore(tmp_path, _make_state(config), config, data=changed)
+
+
+def _image_folder(root, count=8):
+    """`count` small captioned paintings in a folder with metadata.jsonl."""
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(root / f"{i}.png")
+        lines.append(f'{{"file_name": "{i}.png", "text": "painting {i}"}}')
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_loop_on_a_folder_resumes_and_refuses_changed_files(tmp_path, caplog):
+    # The headline command's set-up: finetune on a folder of images (read lazily).
+    data_dir = tmp_path / "paintings"
+    _image_folder(data_dir)
+    overrides = {
+        "train.mode": "finetune",
+        "data.source": "folder",
+        "data.path": str(data_dir),
+        "train.num_steps": 2,
+        "checkpoint.every": 2,
+    }
+    workdir = tmp_path / "run"
+    train_lib.train(_demo_config(**overrides), str(workdir))
+    assert checkpoint.saved_steps(workdir) == [2]
+    meta = checkpoint.load_metadata(str(workdir), 2)
+    assert meta["data"]["positives"]["source"]["kind"] == "folder"
+    with caplog.at_level("INFO"):
+        state = train_lib.train(_demo_config(**{**overrides, "train.num_steps": 3}), str(workdir))
+    assert "resuming from step 2" in caplog.text and int(state.step) == 3
+    os.utime(data_dir / "5.png", ns=(1, 10**18))  # Touched: the data may have changed.
+    with pytest.raises(checkpoint.CheckpointError, match=r"positives\.source"):
+        train_lib.train(_demo_config(**{**overrides, "train.num_steps": 4}), str(workdir))

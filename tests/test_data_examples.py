@@ -1,10 +1,17 @@
 """Tests of nsync_jax/data/examples.py: example sets, lazy reads and preprocessing."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from nsync_jax.data import examples as ex
+
+
+def _rows(rows):
+    return {"rows": list(rows)}
 
 
 def _lazy(count=4, bad=(), cache=True, size=(40, 24)):
@@ -17,7 +24,8 @@ def _lazy(count=4, bad=(), cache=True, size=(40, 24)):
         return np.full((size[1], size[0], 3), i * 10, np.uint8)
 
     ids = [f"img-{i}" for i in range(count)]
-    lazy = ex.LazyExamples(ids, ["a cat"] * count, [f"/d/{i}.jpg" for i in ids], read, 16, cache)
+    names = [f"/d/{i}.jpg" for i in ids]
+    lazy = ex.LazyExamples(ids, ["a cat"] * count, names, read, 16, cache, identify=_rows)
     return lazy, calls
 
 
@@ -73,7 +81,7 @@ def test_bad_image_error_names_id_and_file():
 def test_grayscale_and_rgba_arrays_become_rgb():
     ids = ["g", "r"]
     arrays = [np.full((8, 8, 1), 7, np.uint8), np.full((8, 8, 4), 9, np.uint8)]
-    lazy = ex.LazyExamples(ids, ["x", "y"], ids, lambda i: arrays[i], 8, False)
+    lazy = ex.LazyExamples(ids, ["x", "y"], ids, lambda i: arrays[i], 8, False, identify=_rows)
     assert lazy.image(0).shape == (8, 8, 3) and lazy.image(0).max() == 7
     assert lazy.image(1).shape == (8, 8, 3) and lazy.image(1).max() == 9
 
@@ -87,3 +95,53 @@ def test_resize_and_crop_shorter_side_centre_bicubic():
     assert out[:, 2:14].min() > 200  # Centre is the white band.
     reference = Image.fromarray(array).resize((32, 16), Image.Resampling.BICUBIC)
     np.testing.assert_array_equal(out, np.asarray(reference)[:, 8:24])
+
+
+def test_in_memory_fingerprint_hashes_pixels_ids_and_captions():
+    images = np.arange(3, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    e = ex.Examples(("a", "b", "c"), images, ("1", "2", "3"))
+    same = ex.Examples(("a", "b", "c"), images.copy(), ("1", "2", "3"))
+    assert e.fingerprint() == same.fingerprint()
+    json.dumps(e.fingerprint())  # Goes into a checkpoint's JSON metadata.
+    touched = images.copy()
+    touched[1, 0, 0, 0] += 1
+    assert ex.Examples(("a", "b", "c"), touched, ("1", "2", "3")).fingerprint() != e.fingerprint()
+    assert ex.Examples(("a", "b", "c"), images, ("1", "2", "x")).fingerprint() != e.fingerprint()
+    assert e.select(["a", "b"]).fingerprint() != e.fingerprint()
+
+
+def test_lazy_fingerprint_decodes_nothing_and_reflects_a_selection():
+    lazy, calls = _lazy()
+    fingerprint = lazy.fingerprint()
+    assert calls == [] and lazy.reads == 0
+    assert fingerprint["source"] == {"rows": [0, 1, 2, 3]}
+    assert fingerprint == _lazy()[0].fingerprint()
+    view = lazy.select(["img-3", "img-1"])
+    assert view.fingerprint()["source"] == {"rows": [3, 1]}
+    assert view.fingerprint()["ids_and_captions_sha256"] != fingerprint["ids_and_captions_sha256"]
+    assert calls == []
+
+
+def test_file_stats_change_with_size_mtime_and_names(tmp_path):
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for path in paths:
+        path.write_bytes(b"12345")
+    names = ["a.png", "b.png"]
+    stats = ex.file_stats(names, [str(p) for p in paths])
+    assert stats["num_files"] == 2 and stats["bytes"] == 10
+    assert ex.file_stats(names, [str(p) for p in paths]) == stats
+    os.utime(paths[1], ns=(1, 10**18))  # Touched: same bytes, other time.
+    assert ex.file_stats(names, [str(p) for p in paths]) != stats
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        ex.file_stats(["gone.png"], [str(tmp_path / "gone.png")])
+
+
+def test_image_sequence_decodes_on_access():
+    lazy, calls = _lazy(cache=False)
+    images = ex.ImageSequence(lazy)
+    assert len(images) == 4 and calls == []
+    assert images[1][0, 0, 0] == 10 and calls == [1]
+    assert [im[0, 0, 0] for im in images[2:4]] == [20, 30] and calls == [1, 2, 3]
+    assert images[-1][0, 0, 0] == 30
+    with pytest.raises(IndexError):
+        images[4]

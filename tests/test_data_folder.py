@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -101,3 +102,45 @@ def test_bad_path_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no images"):
         folder.folder_examples(_config(tmp_path / "empty"), 8)
+
+
+def test_without_metadata_warns_how_to_add_captions(tmp_path, caplog):
+    _write_folder(tmp_path, metadata=False)
+    with caplog.at_level(logging.WARNING):
+        folder.folder_examples(_config(tmp_path), 8)
+    warning = next(r for r in caplog.records if "metadata.jsonl" in r.getMessage())
+    assert warning.levelno == logging.WARNING
+    assert "uncaptioned" in warning.getMessage() and '"file_name"' in warning.getMessage()
+
+
+def test_fingerprint_reads_no_image_and_sees_file_and_caption_changes(tmp_path):
+    _write_folder(tmp_path)
+    examples = folder.folder_examples(_config(tmp_path), 16)
+    fingerprint = examples.fingerprint()
+    assert examples.reads == 0
+    assert fingerprint["source"]["kind"] == "folder"
+    assert folder.folder_examples(_config(tmp_path), 16).fingerprint() == fingerprint
+    # Touched (same bytes, other time).
+    os.utime(tmp_path / "a.png", ns=(1, 10**18))
+    touched = folder.folder_examples(_config(tmp_path), 16).fingerprint()
+    assert touched != fingerprint
+    # Rewritten with other pixels.
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "b.jpg")
+    rewritten = folder.folder_examples(_config(tmp_path), 16).fingerprint()
+    assert rewritten != touched
+    # A caption changed in metadata.jsonl.
+    metadata = tmp_path / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace("caption of a.png", "a harbour"))
+    recaptioned = folder.folder_examples(_config(tmp_path), 16).fingerprint()
+    assert recaptioned["ids_and_captions_sha256"] != rewritten["ids_and_captions_sha256"]
+    assert recaptioned["source"] == rewritten["source"]
+
+
+def test_fingerprint_sees_an_image_added_or_removed(tmp_path):
+    _write_folder(tmp_path, metadata=False)
+    before = folder.folder_examples(_config(tmp_path), 8).fingerprint()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "d.png")
+    added = folder.folder_examples(_config(tmp_path), 8).fingerprint()
+    assert added != before and added["num_examples"] == 4
+    os.remove(tmp_path / "d.png")
+    assert folder.folder_examples(_config(tmp_path), 8).fingerprint() == before

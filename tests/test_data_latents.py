@@ -31,7 +31,7 @@ def _lazy(count, bad=(), calls=None):
         return image
 
     ids = [f"x{i}" for i in range(count)]
-    return LazyExamples(ids, ["c"] * count, ids, read, 4, True)
+    return LazyExamples(ids, ["c"] * count, ids, read, 4, True, identify=lambda rows: {})
 
 
 def test_cache_holds_both_flips_of_every_example():

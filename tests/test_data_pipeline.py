@@ -1,5 +1,6 @@
 """Tests of nsync_jax/data/pipeline.py: determinism, per-host slices, pairing, bad images."""
 
+import json
 import logging
 
 import numpy as np
@@ -26,7 +27,9 @@ def _lazy(count, bad=(), prefix="p"):
 
     ids = [f"id-{i}" for i in range(count)]
     names = [f"/data/{i}.png" for i in ids]
-    return LazyExamples(ids, [f"{prefix} {i}" for i in range(count)], names, read, 8, True), calls
+    captions = [f"{prefix} {i}" for i in range(count)]
+    lazy = LazyExamples(ids, captions, names, read, 8, True, identify=lambda rows: {"rows": rows})
+    return lazy, calls
 
 
 def _batches(positives, negatives=None, batch=4, seed=0, index=0, count=1, **kw):
@@ -159,3 +162,18 @@ def test_latents_replace_pixels_with_flip_selected_moments():
     flips = batches._flips(8, 4, 0)
     np.testing.assert_array_equal(out["latent_mean"][:, 0], rows * 2 + flips)
     np.testing.assert_array_equal(out["latent_std"], out["latent_mean"] + 100)
+
+
+def test_fingerprint_combines_both_branches_without_reading():
+    positives, calls = _lazy(6)
+    negatives, negative_calls = _lazy(6, prefix="n")
+    batches = _batches(positives, negatives)
+    fingerprint = batches.fingerprint()
+    assert calls == negative_calls == []
+    assert json.loads(json.dumps(fingerprint)) == fingerprint  # As a checkpoint reads it back.
+    assert fingerprint["positives"]["source"] == {"rows": [0, 1, 2, 3, 4, 5]}
+    assert fingerprint["negatives"]["source"] == {"rows": [0, 1, 2, 3, 4, 5]}
+    assert fingerprint == _batches(positives, negatives).fingerprint()
+    assert _batches(positives).fingerprint()["negatives"] is None
+    for other in (_batches(positives, negatives, seed=1), _batches(positives, negatives, batch=2)):
+        assert other.fingerprint() != fingerprint

@@ -1,6 +1,9 @@
 """Tests of nsync_jax/data/sources.py: choosing positives and negatives by config."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -52,3 +55,17 @@ def test_unknown_sources_are_named():
     config.data.source = "tfds"
     with pytest.raises(ValueError, match="pairs only with data.source='demo'"):
         sources.load_negatives(config.negatives, config.data, 8)
+
+
+def test_reading_data_imports_no_model_or_sampling_code():
+    # The negatives store reader lives in data/; generation (models, sampling) imports it,
+    # not the other way round, so there is no cycle through data/sources.py.
+    code = (
+        "import sys, nsync_jax.data.sources\n"
+        "bad = [m for m in ('nsync_jax.negatives', 'nsync_jax.sampling', 'nsync_jax.models')"
+        " if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "assert 'nsync_jax.data.negatives_store' in sys.modules\n"  # No lazy import needed.
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=repo)

@@ -128,3 +128,24 @@ def test_corrupt_record_is_named():
 def test_unprepared_dataset_says_how_to_prepare(tmp_path):
     with pytest.raises(FileNotFoundError, match="tfds build cycle_gan/monet2photo"):
         tfds_source.tfds_examples(_config(tfds_data_dir=str(tmp_path)), 8)
+
+
+def test_fingerprint_names_dataset_version_split_and_count_without_decoding():
+    with tfds.testing.mock_data(num_examples=4):
+        examples = tfds_source.tfds_examples(_config(), 8)
+        fingerprint = examples.fingerprint()
+        assert examples.reads == 0
+        assert tfds_source.tfds_examples(_config(), 8).fingerprint() == fingerprint
+        other_split = tfds_source.tfds_examples(_config(split="testA"), 8).fingerprint()
+        view = examples.select(["trainA-00003", "trainA-00001"]).fingerprint()
+    source = fingerprint["source"]
+    assert (source["name"], source["config"], source["split"]) == (
+        "cycle_gan",
+        "monet2photo",
+        "trainA",
+    )
+    assert source["num_records"] == 4 and source["version"]
+    assert other_split["source"]["split"] == "testA" and other_split != fingerprint
+    assert view["source"]["rows_sha256"] != source["rows_sha256"]
+    with tfds.testing.mock_data(num_examples=5):
+        assert tfds_source.tfds_examples(_config(), 8).fingerprint() != fingerprint

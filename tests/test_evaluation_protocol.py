@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.numpy import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -139,3 +140,23 @@ def test_load_model_of_a_textual_inversion_export(tmp_path, tiny_sd):
     np.testing.assert_array_equal(under_test.model.tokenize(prompt), model.tokenize(prompt))
     with pytest.raises(ValueError, match="--step needs --workdir"):
         protocol.load_model(config, step=3)
+
+
+def test_evaluate_reads_a_lazy_folder_split(tmp_path):
+    # Real images from a folder source are decoded on demand, never held as one array.
+    data_dir = tmp_path / "paintings"
+    data_dir.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, caption in enumerate(["a red circle", "a blue square", "a green star"]):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(data_dir / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (data_dir / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    config = _cheap_config(_tiny_clip(tmp_path / "clip"))
+    config.data.source, config.data.path = "folder", str(data_dir)
+    examples = protocol.split_examples(config, "test")
+    assert examples.reads == 0 and not hasattr(examples, "images")
+    out = tmp_path / "eval"
+    report = protocol.evaluate(config, str(out), "test")
+    assert report["n_real"] == 3 and report["n_generated"] == 3
+    assert np.isfinite(report["cmmd"]) and (out / protocol.GRID_FILE).stat().st_size > 0

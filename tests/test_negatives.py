@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import ml_collections
 import numpy as np
@@ -10,7 +11,8 @@ from PIL import Image
 
 from configs import demo
 from nsync_jax import negatives, runs
-from nsync_jax.data import pipeline, sources
+from nsync_jax.data import negatives_store, pipeline, sources
+from nsync_jax.data.examples import BadImageError
 
 COUNT = 5  # Demo examples; with K=2, ten images: two batches of eight on eight devices.
 K = 2
@@ -140,7 +142,7 @@ def test_store_pairs_with_positives_by_id(full_store):
     negs = sources.load_negatives(config.negatives, config.data, 32)
     assert negs.ids == positives.ids and negs.captions == positives.captions
     expected = _pixels(full_store)[negatives.image_name(positives.ids[2], 1)]
-    np.testing.assert_array_equal(negs.images[2], expected)
+    np.testing.assert_array_equal(negs.image(2), expected)
     batches = pipeline.PairedBatches(
         positives,
         negs,
@@ -154,16 +156,17 @@ def test_store_pairs_with_positives_by_id(full_store):
     batch = batches.batch(0)
     assert batch["negative"]["pixels"].shape == batch["positive"]["pixels"].shape == (4, 3, 32, 32)
     # Resized like positives when the training resolution differs.
-    assert negatives.load_store(full_store, 16).images.shape == (COUNT, 16, 16, 3)
+    small = negatives_store.load_store(full_store, 16)
+    assert len(small) == COUNT and small.image(COUNT - 1).shape == (16, 16, 3)
 
 
 def test_store_errors_name_what_is_wrong(full_store, tmp_path):
     with pytest.raises(FileNotFoundError, match="no negatives store"):
-        negatives.load_store(str(tmp_path / "nowhere"), 32)
+        negatives_store.load_store(str(tmp_path / "nowhere"), 32)
     with pytest.raises(ValueError, match="pair_k=2"):
-        negatives.load_store(full_store, 32, k=2)
+        negatives_store.load_store(full_store, 32, k=2)
     with pytest.raises(KeyError, match="demo-99999"):
-        negatives.load_store(full_store, 32, ids=["demo-00000", "demo-99999"])
+        negatives_store.load_store(full_store, 32, ids=["demo-00000", "demo-99999"])
     # A store missing one positive's image fails at pairing, naming the id.
     broken = tmp_path / "broken"
     os.makedirs(broken)
@@ -176,18 +179,23 @@ def test_store_errors_name_what_is_wrong(full_store, tmp_path):
     negs = sources.load_negatives(config.negatives, config.data, 32)
     with pytest.raises(KeyError, match="demo-00003"):
         pipeline.PairedBatches(positives, negs, _no_tokens, "{caption}", "<s>", 2, 0, False)
-    # A corrupt or missing PNG is named.
+    # A corrupt PNG is named when read (a BadImageError: on_bad_image applies), a missing
+    # one when the store is opened.
     corrupt = tmp_path / "corrupt"
     os.makedirs(corrupt / negatives.IMAGES)
     os.symlink(os.path.join(full_store, negatives.SETTINGS), corrupt / negatives.SETTINGS)
     entry = _manifest_lines(full_store)[0]
     (corrupt / "manifest.jsonl").write_text(json.dumps(entry) + "\n")
     (corrupt / entry["file"]).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    lazy = negatives_store.load_store(str(corrupt), 32)
     with pytest.raises(ValueError, match=entry["file"]):
-        negatives.load_store(str(corrupt), 32)
+        lazy.image(0)
     os.remove(corrupt / entry["file"])
     with pytest.raises(FileNotFoundError, match=entry["file"]):
-        negatives.load_store(str(corrupt), 32)
+        negatives_store.load_store(str(corrupt), 32)
+    skipped = negatives_store.load_store(str(corrupt), 32, on_bad_image="skip")
+    with pytest.raises(BadImageError, match=entry["file"]):
+        skipped.image(0)
 
 
 def test_config_is_validated(tmp_path):
@@ -205,3 +213,93 @@ def test_settings_record_pretrained_source():
     settings = negatives.store_settings(config)
     assert settings["model"]["pretrained"] == config.model.pretrained
     assert "tiny" not in settings["model"]
+
+
+def test_failed_model_build_leaves_no_settings_and_the_fix_runs(base, tmp_path):
+    wrong = _config(tmp_path)
+    wrong.model.source = "pretrained"
+    wrong.model.pretrained = str(tmp_path / "no-such-model")
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        negatives.generate_store(wrong)
+    assert not (tmp_path / negatives.SETTINGS).exists()
+    fixed = negatives.generate_store(_config(tmp_path), max_images=1, model_and_params=base)
+    assert fixed.generated == 1 and (tmp_path / negatives.SETTINGS).exists()
+    # A store with settings is still checked before any work.
+    with pytest.raises(ValueError, match="num_steps: store has 2, config has 3"):
+        negatives.generate_store(_config(tmp_path, num_steps=3))
+
+
+def _folder_with_a_bad_image(root):
+    """Three readable paintings and `bad.png`, all captioned in metadata.jsonl."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    names = ["a.png", "b.png", "bad.png", "c.png"]
+    for name in names:
+        if name == "bad.png":
+            (root / name).write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+        else:
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(root / name)
+    lines = [json.dumps({"file_name": n, "text": f"a painting of {n[0]}"}) for n in names]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _folder_config(data_dir, store, on_bad_image):
+    config = _config(store, per_example=1)
+    config.data.source, config.data.path = "folder", str(data_dir)
+    config.data.on_bad_image = on_bad_image
+    return config
+
+
+def test_bad_positive_stops_generation_or_is_skipped_and_training_skips_it(base, tmp_path):
+    data_dir, store = tmp_path / "data", tmp_path / "store"
+    _folder_with_a_bad_image(data_dir)
+    with pytest.raises(BadImageError, match="bad.png"):
+        negatives.generate_store(_folder_config(data_dir, store, "error"), model_and_params=base)
+    assert not (store / negatives.SETTINGS).exists()
+
+    config = _folder_config(data_dir, store, "skip")
+    result = negatives.generate_store(config, model_and_params=base)
+    assert (result.generated, result.bad_positives, result.complete) == (3, 1, True)
+    bad_line = next(e for e in _manifest_lines(store) if e["id"] == "bad.png")
+    assert "file" not in bad_line and "bad.png" in bad_line["bad"]
+    again = negatives.generate_store(config)  # Still bad: nothing new, no model needed.
+    assert (again.generated, again.complete) == (0, True)
+    assert len(_manifest_lines(store)) == 4
+
+    # Training: the bad positive and its absent negative are skipped as one bad example.
+    config.negatives.source = "store"
+    positives = sources.load_positives(config.data, 32)
+    negs = sources.load_negatives(config.negatives, config.data, 32)
+    with pytest.raises(BadImageError, match="could not be decoded when the store was made"):
+        negs.select(["bad.png"]).image(0)
+    batches = pipeline.PairedBatches(
+        positives, negs, _no_tokens, "{caption}", "<s>", 8, 0, False, on_bad_image="skip"
+    )
+    batch = batches.batch(0)
+    assert batch["negative"]["pixels"].shape == (8, 3, 32, 32)
+    assert batches.bad == {positives.ids.index("bad.png")}
+    strict = pipeline.PairedBatches(positives, negs, _no_tokens, "{caption}", "<s>", 8, 0, False)
+    with pytest.raises(BadImageError, match="bad.png"):
+        strict.batch(0)
+
+    # Fixed later: a rerun makes its negative, and the image beats the bad line.
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(data_dir / "bad.png")
+    fixed = negatives.generate_store(config, model_and_params=base)
+    assert (fixed.generated, fixed.bad_positives) == (1, 0)
+    repaired = negatives_store.load_store(str(store), 32)
+    assert repaired.select(["bad.png"]).image(0).shape == (32, 32, 3)
+
+
+def test_store_fingerprint_reads_no_png_and_sees_changes(full_store, tmp_path):
+    store = tmp_path / "copy"
+    shutil.copytree(full_store, store)
+    negs = negatives_store.load_store(str(store), 32, k=1)
+    fingerprint = negs.fingerprint()
+    assert negs.reads == 0 and fingerprint["source"]["num_files"] == COUNT
+    assert negatives_store.load_store(str(store), 32, k=1).fingerprint() == fingerprint
+    assert negatives_store.load_store(str(store), 32, k=0).fingerprint() != fingerprint
+    view = negs.select(negs.ids[:2]).fingerprint()
+    assert view["source"]["num_files"] == 2
+    first = store / negatives.IMAGES / negatives.image_name(negs.ids[0], 1)
+    os.utime(first, ns=(1, 10**18))
+    assert negatives_store.load_store(str(store), 32, k=1).fingerprint() != fingerprint

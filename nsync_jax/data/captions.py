@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import ml_collections
 
+from nsync_jax import errors
+
 
 def read_jsonl_objects(path: str, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; errors name the file and line."""
@@ -38,7 +40,7 @@ def read_jsonl_objects(path: str, lines: Iterable[str]) -> Iterator[tuple[int, d
 def read_captions_file(path: str) -> dict[str, str]:
     """`{example id: caption}` from a JSON or JSONL file; errors name the file and line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.captions_file {path!r} does not exist")
+        raise errors.NotFound(f"data.captions_file {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".jsonl"):
@@ -103,7 +105,7 @@ def resolve_captions(
         logging.info("captions: %d from %s", len(ids), origin)
         return tuple(found)
     if not template.strip():
-        raise ValueError("data.caption_template is empty but some examples need it")
+        raise errors.ConfigError("data.caption_template is empty but some examples need it")
     if len(missing) == len(ids) and from_file is None:
         logging.warning(
             "captions: %s has none for its %d examples; every example uses the template "
@@ -113,7 +115,7 @@ def resolve_captions(
             template,
         )
     elif not data_config.caption_fallback:
-        raise ValueError(
+        raise errors.ConfigError(
             f"example {missing[0]!r} has no caption in {origin} ({len(missing)} of "
             f"{len(ids)} missing); add them, or set data.caption_fallback=True to use "
             f"data.caption_template={template!r} for those"

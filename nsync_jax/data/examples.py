@@ -2,19 +2,30 @@
 (`LazyExamples`), and the shared preprocessing.
 
 Both kinds answer the same questions: `ids`, `captions`, `len()`, `image(i)` (uint8 HWC at
-training resolution), `name(i)` (what to print when image i is bad) and `select(ids)`.
-The batch iterator (`pipeline.PairedBatches`) only ever asks for the rows a host needs, so
-a lazy set decodes only those images.
+training resolution), `name(i)` (what to print when image i is bad), `select(ids)` and
+`fingerprint()`. The batch iterator (`pipeline.PairedBatches`) only ever asks for the rows a
+host needs, so a lazy set decodes only those images.
+
+`fingerprint()` identifies a set without decoding it, for checkpoints to refuse a resume on
+other data: an in-memory set hashes its arrays (they are in memory already); a lazy set
+hashes its ids and captions and asks its source what identifies the rows it holds (file
+sizes and modification times, a TFDS dataset's version and record count), so 1072
+paintings are never decoded just to be recognised.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
+
+from nsync_jax import errors
 
 # What PIL (and TFDS's PIL/OpenCV decoders) raise on truncated or unrecognised images:
 # UnidentifiedImageError and truncation are OSErrors, some broken PNGs raise SyntaxError.
@@ -46,6 +57,14 @@ class ExampleSet(Protocol):
 
     def select(self, ids: Sequence[str]) -> ExampleSet:
         """The examples with `ids`, in that order; a missing id is a KeyError naming it."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """JSON values that identify these examples and their images, without decoding."""
+
+
+def sha256_json(value: Any) -> str:
+    """SHA-256 of `value` as canonical JSON (for fingerprints)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def _check_ids_and_captions(ids: tuple[str, ...], captions: tuple[str, ...]) -> None:
@@ -98,6 +117,16 @@ class Examples:
         rows = _rows_of(self.ids, ids)
         return Examples(tuple(ids), self.images[rows], tuple(self.captions[r] for r in rows))
 
+    def fingerprint(self) -> dict[str, Any]:
+        pixels = hashlib.sha256(np.ascontiguousarray(self.images).tobytes()).hexdigest()
+        return {
+            "kind": "in-memory",
+            "num_examples": len(self),
+            "ids_and_captions_sha256": sha256_json([self.ids, self.captions]),
+            "images_shape": list(self.images.shape),
+            "images_sha256": pixels,
+        }
+
 
 class LazyExamples:
     """Examples whose images are read, decoded and resized only when first asked for.
@@ -111,6 +140,8 @@ class LazyExamples:
       resolution: output side; images are resized and centre-cropped to it.
       cache: keep each decoded, resized image in memory after its first read
         (N·R²·3 bytes at most: 840 MB for 1072 images at 512 px).
+      identify: `read`'s indices -> JSON values identifying those images without decoding
+        them (file sizes and mtimes, a dataset version); the source part of `fingerprint`.
       rows: which of `read`'s indices this set holds (a `select` view); all by default.
     """
 
@@ -122,6 +153,8 @@ class LazyExamples:
         read: Callable[[int], Image.Image | np.ndarray],
         resolution: int,
         cache: bool,
+        *,
+        identify: Callable[[tuple[int, ...]], dict[str, Any]],
         rows: Sequence[int] | None = None,
         _store: dict[int, np.ndarray] | None = None,
     ):
@@ -132,6 +165,7 @@ class LazyExamples:
         if len(self.names) != len(self.ids):
             raise ValueError(f"{len(self.ids)} ids and {len(self.names)} names differ")
         self._read = read
+        self._identify = identify
         self.resolution = resolution
         self.cache = cache
         self._rows = tuple(range(len(self.ids))) if rows is None else tuple(rows)
@@ -171,9 +205,62 @@ class LazyExamples:
             read=self._read,
             resolution=self.resolution,
             cache=self.cache,
+            identify=self._identify,
             rows=[self._rows[r] for r in picked],
             _store=self._store,
         )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Ids, captions and the source's identity of the rows held; decodes nothing."""
+        return {
+            "kind": "lazy",
+            "num_examples": len(self),
+            "ids_and_captions_sha256": sha256_json([self.ids, self.captions]),
+            "source": self._identify(self._rows),
+        }
+
+
+def file_stats(names: Sequence[str], paths: Sequence[str]) -> dict[str, Any]:
+    """What identifies files without reading them: names, sizes and modification times.
+
+    A rewritten, touched, added or removed file changes it. One `os.stat` per file.
+
+    Raises:
+      errors.NotFound: a file does not exist (any more).
+    """
+    stats = []
+    for name, path in zip(names, paths, strict=True):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError as e:
+            raise errors.NotFound(f"image file {path} does not exist (any more)") from e
+        stats.append([name, st.st_size, st.st_mtime_ns])
+    return {
+        "num_files": len(stats),
+        "bytes": sum(size for _, size, _ in stats),
+        "names_sizes_mtimes_sha256": sha256_json(stats),
+    }
+
+
+class ImageSequence(Sequence[np.ndarray]):
+    """The images of an `ExampleSet` as a read-only sequence that decodes on access.
+
+    For code that takes a list of images (e.g. `evaluation.compare`) but must not hold a
+    lazy set's every decoded image at once.
+    """
+
+    def __init__(self, examples: ExampleSet):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.examples.image(i) for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"image {index} of {len(self)}")
+        return self.examples.image(index % len(self))
 
 
 def _as_rgb_uint8(array: np.ndarray) -> np.ndarray:

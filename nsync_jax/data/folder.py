@@ -6,8 +6,10 @@ The layout diffusers' training scripts and Hugging Face `imagefolder` datasets u
     <path>/0001.jpg ...
 
 An example's id is its `file_name` (relative to `<path>`). Without `metadata.jsonl` every
-image under `<path>` is an example, ids sorted, none captioned (see `captions.py`). Only the
-listing happens at start; images are decoded when a host first needs them.
+image under `<path>` is an example, ids sorted, none captioned: a warning says so, and
+`data.caption_template` (or `data.captions_file`) captions them (see `captions.py`). Only
+the listing happens at start; images are decoded when a host first needs them. The set's
+fingerprint is the files' names, sizes and modification times (`examples.file_stats`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import os
 import ml_collections
 from PIL import Image
 
+from nsync_jax import errors
 from nsync_jax.data import captions as captions_lib
-from nsync_jax.data.examples import LazyExamples
+from nsync_jax.data.examples import LazyExamples, file_stats
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
@@ -62,7 +65,7 @@ def folder_examples(data_config: ml_collections.ConfigDict, resolution: int) -> 
     """
     root = data_config.path
     if not root or not os.path.isdir(root):
-        raise FileNotFoundError(f"data.path {root!r} is not a directory (data.source='folder')")
+        raise errors.NotFound(f"data.path {root!r} is not a directory (data.source='folder')")
     metadata = os.path.join(root, METADATA)
     if os.path.isfile(metadata):
         entries = read_metadata(metadata)
@@ -79,7 +82,7 @@ def folder_examples(data_config: ml_collections.ConfigDict, resolution: int) -> 
         absent = [name for name, _ in entries if not os.path.isfile(os.path.join(root, name))]
         if absent:
             if data_config.on_bad_image != "skip":
-                raise FileNotFoundError(
+                raise errors.NotFound(
                     f"{metadata} lists {absent[0]!r} but {os.path.join(root, absent[0])} "
                     f"does not exist ({len(absent)} such files)"
                 )
@@ -93,9 +96,19 @@ def folder_examples(data_config: ml_collections.ConfigDict, resolution: int) -> 
             entries = [e for e in entries if e[0] not in gone]
     else:
         entries = [(name, None) for name in _list_images(root)]
-        logging.info("%s has no %s; using all %d images under it", root, METADATA, len(entries))
+        logging.warning(
+            "%s has no %s: using all %d images under it, uncaptioned; to caption them add "
+            '%s with one {"file_name": ..., "text": ...} line per image (or set '
+            "data.captions_file)",
+            root,
+            METADATA,
+            len(entries),
+            METADATA,
+        )
     if not entries:
-        raise ValueError(f"data.path {root!r} holds no images")
+        raise errors.ConfigError(
+            f"data.path {root!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
+        )
     ids = [name for name, _ in entries]
     paths = [os.path.join(root, name) for name in ids]
     captions = captions_lib.resolve_captions(
@@ -108,4 +121,8 @@ def folder_examples(data_config: ml_collections.ConfigDict, resolution: int) -> 
         read=lambda i: _read_image(paths[i]),
         resolution=resolution,
         cache=data_config.cache_images,
+        identify=lambda rows: {
+            "kind": "folder",
+            **file_stats([ids[r] for r in rows], [paths[r] for r in rows]),
+        },
     )

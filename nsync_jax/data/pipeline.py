@@ -15,17 +15,23 @@ A bad image (unreadable, corrupt) raises `BadImageError` naming it; with
 `on_bad_image="skip"` its example is replaced, wherever the stream draws it, by the next
 readable example in id order. That rule depends only on the data, so every host makes the
 same substitution without talking to the others and the purity in (seed, s) holds.
+
+`fingerprint()` is what a checkpoint records of the data (and refuses a resume on other
+data with): each branch's own fingerprint (file sizes and times, dataset versions, never
+decoded pixels), the ids and prompts, the global batch size, seed and flipping.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from nsync_jax.data.examples import BadImageError, ExampleSet
+from nsync_jax.data.examples import BadImageError, ExampleSet, sha256_json
 from nsync_jax.data.latents import LatentCache, MomentsFn, build_latent_cache
 
 ON_BAD_IMAGE = ("error", "skip")
@@ -93,6 +99,24 @@ class PairedBatches:
 
     def __len__(self) -> int:
         return len(self.positives)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """JSON values identifying the training data; no image is decoded.
+
+        The batch of step s is a pure function of (seed, s) and these examples, so this
+        plus the step is the iterator's whole position.
+        """
+        fingerprint = {
+            "num_examples": len(self.positives),
+            "ids_and_prompts_sha256": sha256_json([list(self.positives.ids), list(self.prompts)]),
+            "positives": self.positives.fingerprint(),
+            "negatives": None if self.negatives is None else self.negatives.fingerprint(),
+            "global_batch_size": self.global_batch_size,
+            "seed": self.seed,
+            "random_flip": self.random_flip,
+        }
+        # As the checkpoint's JSON gives it back (tuples become lists), so they compare.
+        return json.loads(json.dumps(fingerprint))
 
     @property
     def branches(self) -> dict[str, ExampleSet]:

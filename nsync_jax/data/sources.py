@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from nsync_jax.data import demo, folder, tfds_source
+from nsync_jax.data import demo, folder, negatives_store, tfds_source
 from nsync_jax.data.examples import ExampleSet
 
 DATA_SOURCES = ("demo", "tfds", "folder", "digits")
@@ -44,9 +44,13 @@ def load_negatives(
             raise ValueError("negatives.source='demo' pairs only with data.source='demo'")
         return demo.demo_examples(data_config.demo_count, resolution, data_config.demo_seed, False)
     if negatives_config.source == "store":
-        from nsync_jax import negatives  # Lazy: it imports this module.
-
-        return negatives.load_store(negatives_config.path, resolution, k=negatives_config.pair_k)
+        return negatives_store.load_store(
+            negatives_config.path,
+            resolution,
+            k=negatives_config.pair_k,
+            cache=data_config.cache_images,
+            on_bad_image=data_config.on_bad_image,
+        )
     raise ValueError(
         f"negatives.source={negatives_config.source!r} is not one of {NEGATIVE_SOURCES}"
     )

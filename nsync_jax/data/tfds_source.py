@@ -6,7 +6,8 @@ the records its batches need. CycleGAN's sets (`cycle_gan/monet2photo`, `vangogh
 evaluation). They carry no file names, so ids are `<split>-<index>` (`trainA-00042`); a
 dataset with a file-name feature (`file_name`, `filename`, `image/filename`) uses it, and
 one with a `caption` or `text` feature supplies captions. Those text features are read
-once at start with image decoding skipped.
+once at start with image decoding skipped. The set's fingerprint is the dataset's name,
+config, version, split and record count (from `dataset_info`), and the rows it holds.
 
 Preparing the data needs TensorFlow and network once, on any machine, e.g.
     tfds build cycle_gan/monet2photo --file_format=array_record --data_dir=$DIR
@@ -19,8 +20,9 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from nsync_jax import errors
 from nsync_jax.data import captions as captions_lib
-from nsync_jax.data.examples import LazyExamples
+from nsync_jax.data.examples import LazyExamples, sha256_json
 
 FILE_NAME_KEYS = ("file_name", "filename", "image/filename")
 CAPTION_KEYS = ("caption", "text")
@@ -51,11 +53,24 @@ def _open(data_config: ml_collections.ConfigDict, decoders=None):
         builder = tfds.builder(data_config.tfds_name, data_dir=data_config.tfds_data_dir or None)
         if builder.is_prepared():
             raise
-        raise FileNotFoundError(
+        raise errors.NotFound(
             f"TFDS dataset {data_config.tfds_name!r} is not prepared under "
             f"{builder.data_dir}; prepare it once with `tfds build {data_config.tfds_name} "
             "--file_format=array_record --data_dir=<dir>` and set data.tfds_data_dir"
         ) from e
+
+
+def _identify(info, split: str, count: int, rows: tuple[int, ...]) -> dict:
+    """A split's identity from its `dataset_info`, and the rows a set holds."""
+    return {
+        "kind": "tfds",
+        "name": info.name,
+        "config": info.config_name or None,
+        "version": str(info.version),
+        "split": split,
+        "num_records": count,
+        "rows_sha256": sha256_json(list(rows)),
+    }
 
 
 def tfds_examples(data_config: ml_collections.ConfigDict, resolution: int) -> LazyExamples:
@@ -64,14 +79,14 @@ def tfds_examples(data_config: ml_collections.ConfigDict, resolution: int) -> La
     features = source.dataset_info.features
     images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
     if not images:
-        raise ValueError(f"TFDS dataset {data_config.tfds_name!r} has no image feature")
+        raise errors.ConfigError(f"TFDS dataset {data_config.tfds_name!r} has no image feature")
     image_key = images[0]
     id_key = next((k for k in FILE_NAME_KEYS if k in features), None)
     caption_key = next((k for k in CAPTION_KEYS if k in features), None)
     split = data_config.split
     count = len(source)
     if count == 0:
-        raise ValueError(f"TFDS {data_config.tfds_name!r} split {split!r} is empty")
+        raise errors.ConfigError(f"TFDS {data_config.tfds_name!r} split {split!r} is empty")
     ids = [f"{split}-{i:05d}" for i in range(count)]
     source_captions: list[str | None] = [None] * count
     if id_key or caption_key:
@@ -91,4 +106,5 @@ def tfds_examples(data_config: ml_collections.ConfigDict, resolution: int) -> La
         read=lambda i: source[i][image_key],
         resolution=resolution,
         cache=data_config.cache_images,
+        identify=lambda rows: _identify(source.dataset_info, split, count, rows),
     )

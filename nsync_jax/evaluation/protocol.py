@@ -35,6 +35,7 @@ from PIL import Image
 
 from nsync_jax import export, models, runs, sampling, sharding
 from nsync_jax import scope as scope_lib
+from nsync_jax.data.examples import ImageSequence
 from nsync_jax.evaluation import compare, images
 from nsync_jax.evaluation import weights as weights_lib
 
@@ -43,7 +44,7 @@ GRID_PAIRS = 16  # Caption pairs shown in the grid.
 
 
 def split_examples(config: ml_collections.ConfigDict, split: str):
-    """The `Examples` (images and captions) of data split `split`."""
+    """The example set (captions; images decoded on demand) of data split `split`."""
     from nsync_jax.data import sources
 
     data_config = ml_collections.ConfigDict(config.data.to_dict())
@@ -135,8 +136,11 @@ def evaluate(
         )
     if jax.process_index() != 0:
         return {}  # Metrics run on process 0 only (sample_to_dir writes there).
+    # A lazy set's images are decoded batch by batch as the embedders ask for them.
     real = (
-        images.list_images(config.eval.real_dir) if config.eval.real_dir else list(examples.images)
+        images.list_images(config.eval.real_dir)
+        if config.eval.real_dir
+        else ImageSequence(examples)
     )
     mesh = sharding.make_mesh(config.mesh, jax.local_devices())
     report = compare.compare(real, generated, config.eval, mesh, embedders)
@@ -156,7 +160,7 @@ def evaluate(
     )
     os.makedirs(out_dir, exist_ok=True)
     # The split's own images pair with its captions (eval.real_dir's order need not).
-    pairs_grid(list(examples.images), generated, examples.captions).save(
+    pairs_grid(ImageSequence(examples), generated, examples.captions).save(
         os.path.join(out_dir, GRID_FILE)
     )
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:

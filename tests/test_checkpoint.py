@@ -589,6 +589,11 @@ def test_loop_on_a_folder_resumes_and_refuses_changed_files(tmp_path, caplog):
     with caplog.at_level("INFO"):
         state = train_lib.train(_demo_config(**{**overrides, "train.num_steps": 3}), str(workdir))
     assert "resuming from step 2" in caplog.text and int(state.step) == 3
-    os.utime(data_dir / "5.png", ns=(1, 10**18))  # Touched: the data may have changed.
+    image = data_dir / "5.png"
+    os.utime(image, ns=(1, 10**18))  # Copied elsewhere: same bytes, other time.
+    train_lib.train(_demo_config(**{**overrides, "train.num_steps": 4}), str(workdir))
+    data = bytearray(image.read_bytes())
+    data[-20] ^= 1  # Rewritten: same size, other bytes.
+    image.write_bytes(bytes(data))
     with pytest.raises(checkpoint.CheckpointError, match=r"positives\.source"):
         train_lib.train(_demo_config(**{**overrides, "train.num_steps": 4}), str(workdir))

@@ -122,7 +122,7 @@ def test_lazy_fingerprint_decodes_nothing_and_reflects_a_selection():
     assert calls == []
 
 
-def test_file_stats_change_with_size_mtime_and_names(tmp_path):
+def test_file_stats_follow_bytes_not_times(tmp_path):
     paths = [tmp_path / "a.png", tmp_path / "b.png"]
     for path in paths:
         path.write_bytes(b"12345")
@@ -130,8 +130,11 @@ def test_file_stats_change_with_size_mtime_and_names(tmp_path):
     stats = ex.file_stats(names, [str(p) for p in paths])
     assert stats["num_files"] == 2 and stats["bytes"] == 10
     assert ex.file_stats(names, [str(p) for p in paths]) == stats
-    os.utime(paths[1], ns=(1, 10**18))  # Touched: same bytes, other time.
+    os.utime(paths[1], ns=(1, 10**18))  # Touched or copied: same bytes, other time.
+    assert ex.file_stats(names, [str(p) for p in paths]) == stats
+    paths[1].write_bytes(b"12346")  # Rewritten, same size.
     assert ex.file_stats(names, [str(p) for p in paths]) != stats
+    assert ex.file_stats(["a.png", "c.png"], [str(p) for p in paths]) != stats
     with pytest.raises(FileNotFoundError, match="gone.png"):
         ex.file_stats(["gone.png"], [str(tmp_path / "gone.png")])
 

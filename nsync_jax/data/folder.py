@@ -9,7 +9,7 @@ An example's id is its `file_name` (relative to `<path>`). Without `metadata.jso
 image under `<path>` is an example, ids sorted, none captioned: a warning says so, and
 `data.caption_template` (or `data.captions_file`) captions them (see `captions.py`). Only
 the listing happens at start; images are decoded when a host first needs them. The set's
-fingerprint is the files' names, sizes and modification times (`examples.file_stats`).
+fingerprint is the files' names, sizes and CRC32s of their bytes (`examples.file_stats`).
 """
 
 from __future__ import annotations

@@ -79,10 +79,16 @@ def test_listed_but_absent_file_errors_or_is_skipped(tmp_path, caplog):
     assert "skipping 1 files listed" in caplog.text
 
 
+def test_without_metadata_is_an_error_unless_the_template_is_asked_for(tmp_path):
+    _write_folder(tmp_path, metadata=False)
+    with pytest.raises(FileNotFoundError, match="has no metadata.jsonl.*caption_fallback"):
+        folder.folder_examples(_config(tmp_path), 8)
+
+
 def test_without_metadata_every_image_with_the_template(tmp_path, caplog):
     names = _write_folder(tmp_path, metadata=False)
     (tmp_path / "notes.txt").write_text("not an image")
-    examples = folder.folder_examples(_config(tmp_path), 8)
+    examples = folder.folder_examples(_config(tmp_path, caption_fallback=True), 8)
     assert examples.ids == tuple(sorted(names))
     assert set(examples.captions) == {"a painting"}
     assert "has none for its 3 examples" in caplog.text
@@ -107,7 +113,7 @@ def test_bad_path_is_named(tmp_path):
 def test_without_metadata_warns_how_to_add_captions(tmp_path, caplog):
     _write_folder(tmp_path, metadata=False)
     with caplog.at_level(logging.WARNING):
-        folder.folder_examples(_config(tmp_path), 8)
+        folder.folder_examples(_config(tmp_path, caption_fallback=True), 8)
     warning = next(r for r in caplog.records if "metadata.jsonl" in r.getMessage())
     assert warning.levelno == logging.WARNING
     assert "uncaptioned" in warning.getMessage() and '"file_name"' in warning.getMessage()
@@ -138,9 +144,10 @@ def test_fingerprint_reads_no_image_and_sees_file_and_caption_changes(tmp_path):
 
 def test_fingerprint_sees_an_image_added_or_removed(tmp_path):
     _write_folder(tmp_path, metadata=False)
-    before = folder.folder_examples(_config(tmp_path), 8).fingerprint()
+    config = _config(tmp_path, caption_fallback=True)
+    before = folder.folder_examples(config, 8).fingerprint()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "d.png")
-    added = folder.folder_examples(_config(tmp_path), 8).fingerprint()
+    added = folder.folder_examples(config, 8).fingerprint()
     assert added != before and added["num_examples"] == 4
     os.remove(tmp_path / "d.png")
-    assert folder.folder_examples(_config(tmp_path), 8).fingerprint() == before
+    assert folder.folder_examples(config, 8).fingerprint() == before

@@ -5,9 +5,10 @@ The layout diffusers' training scripts and Hugging Face `imagefolder` datasets u
     <path>/metadata.jsonl     {"file_name": "0001.jpg", "text": "a harbour at dawn"} per line
     <path>/0001.jpg ...
 
-An example's id is its `file_name` (relative to `<path>`). Without `metadata.jsonl` every
-image under `<path>` is an example, ids sorted, none captioned: a warning says so, and
-`data.caption_template` (or `data.captions_file`) captions them (see `captions.py`). Only
+An example's id is its `file_name` (relative to `<path>`). A folder without
+`metadata.jsonl` is an error (most likely forgotten) unless `data.captions_file` captions
+its images or `data.caption_fallback=True` asks for `data.caption_template`: then every
+image under `<path>` is an example, ids sorted, and a warning says how to caption them. Only
 the listing happens at start; images are decoded when a host first needs them. The set's
 fingerprint is the files' names, sizes and CRC32s of their bytes (`examples.file_stats`).
 """
@@ -96,6 +97,14 @@ def folder_examples(data_config: ml_collections.ConfigDict, resolution: int) -> 
             entries = [e for e in entries if e[0] not in gone]
     else:
         entries = [(name, None) for name in _list_images(root)]
+        if entries and not (data_config.captions_file or data_config.caption_fallback):
+            # Most likely forgotten: training on one template caption is rarely what was meant.
+            raise errors.NotFound(
+                f"data.path {root!r} has no {METADATA}: add one with a "
+                '{"file_name": "0001.jpg", "text": "a harbour at dawn"} line per image, or '
+                "set data.captions_file, or data.caption_fallback=True to caption every image "
+                f"with data.caption_template={data_config.caption_template!r}"
+            )
         logging.warning(
             "%s has no %s: using all %d images under it, uncaptioned; to caption them add "
             '%s with one {"file_name": ..., "text": ...} line per image (or set '

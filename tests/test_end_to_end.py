@@ -216,6 +216,7 @@ def test_readme_walk_through_on_a_folder_and_a_save_pretrained_checkpoint(
     if stopped < 4:
         resumed = launch("train", {**values, "workdir": workdir})
         assert f"resuming from step {stopped}" in resumed.stderr
+        assert "read only" not in resumed.stderr  # Orbax's note on read-only managers.
     assert checkpoint.latest_step(str(workdir)) == 4
     assert [r["step"] for r in metrics.read_metrics(str(workdir))] == [1, 2, 3, 4]
 
@@ -234,6 +235,7 @@ def test_readme_walk_through_on_a_folder_and_a_save_pretrained_checkpoint(
     export_dir = tmp_path / "export"
     result = launch("export", {"workdir": workdir, "output": export_dir})
     assert "exporting step 4" in result.stderr
+    assert "read only" not in result.stderr
     pipe = assert_loads_in_diffusers(str(export_dir), base_t5, trained_unet=False)
     pipe.load_textual_inversion(str(export_dir))
     assert "<monet>" in pipe.tokenizer.get_vocab()

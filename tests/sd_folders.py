@@ -163,3 +163,21 @@ def write_pipeline(
         _write_tokenizer(tokenizer_dir, sd2=sd2, layout=layout)
         _strip_text_model_prefix(os.path.join(root, "text_encoder"))
     return {**modules, "tokenizer": tokenizer}
+
+
+def tiny_clip(directory) -> str:
+    """A tiny CLIP vision model saved by transformers at `directory`: the stand-in for the
+    evaluation's CLIP weights (`eval.cmmd_weights`)."""
+    torch.manual_seed(0)
+    transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+            projection_dim=8,
+        )
+    ).save_pretrained(directory)
+    return str(directory)

@@ -152,25 +152,6 @@ def run_flags(base: str, data: dict, config: str = "configs/monet.py", **overrid
     return values
 
 
-def tiny_clip(directory) -> str:
-    """A tiny CLIP vision model saved by transformers: the CMMD embedder's stand-in."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=16,
-            patch_size=8,
-            projection_dim=8,
-        )
-    ).save_pretrained(directory)
-    return str(directory)
-
-
 def assert_loads_in_diffusers(export_dir, base, trained_unet=True):
     """The export loads in PyTorch diffusers with every weight found; its UNet differs from
     the base's if it trained (`trained_unet`), else equals it."""
@@ -240,7 +221,7 @@ def test_readme_walk_through_on_a_folder_and_a_save_pretrained_checkpoint(
     pipe.load_textual_inversion(str(export_dir))
     assert "<monet>" in pipe.tokenizer.get_vocab()
 
-    clip = tiny_clip(tmp_path / "clip")
+    clip = sd_folders.tiny_clip(tmp_path / "clip")
     launch(
         "evaluate",
         {

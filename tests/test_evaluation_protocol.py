@@ -7,31 +7,14 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
+import sd_folders
 from PIL import Image
 from safetensors.numpy import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from configs import demo
 from nsync_jax import metrics
 from nsync_jax import scope as scope_lib
 from nsync_jax.evaluation import images, protocol
-
-
-def _tiny_clip(clip_dir):
-    torch.manual_seed(0)
-    CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=16,
-            patch_size=8,
-            projection_dim=8,
-        )
-    ).save_pretrained(clip_dir)
-    return str(clip_dir)
 
 
 def _cheap_config(clip_dir):
@@ -47,7 +30,7 @@ def _cheap_config(clip_dir):
 
 
 def test_evaluate_generates_one_image_per_caption_and_reports(tmp_path):
-    config = _cheap_config(_tiny_clip(tmp_path / "clip"))
+    config = _cheap_config(sd_folders.tiny_clip(tmp_path / "clip"))
     out = tmp_path / "eval"
     report = protocol.evaluate(config, str(out), "test")
 
@@ -65,7 +48,7 @@ def test_evaluate_generates_one_image_per_caption_and_reports(tmp_path):
 
 
 def test_run_evaluation_of_a_checkpoint_writes_eval_step_folder(tmp_path, tiny_sd, save_run):
-    clip_dir = _tiny_clip(tmp_path / "clip")
+    clip_dir = sd_folders.tiny_clip(tmp_path / "clip")
     config = _cheap_config(clip_dir)
     scope, _, params = scope_lib.make_scope(config.train, *tiny_sd)  # demo: the UNet trains.
     trainable, frozen = scope.split(params)
@@ -93,7 +76,7 @@ def test_run_evaluation_of_a_checkpoint_writes_eval_step_folder(tmp_path, tiny_s
 
 
 def test_base_model_baseline_prompts_with_the_style_words(tmp_path):
-    config = _cheap_config(_tiny_clip(tmp_path / "clip"))
+    config = _cheap_config(sd_folders.tiny_clip(tmp_path / "clip"))
     out = tmp_path / "base"
     report = protocol.run_evaluation(config, "test", out_dir=str(out), style="Claude Monet")
     prompts = [json.loads(line)["prompt"] for line in open(out / "generated" / "prompts.jsonl")]
@@ -152,7 +135,7 @@ def test_evaluate_reads_a_lazy_folder_split(tmp_path):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(data_dir / f"{i}.png")
         lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
     (data_dir / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    config = _cheap_config(_tiny_clip(tmp_path / "clip"))
+    config = _cheap_config(sd_folders.tiny_clip(tmp_path / "clip"))
     config.data.source, config.data.path = "folder", str(data_dir)
     examples = protocol.split_examples(config, "test")
     assert examples.reads == 0 and not hasattr(examples, "images")

@@ -10,7 +10,8 @@
 - Logging: absl at INFO, with other libraries' noise dropped: JAX's INFO line for each
   backend it probes and cannot start ("Unable to initialize backend 'tpu'"), the
   diffusers/transformers Flax deprecation notices, orbax's per-save INFO lines.
-- Flags: a mistyped config field (`--config.data.paht=x`) is one line naming it.
+- Flags: a mistyped config field (`--config.data.paht=x`) or a `--config` file that cannot
+  be loaded is one line naming it.
 - Errors: an `errors.UserError` (a config that cannot work, a missing file or data set, a
   checkpoint that cannot be resumed) is printed as one line `error: ...` and the script
   exits with status 2; Ctrl-C outside the training loop (which saves first, see
@@ -95,6 +96,13 @@ def run(main: Callable[[list[str]], None]) -> None:
             if _show_tracebacks():
                 raise
             _fail(str(e), USER_ERROR_STATUS)
+        except OSError as e:
+            # ml_collections reports a config file it could not load only when the config
+            # is first used, as an OSError whose last line names the file and the reason.
+            if "Failed loading config file" not in str(e) or _show_tracebacks():
+                raise
+            reason = str(e).strip().splitlines()[-1].strip()
+            _fail(f"cannot load the --config file: {reason}", USER_ERROR_STATUS)
         except KeyboardInterrupt:
             if _show_tracebacks():
                 raise

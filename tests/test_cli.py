@@ -90,6 +90,11 @@ def test_mistakes_end_in_one_line_naming_the_thing(tmp_path, changed_config_work
             {**demo_run, "config.data.source": "folder", "config.data.path": no_metadata},
             "negatives.source=store",
         ),
+        "config file": (
+            "train",
+            {**demo_run, "config": "configs/nope.py"},
+            "configs/nope.py",
+        ),
         "export without a checkpoint": (
             "export",
             {"workdir": tmp_path / "empty", "output": tmp_path / "export"},

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs import demo
-from nsync_jax import export, models, weights
+from nsync_jax import export, models, torch_files, weights
 from nsync_jax import scope as scope_lib
 
 torch = pytest.importorskip("torch")
@@ -162,7 +162,7 @@ def test_textual_inversion_export_without_base(unet_export, tmp_path):
     _, model, params = unet_export
     scope, model, params = _trained_token(model, params)
     output = export.export_pipeline(model, params, str(tmp_path / "ti"), scope=scope)
-    embeds = load_file(os.path.join(output, export.EMBEDS_FILE))
+    embeds = load_file(os.path.join(output, torch_files.EMBEDS_FILE))
     assert list(embeds) == ["<s*>"] and embeds["<s*>"].shape == (1, 32)
     _check_textual_inversion(output, model, params, scope.token_id)
 

@@ -402,7 +402,7 @@ def restore_trainable(
       workdir: the training run's directory.
       abstract_trainable: the trainable tree's `jax.ShapeDtypeStruct`s with the shardings
         to restore into, e.g. `abstract_like(trainable)` of the tree that
-        `scope.split(models.build(load_run_config(workdir).model, rng)[1])` gives.
+        `scope.split(runs.build_model(load_run_config(workdir).model, rng)[1])` gives.
       step: which checkpoint; None for the newest.
 
     Returns:

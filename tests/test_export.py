@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs import demo
-from nsync_jax import export, models, torch_files, weights
+from nsync_jax import export, runs, torch_files, weights
 from nsync_jax import scope as scope_lib
 
 torch = pytest.importorskip("torch")
@@ -54,7 +54,7 @@ def tiny():
     """The demo's tiny model, built from the key `train.setup` uses for the seed."""
     config = demo.get_config()
     init_rng, _ = jax.random.split(jax.random.key(config.seed))
-    return models.build(config.model, init_rng)
+    return runs.build_model(config.model, init_rng)
 
 
 @pytest.fixture(scope="module")

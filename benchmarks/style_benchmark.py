@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from configs import default
-from nsync_jax import checkpoint, negatives, runs, sampling, sharding, style_metrics, train
+from nsync_jax import checkpoint, cli, negatives, runs, sampling, sharding, style_metrics, train
 from nsync_jax.data import digits, negatives_store, pipeline
 
 RESOLUTION = 8  # The digits' own size: CPU time grows with the pixel count.
@@ -310,6 +310,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--scopes", default=",".join(SCOPES))
     args = parser.parse_args()
+    cli.quiet_library_logs()
     if args.quick:
         args.seeds, args.steps, args.per_class, args.evals = 1, 150, 6, 4
         args.base_steps = min(args.base_steps, 1200)

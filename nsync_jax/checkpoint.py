@@ -56,12 +56,11 @@ class _DropOrbaxInfo(logging.Filter):
 
 
 def quiet_orbax_logs() -> None:
+    """Drops orbax's INFO lines (see `_DropOrbaxInfo`); `cli.setup_logging` calls it."""
     absl_logger = logging.getLogger("absl")  # absl.logging's Python logger.
     if not any(isinstance(f, _DropOrbaxInfo) for f in absl_logger.filters):
         absl_logger.addFilter(_DropOrbaxInfo())
 
-
-quiet_orbax_logs()
 
 # Config fields (exact names or dotted prefixes ending in ".") that may differ between a
 # run and its resume: how long to train, how often to log and save, and the mesh (restoring

@@ -56,9 +56,9 @@ def quiet_library_logs() -> None:
                 handler.addFilter(_DropDeprecationNotices())
 
 
-quiet_library_logs()
-
-# Imported after the filter is in place; the import itself logs nothing, construction does.
+# Importing these classes logs nothing; constructing them logs the notices. Whoever runs
+# the program installs the filter first: `cli.setup_logging` (launch scripts, benchmarks),
+# `tests/conftest.py`.
 from diffusers import (  # noqa: E402
     FlaxAutoencoderKL,
     FlaxDDPMScheduler,

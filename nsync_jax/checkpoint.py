@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from nsync_jax import errors
+from nsync_jax import errors, trees
 
 FORMAT_VERSION = 1
 TRAINABLE, OPT_STATE, META = "trainable", "opt_state", "meta"
@@ -179,27 +179,33 @@ def tree_summary(tree: Any) -> dict[str, dict[str, Any]]:
 
 def compare_summaries(saved: dict, live: dict, checksums: bool = True) -> list[str]:
     """Human-readable differences between two `tree_summary` results ([] if equal)."""
-    problems = []
-    for name in sorted(set(saved) | set(live)):
-        if name not in live:
-            problems.append(f"{name}: in the checkpoint, not in this run")
-        elif name not in saved:
-            problems.append(f"{name}: in this run, not in the checkpoint")
-        elif (saved[name]["shape"], saved[name]["dtype"]) != (
-            live[name]["shape"],
-            live[name]["dtype"],
-        ):
-            problems.append(
-                f"{name}: saved {saved[name]['dtype']}{saved[name]['shape']}, "
-                f"this run {live[name]['dtype']}{live[name]['shape']}"
-            )
-        elif checksums and not np.allclose(
-            saved[name]["sums"], live[name]["sums"], rtol=_CHECKSUM_RTOL, atol=0.0
-        ):
-            problems.append(
-                f"{name}: checksums (sum|x|, sum x²) saved {saved[name]['sums']}, "
-                f"now {live[name]['sums']}"
-            )
+    problems = _leaf_problems(
+        {name: (leaf["shape"], leaf["dtype"]) for name, leaf in saved.items()},
+        {name: (leaf["shape"], leaf["dtype"]) for name, leaf in live.items()},
+    )
+    for name in saved:
+        if name in live and name not in problems and checksums:
+            if not np.allclose(
+                saved[name]["sums"], live[name]["sums"], rtol=_CHECKSUM_RTOL, atol=0.0
+            ):
+                problems[name] = (
+                    f"{name}: checksums (sum|x|, sum x²) saved {saved[name]['sums']}, "
+                    f"now {live[name]['sums']}"
+                )
+    return [problems[name] for name in sorted(problems)]
+
+
+def _leaf_problems(saved: dict[str, tuple], live: dict[str, tuple]) -> dict[str, str]:
+    """By leaf name, how `live` differs from `saved`, both name -> (shape, dtype)."""
+    found = trees.diff(saved, live)
+    problems = {name: f"{name}: in the checkpoint, not in this run" for name in found.missing}
+    for name in found.unexpected:
+        problems[name] = f"{name}: in this run, not in the checkpoint"
+    for name in found.misshapen:
+        (saved_shape, saved_dtype), (live_shape, live_dtype) = saved[name], live[name]
+        problems[name] = (
+            f"{name}: saved {saved_dtype}{saved_shape}, this run {live_dtype}{live_shape}"
+        )
     return problems
 
 
@@ -358,22 +364,8 @@ def _check_shapes(
         ) from e
     if saved is None:
         raise CheckpointError(f"checkpoint {step_dir(workdir, step)} has no item {item!r}")
-    saved_leaves = _shapes_by_name(saved)
-    live_leaves = _shapes_by_name(abstract)
-    problems = []
-    for name in sorted(set(saved_leaves) | set(live_leaves)):
-        if name not in live_leaves:
-            problems.append(f"{name}: in the checkpoint, not in this run")
-        elif name not in saved_leaves:
-            problems.append(f"{name}: in this run, not in the checkpoint")
-        elif saved_leaves[name] != live_leaves[name]:
-            (saved_shape, saved_dtype), (live_shape, live_dtype) = (
-                saved_leaves[name],
-                live_leaves[name],
-            )
-            problems.append(
-                f"{name}: saved {saved_dtype}{saved_shape}, this run {live_dtype}{live_shape}"
-            )
+    problems = _leaf_problems(_shapes_by_name(saved), _shapes_by_name(abstract))
+    problems = [problems[name] for name in sorted(problems)]
     if problems:
         raise CheckpointError(
             f"checkpoint {step_dir(workdir, step)} does not fit this run's {item}:"

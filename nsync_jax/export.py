@@ -37,7 +37,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
-from nsync_jax import lora, lora_export, models, weights
+from nsync_jax import lora, lora_export, models, trees, weights
 from nsync_jax import scope as scope_lib
 from nsync_jax.torch_files import save_learned_embeds, to_numpy, write_json
 
@@ -89,16 +89,15 @@ def check_torch_keys(
     what: str, state: dict[str, np.ndarray], reference: dict[str, tuple[int, ...]]
 ) -> None:
     """Raises ValueError naming missing, unexpected and misshapen tensors of `state`."""
-    reference = {k: v for k, v in reference.items() if not weights.is_torch_buffer(k)}
-    missing = sorted(k for k in reference if k not in state)
-    unexpected = sorted(k for k in state if k not in reference)
-    misshapen = [
-        f"{k} {state[k].shape} (expected {reference[k]})"
-        for k in sorted(state)
-        if k in reference and tuple(state[k].shape) != tuple(reference[k])
-    ]
-    if missing or unexpected or misshapen:
-        raise weights.mismatch_error(what, missing, unexpected, misshapen)
+    reference = {k: tuple(v) for k, v in reference.items() if not weights.is_torch_buffer(k)}
+    found = trees.diff(reference, {k: tuple(v.shape) for k, v in state.items()})
+    if found:
+        raise weights.mismatch_error(
+            what,
+            sorted(found.missing),
+            sorted(found.unexpected),
+            [f"{k} {state[k].shape} (expected {reference[k]})" for k in sorted(found.misshapen)],
+        )
 
 
 def _base_files(base_dir: str | None, component: str) -> list[str]:

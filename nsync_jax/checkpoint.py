@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
 from nsync_jax import errors, trees
 
@@ -239,7 +238,7 @@ def check_data_fingerprint(saved: dict[str, Any], live: dict[str, Any], where: s
             "check that the data are the same; resume it with the version that wrote it, "
             "or start a new workdir"
         )
-    saved_flat, live_flat = _flatten(saved), _flatten(live)
+    saved_flat, live_flat = trees.flatten_names(saved), trees.flatten_names(live)
     changed = sorted(
         k for k in set(saved_flat) | set(live_flat) if saved_flat.get(k) != live_flat.get(k)
     )
@@ -258,11 +257,6 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
-def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
-    """Nested JSON objects as {"group.field": value}, for naming differing fields."""
-    return traverse_util.flatten_dict(tree, sep=".")
-
-
 def _resumable(name: str) -> bool:
     return any(
         name.startswith(field) if field.endswith(".") else name == field
@@ -275,7 +269,7 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict)
 
     Fields in `RESUMABLE_FIELDS` are ignored; a field present on one side only counts.
     """
-    old, new = _flatten(saved), _flatten(config_to_json(config))
+    old, new = trees.flatten_names(saved), trees.flatten_names(config_to_json(config))
     return sorted(
         name
         for name in set(old) | set(new)
@@ -433,7 +427,7 @@ def check_resumable(workdir: str, step: int, config: ml_collections.ConfigDict) 
     meta = load_metadata(workdir, step)
     differences = config_differences(meta["config"], config)
     if differences:
-        old, new = _flatten(meta["config"]), _flatten(config_to_json(config))
+        old, new = trees.flatten_names(meta["config"]), trees.flatten_names(config_to_json(config))
         lines = [
             f"{n}: saved {old.get(n, '<absent>')!r}, now {new.get(n, '<absent>')!r}"
             for n in differences

@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
+from flax import traverse_util
+
 
 @dataclasses.dataclass(frozen=True)
 class TreeDiff:
@@ -41,3 +43,8 @@ def diff(
         unexpected=[k for k in actual if k not in expected],
         misshapen=[k for k in expected if k in actual and not same(expected[k], actual[k])],
     )
+
+
+def flatten_names(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dicts (JSON objects) as {"group.field": value}, for naming differing fields."""
+    return traverse_util.flatten_dict(tree, sep=".")

@@ -22,7 +22,7 @@ import jax
 from absl import app, flags
 
 from configs import demo
-from nsync_jax import sharding, train
+from nsync_jax import cli, sharding, train
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per round and setting.")
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "Rounds; each times both settings.")
@@ -73,6 +73,7 @@ class _Run:
 
 def main(argv):
     del argv
+    cli.quiet_library_logs()
     runs = [_Run(False), _Run(True)]
     for run in runs:
         run.steps(_WARMUP.value)

@@ -23,7 +23,7 @@ import time
 import jax
 
 from configs import demo
-from nsync_jax import sharding, train
+from nsync_jax import cli, sharding, train
 
 MiB = 2**20
 
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per round")
     parser.add_argument("--output", default="benchmarks/results/lora.json")
     args = parser.parse_args()
+    cli.quiet_library_logs()
 
     variants = {}
     for mode in ("finetune", "nsync"):

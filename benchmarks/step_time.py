@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from configs import demo
-from nsync_jax import projection, sharding, train
+from nsync_jax import cli, projection, sharding, train
 
 
 def _time(fn, repeats: int) -> float:
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     parser.add_argument("--output", default="benchmarks/results/step_time.json")
     args = parser.parse_args()
+    cli.quiet_library_logs()
 
     finetune, _ = _stepper("finetune", args.scope, args.batch_size)
     nsync, trainer = _stepper("nsync", args.scope, args.batch_size)

@@ -14,7 +14,7 @@ Every ingredient exists offline (docs/style_benchmark.md explains the design):
    `unet`, `textual_inversion` and `lora` scopes, each for `--steps` steps and each seed. The
    Trainer from `train.setup` is built once per method; seeds reuse its compiled step
    (fresh state from the base, the seed's data order and step key).
-5. Scores (`nsync_jax.style_metrics`) of images sampled for every class (0-9, so half the
+5. Scores (`benchmarks/style_metrics.py`) of images sampled for every class (0-9, so half the
    prompts ask for content the style set never showed), at `--evals` points per run.
 
 Writes results.json, table.md, plots and image grids to --out.
@@ -33,9 +33,10 @@ import time
 
 import jax
 import numpy as np
+import style_metrics  # benchmarks/style_metrics.py: run as `python benchmarks/...`.
 
 from configs import default
-from nsync_jax import checkpoint, negatives, runs, sampling, sharding, style_metrics, train
+from nsync_jax import checkpoint, cli, negatives, runs, sampling, sharding, train
 from nsync_jax.data import digits, negatives_store, pipeline
 
 RESOLUTION = 8  # The digits' own size: CPU time grows with the pixel count.
@@ -310,6 +311,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--scopes", default=",".join(SCOPES))
     args = parser.parse_args()
+    cli.quiet_library_logs()
     if args.quick:
         args.seeds, args.steps, args.per_class, args.evals = 1, 150, 6, 4
         args.base_steps = min(args.base_steps, 1200)

@@ -32,9 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
-from nsync_jax import errors
+from nsync_jax import errors, trees
 
 FORMAT_VERSION = 1
 TRAINABLE, OPT_STATE, META = "trainable", "opt_state", "meta"
@@ -56,12 +55,11 @@ class _DropOrbaxInfo(logging.Filter):
 
 
 def quiet_orbax_logs() -> None:
+    """Drops orbax's INFO lines (see `_DropOrbaxInfo`); `cli.setup_logging` calls it."""
     absl_logger = logging.getLogger("absl")  # absl.logging's Python logger.
     if not any(isinstance(f, _DropOrbaxInfo) for f in absl_logger.filters):
         absl_logger.addFilter(_DropOrbaxInfo())
 
-
-quiet_orbax_logs()
 
 # Config fields (exact names or dotted prefixes ending in ".") that may differ between a
 # run and its resume: how long to train, how often to log and save, and the mesh (restoring
@@ -180,27 +178,33 @@ def tree_summary(tree: Any) -> dict[str, dict[str, Any]]:
 
 def compare_summaries(saved: dict, live: dict, checksums: bool = True) -> list[str]:
     """Human-readable differences between two `tree_summary` results ([] if equal)."""
-    problems = []
-    for name in sorted(set(saved) | set(live)):
-        if name not in live:
-            problems.append(f"{name}: in the checkpoint, not in this run")
-        elif name not in saved:
-            problems.append(f"{name}: in this run, not in the checkpoint")
-        elif (saved[name]["shape"], saved[name]["dtype"]) != (
-            live[name]["shape"],
-            live[name]["dtype"],
-        ):
-            problems.append(
-                f"{name}: saved {saved[name]['dtype']}{saved[name]['shape']}, "
-                f"this run {live[name]['dtype']}{live[name]['shape']}"
-            )
-        elif checksums and not np.allclose(
-            saved[name]["sums"], live[name]["sums"], rtol=_CHECKSUM_RTOL, atol=0.0
-        ):
-            problems.append(
-                f"{name}: checksums (sum|x|, sum x²) saved {saved[name]['sums']}, "
-                f"now {live[name]['sums']}"
-            )
+    problems = _leaf_problems(
+        {name: (leaf["shape"], leaf["dtype"]) for name, leaf in saved.items()},
+        {name: (leaf["shape"], leaf["dtype"]) for name, leaf in live.items()},
+    )
+    for name in saved:
+        if name in live and name not in problems and checksums:
+            if not np.allclose(
+                saved[name]["sums"], live[name]["sums"], rtol=_CHECKSUM_RTOL, atol=0.0
+            ):
+                problems[name] = (
+                    f"{name}: checksums (sum|x|, sum x²) saved {saved[name]['sums']}, "
+                    f"now {live[name]['sums']}"
+                )
+    return [problems[name] for name in sorted(problems)]
+
+
+def _leaf_problems(saved: dict[str, tuple], live: dict[str, tuple]) -> dict[str, str]:
+    """By leaf name, how `live` differs from `saved`, both name -> (shape, dtype)."""
+    found = trees.diff(saved, live)
+    problems = {name: f"{name}: in the checkpoint, not in this run" for name in found.missing}
+    for name in found.unexpected:
+        problems[name] = f"{name}: in this run, not in the checkpoint"
+    for name in found.misshapen:
+        (saved_shape, saved_dtype), (live_shape, live_dtype) = saved[name], live[name]
+        problems[name] = (
+            f"{name}: saved {saved_dtype}{saved_shape}, this run {live_dtype}{live_shape}"
+        )
     return problems
 
 
@@ -234,7 +238,7 @@ def check_data_fingerprint(saved: dict[str, Any], live: dict[str, Any], where: s
             "check that the data are the same; resume it with the version that wrote it, "
             "or start a new workdir"
         )
-    saved_flat, live_flat = _flatten(saved), _flatten(live)
+    saved_flat, live_flat = trees.flatten_names(saved), trees.flatten_names(live)
     changed = sorted(
         k for k in set(saved_flat) | set(live_flat) if saved_flat.get(k) != live_flat.get(k)
     )
@@ -253,11 +257,6 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
-def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
-    """Nested JSON objects as {"group.field": value}, for naming differing fields."""
-    return traverse_util.flatten_dict(tree, sep=".")
-
-
 def _resumable(name: str) -> bool:
     return any(
         name.startswith(field) if field.endswith(".") else name == field
@@ -270,7 +269,7 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict)
 
     Fields in `RESUMABLE_FIELDS` are ignored; a field present on one side only counts.
     """
-    old, new = _flatten(saved), _flatten(config_to_json(config))
+    old, new = trees.flatten_names(saved), trees.flatten_names(config_to_json(config))
     return sorted(
         name
         for name in set(old) | set(new)
@@ -359,22 +358,8 @@ def _check_shapes(
         ) from e
     if saved is None:
         raise CheckpointError(f"checkpoint {step_dir(workdir, step)} has no item {item!r}")
-    saved_leaves = _shapes_by_name(saved)
-    live_leaves = _shapes_by_name(abstract)
-    problems = []
-    for name in sorted(set(saved_leaves) | set(live_leaves)):
-        if name not in live_leaves:
-            problems.append(f"{name}: in the checkpoint, not in this run")
-        elif name not in saved_leaves:
-            problems.append(f"{name}: in this run, not in the checkpoint")
-        elif saved_leaves[name] != live_leaves[name]:
-            (saved_shape, saved_dtype), (live_shape, live_dtype) = (
-                saved_leaves[name],
-                live_leaves[name],
-            )
-            problems.append(
-                f"{name}: saved {saved_dtype}{saved_shape}, this run {live_dtype}{live_shape}"
-            )
+    problems = _leaf_problems(_shapes_by_name(saved), _shapes_by_name(abstract))
+    problems = [problems[name] for name in sorted(problems)]
     if problems:
         raise CheckpointError(
             f"checkpoint {step_dir(workdir, step)} does not fit this run's {item}:"
@@ -402,7 +387,7 @@ def restore_trainable(
       workdir: the training run's directory.
       abstract_trainable: the trainable tree's `jax.ShapeDtypeStruct`s with the shardings
         to restore into, e.g. `abstract_like(trainable)` of the tree that
-        `scope.split(models.build(load_run_config(workdir).model, rng)[1])` gives.
+        `scope.split(runs.build_model(load_run_config(workdir).model, rng)[1])` gives.
       step: which checkpoint; None for the newest.
 
     Returns:
@@ -442,7 +427,7 @@ def check_resumable(workdir: str, step: int, config: ml_collections.ConfigDict) 
     meta = load_metadata(workdir, step)
     differences = config_differences(meta["config"], config)
     if differences:
-        old, new = _flatten(meta["config"]), _flatten(config_to_json(config))
+        old, new = trees.flatten_names(meta["config"]), trees.flatten_names(config_to_json(config))
         lines = [
             f"{n}: saved {old.get(n, '<absent>')!r}, now {new.get(n, '<absent>')!r}"
             for n in differences

@@ -37,9 +37,15 @@ INTERRUPTED_STATUS = 130
 
 def setup_logging() -> None:
     """absl logging at INFO, without the libraries' INFO noise (see the module docstring)."""
+    absl_logging.set_verbosity(absl_logging.INFO)
+    quiet_library_logs()
+
+
+def quiet_library_logs() -> None:
+    """Only the filters of `setup_logging`, for programs that keep their own verbosity
+    (the benchmarks): library modules install no filters when imported."""
     from nsync_jax import checkpoint, models  # Heavy imports; every launch script needs them.
 
-    absl_logging.set_verbosity(absl_logging.INFO)
     # JAX logs at INFO every platform it tries and fails to start; the chosen one is logged
     # by us (the mesh), and a real failure to start the requested platform still raises.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

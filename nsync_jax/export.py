@@ -32,15 +32,14 @@ import shutil
 from typing import Any
 
 import diffusers
-import jax
 import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict
-from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
-from nsync_jax import lora, models, weights
+from nsync_jax import lora, lora_export, models, trees, weights
 from nsync_jax import scope as scope_lib
+from nsync_jax.torch_files import save_learned_embeds, to_numpy, write_json
 
 Params = dict[str, Any]
 
@@ -54,21 +53,14 @@ TORCH_CLASSES = {
 DEFAULT_SCHEDULER = {"_class_name": "PNDMScheduler", "skip_prk_steps": True}
 # Flax-only config fields the PyTorch classes do not take.
 _FLAX_ONLY_FIELDS = ("use_memory_efficient_attention", "split_head_dim", "dtype", "parent", "name")
-EMBEDS_FILE = "learned_embeds.safetensors"
 TORCH_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def _to_numpy(x: jax.Array) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
 
 
 def torch_state_dict(params: Params, dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:
     """A component's Flax params as a PyTorch state dict of NumPy arrays (floats in `dtype`)."""
     state = {}
     for path, value in flatten_dict(params).items():
-        array = _to_numpy(value)
+        array = to_numpy(value)
         if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16":
             array = array.astype(dtype)
         state[weights.torch_key(path)] = weights.to_torch_layout(path[-1], array)
@@ -97,16 +89,15 @@ def check_torch_keys(
     what: str, state: dict[str, np.ndarray], reference: dict[str, tuple[int, ...]]
 ) -> None:
     """Raises ValueError naming missing, unexpected and misshapen tensors of `state`."""
-    reference = {k: v for k, v in reference.items() if not weights.is_torch_buffer(k)}
-    missing = sorted(k for k in reference if k not in state)
-    unexpected = sorted(k for k in state if k not in reference)
-    misshapen = [
-        f"{k} {state[k].shape} (expected {reference[k]})"
-        for k in sorted(state)
-        if k in reference and tuple(state[k].shape) != tuple(reference[k])
-    ]
-    if missing or unexpected or misshapen:
-        raise weights.mismatch_error(what, missing, unexpected, misshapen)
+    reference = {k: tuple(v) for k, v in reference.items() if not weights.is_torch_buffer(k)}
+    found = trees.diff(reference, {k: tuple(v.shape) for k, v in state.items()})
+    if found:
+        raise weights.mismatch_error(
+            what,
+            sorted(found.missing),
+            sorted(found.unexpected),
+            [f"{k} {state[k].shape} (expected {reference[k]})" for k in sorted(found.misshapen)],
+        )
 
 
 def _base_files(base_dir: str | None, component: str) -> list[str]:
@@ -133,13 +124,6 @@ def _copyable(component: str, base_files: list[str]) -> bool:
         return False
     keys = weights.torch_file_shapes(base_files)
     return weights.stored_key_rule(component, keys) is weights.same_key
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def _diffusers_config(module: Any, class_name: str) -> dict[str, Any]:
@@ -182,7 +166,7 @@ def _write_component(
         shutil.copy2(os.path.join(os.path.dirname(base_files[0]), "config.json"), target)
     else:
         module = model.unet if component == "unet" else model.vae
-        _write_json(
+        write_json(
             os.path.join(target, "config.json"),
             _diffusers_config(module, TORCH_CLASSES[component][1]),
         )
@@ -214,7 +198,7 @@ def _save_base_tokenizer(tokenizer: Any, target: str, vocab_size: int) -> None:
         with open(added_path) as f:
             added = {k: v for k, v in json.load(f).items() if v < vocab_size}
         if added:
-            _write_json(added_path, added)
+            write_json(added_path, added)
         else:
             os.remove(added_path)
     config_path = os.path.join(target, "tokenizer_config.json")
@@ -222,7 +206,7 @@ def _save_base_tokenizer(tokenizer: Any, target: str, vocab_size: int) -> None:
         config = json.load(f)
     decoder = config.get("added_tokens_decoder", {})
     config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < vocab_size}
-    _write_json(config_path, config)
+    write_json(config_path, config)
 
 
 def export_pipeline(
@@ -333,7 +317,7 @@ def export_pipeline(
     scheduler = dict(model.scheduler_config)
     if "_class_name" not in scheduler:
         scheduler.update(DEFAULT_SCHEDULER)
-    _write_json(os.path.join(output_dir, "scheduler", "scheduler_config.json"), scheduler)
+    write_json(os.path.join(output_dir, "scheduler", "scheduler_config.json"), scheduler)
 
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -345,27 +329,15 @@ def export_pipeline(
         "image_encoder": [None, None],
         "requires_safety_checker": False,
     }
-    _write_json(os.path.join(output_dir, "model_index.json"), index)
+    write_json(os.path.join(output_dir, "model_index.json"), index)
 
     token_scope = isinstance(scope, scope_lib.TextualInversionScope) or (
         isinstance(scope, scope_lib.LoraScope) and scope.token_id is not None
     )
     if token_scope:
         placeholder = model.tokenizer.convert_ids_to_tokens(scope.token_id)
-        row = _to_numpy(
-            params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"][
-                scope.token_id : scope.token_id + 1
-            ]
-        )
-        save_file(
-            {placeholder: row.astype(np.float32)},
-            os.path.join(output_dir, EMBEDS_FILE),
-            metadata={"format": "pt"},
-        )
-        _write_json(
-            os.path.join(output_dir, "textual_inversion.json"),
-            {"placeholder_token": placeholder, "weight_name": EMBEDS_FILE},
-        )
+        table = params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+        save_learned_embeds(output_dir, placeholder, table[scope.token_id : scope.token_id + 1])
     logging.info("exported %s scope to %s (%s)", scope.name, output_dir, sources)
     return output_dir
 
@@ -396,8 +368,6 @@ def export_run(
         base_dir = weights.resolve_pretrained(config.model)
     if isinstance(scope, scope_lib.LoraScope):
         # The LoRA file (and token) in `output_dir`; optionally the merged pipeline inside.
-        from nsync_jax import lora_export
-
         lora_export.export_lora(
             model,
             scope,

@@ -16,7 +16,7 @@ Two layouts of `pytorch_lora_weights.safetensors` (module paths from `weights.to
       lora_te_text_model_encoder_layers_N_self_attn_q_proj.lora_down.weight ...
 
 For pivotal tuning (`lora_ti`) the token goes to `learned_embeds.safetensors` as
-`{placeholder: [1, D]}`, as `export.py` writes textual inversion, for
+`{placeholder: [1, D]}` by `torch_files.save_learned_embeds`, as for textual inversion, for
 `pipe.load_textual_inversion(dir)` after `pipe.load_lora_weights(dir)`.
 """
 
@@ -32,8 +32,9 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
-from nsync_jax import export, lora, models
+from nsync_jax import lora, models
 from nsync_jax import scope as scope_lib
+from nsync_jax.torch_files import save_learned_embeds, to_numpy
 
 Params = dict[str, Any]
 
@@ -64,8 +65,8 @@ def adapter_layers(adapters: Params) -> Iterator[tuple[str, str, np.ndarray, np.
         layers = flatten_dict(adapters[component], is_leaf=lambda _, v: lora.A_NAME in v)
         for path in sorted(layers):
             layer = layers[path]
-            a = export._to_numpy(layer[lora.A_NAME]).astype(np.float32)
-            b = export._to_numpy(layer[lora.B_NAME]).astype(np.float32)
+            a = to_numpy(layer[lora.A_NAME]).astype(np.float32)
+            b = to_numpy(layer[lora.B_NAME]).astype(np.float32)
             yield (component, lora.module_name(path), *torch_factors(a, b))
 
 
@@ -150,7 +151,7 @@ def export_lora(
     layout: str = "peft",
     fold_alpha: bool = False,
 ) -> str:
-    """Writes the LoRA file and, for pivotal tuning, `learned_embeds.safetensors`.
+    """Writes the LoRA file and, for pivotal tuning, the learned token (`torch_files`).
 
     Args:
       model: the model after `scope.make_scope` (its tokenizer names the placeholder).
@@ -168,12 +169,7 @@ def export_lora(
     )
     if scope.token_id is not None:
         placeholder = model.tokenizer.convert_ids_to_tokens(scope.token_id)
-        row = export._to_numpy(trainable["token_embedding"]).astype(np.float32)
-        save_file(
-            {placeholder: row},
-            os.path.join(output_dir, export.EMBEDS_FILE),
-            metadata={"format": "pt"},
-        )
+        save_learned_embeds(output_dir, placeholder, trainable["token_embedding"])
     logging.info(
         "exported %d LoRA layers (%s layout) to %s",
         sum(1 for _ in adapter_layers(trainable["lora"])),

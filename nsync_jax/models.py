@@ -1,9 +1,10 @@
 """Stable Diffusion components: the one seam to the diffusers and transformers Flax classes.
 
-`build(config.model)` returns a `StableDiffusion` (the modules, tokenizer and noise-schedule
-config) and its parameters as `{"unet": ..., "vae": ..., "text_encoder": ...}`. The `tiny`
-source builds small random models from config, for tests and the demo; `pretrained` loads
-a diffusers folder or hub id (`weights.py`; `export.py` writes one back for PyTorch).
+`build_tiny(config.model, rng)` returns a `StableDiffusion` (the modules, tokenizer and
+noise-schedule config) and its parameters as `{"unet": ..., "vae": ..., "text_encoder":
+...}`: small random models from config, for tests and the demo. A pretrained diffusers
+folder or hub id is loaded into these modules by `weights.py` (`export.py` writes one back
+for PyTorch); `runs.build_model` picks between the two by `model.source`.
 
 diffusers 0.39 is the last release with Flax models and transformers 4.57 the last with
 `FlaxCLIPTextModel`; both log deprecation notices on every construction, which we filter.
@@ -55,9 +56,9 @@ def quiet_library_logs() -> None:
                 handler.addFilter(_DropDeprecationNotices())
 
 
-quiet_library_logs()
-
-# Imported after the filter is in place; the import itself logs nothing, construction does.
+# Importing these classes logs nothing; constructing them logs the notices. Whoever runs
+# the program installs the filter first: `cli.setup_logging` (launch scripts, benchmarks),
+# `tests/conftest.py`.
 from diffusers import (  # noqa: E402
     FlaxAutoencoderKL,
     FlaxDDPMScheduler,
@@ -355,25 +356,6 @@ def build_tiny(
         identity_vae=cfg.identity_vae,
     )
     return model, cast_floating(params, dtype_from_name(model_config.param_dtype))
-
-
-def build(
-    model_config: ml_collections.ConfigDict, rng: jax.Array, shardings_fn=None
-) -> tuple[StableDiffusion, Params]:
-    """Builds the model named by `model_config.source`: `tiny` or `pretrained`.
-
-    `shardings_fn` (parameter shapes -> shardings) lets `pretrained` place each loaded
-    tensor straight into its shards; `tiny` ignores it (its params are small).
-    """
-    if model_config.source == "tiny":
-        return build_tiny(model_config, rng)
-    if model_config.source == "pretrained":
-        from nsync_jax import weights  # Loading code lives apart; tiny runs never need it.
-
-        return weights.load_pretrained(model_config, shardings_fn)
-    raise errors.ConfigError(
-        f"model.source={model_config.source!r}: expected 'tiny' or 'pretrained'"
-    )
 
 
 def make_scheduler(model: StableDiffusion) -> FlaxDDPMScheduler:

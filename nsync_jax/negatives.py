@@ -50,10 +50,9 @@ from typing import Any
 import jax
 import ml_collections
 import tqdm
-from flax import traverse_util
 from PIL import Image
 
-from nsync_jax import errors, models, runs, sampling
+from nsync_jax import errors, models, runs, sampling, trees
 from nsync_jax.data import sources
 from nsync_jax.data.examples import BadImageError, ExampleSet
 from nsync_jax.data.negatives_store import IMAGES, SETTINGS, image_name, read_manifest
@@ -99,16 +98,11 @@ def store_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
-    """Nested JSON objects as {"group.field": value}, for naming differing fields."""
-    return traverse_util.flatten_dict(tree, sep=".")
-
-
 def check_settings(path: str, settings: dict[str, Any]) -> None:
     """Raises ValueError naming every setting in which the store at `path` differs."""
     with open(os.path.join(path, SETTINGS)) as f:
-        stored = _flatten(json.load(f))
-    wanted = _flatten(json.loads(json.dumps(settings)))
+        stored = trees.flatten_names(json.load(f))
+    wanted = trees.flatten_names(json.loads(json.dumps(settings)))
     differing = [
         f"{key}: store has {stored.get(key)!r}, config has {wanted.get(key)!r}"
         for key in sorted(set(stored) | set(wanted))

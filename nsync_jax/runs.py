@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from nsync_jax import models
+from nsync_jax import errors, models, weights
 from nsync_jax import scope as scope_lib
 
 Params = dict[str, Any]
@@ -24,6 +24,23 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     """(model init key, step key) of a run: the step key is what the loop folds steps into."""
     init_rng, step_rng = jax.random.split(jax.random.key(seed))
     return init_rng, step_rng
+
+
+def build_model(
+    model_config: ml_collections.ConfigDict, rng: jax.Array, shardings_fn=None
+) -> tuple[models.StableDiffusion, Params]:
+    """Builds the model named by `model_config.source`: `tiny` or `pretrained`.
+
+    `shardings_fn` (parameter shapes -> shardings) lets `pretrained` place each loaded
+    tensor straight into its shards; `tiny` ignores it (its params are small).
+    """
+    if model_config.source == "tiny":
+        return models.build_tiny(model_config, rng)
+    if model_config.source == "pretrained":
+        return weights.load_pretrained(model_config, shardings_fn)
+    raise errors.ConfigError(
+        f"model.source={model_config.source!r}: expected 'tiny' or 'pretrained'"
+    )
 
 
 def build_base(
@@ -42,7 +59,7 @@ def build_base(
                 f"{base.config.model.resolution}, this run has {config.model.resolution}"
             )
         return base.model, base.params
-    return models.build(config.model, run_keys(config.seed)[0], shardings_fn=shardings_fn)
+    return build_model(config.model, run_keys(config.seed)[0], shardings_fn=shardings_fn)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -29,6 +30,19 @@ from nsync_jax import lora, models
 Params = dict[str, Any]
 
 _EMBEDDING_PATH = ("text_model", "embeddings", "token_embedding", "embedding")
+
+
+def _token_row(params: Params, token_id: int) -> jax.Array:
+    """Row `token_id` of the text encoder's token-embedding table, as [1, D]."""
+    return _get_path(params["text_encoder"], _EMBEDDING_PATH)[token_id : token_id + 1]
+
+
+def _with_token_row(params: Params, token_id: int, row: jax.Array, dtype: Any) -> Params:
+    """`params` with row `token_id` of the embedding table set to `row` ([1, D]); the
+    table and the row are both cast to `dtype` (the one splice every token scope uses)."""
+    path = ("text_encoder", *_EMBEDDING_PATH)
+    table = _get_path(params, path).astype(dtype)
+    return _set_path(params, path, table.at[token_id].set(row[0].astype(dtype)))
 
 
 class Scope(abc.ABC):
@@ -82,14 +96,11 @@ class TextualInversionScope(Scope):
     name: str = "textual_inversion"
 
     def split(self, params: Params) -> tuple[Any, Params]:
-        table = _get_path(params["text_encoder"], _EMBEDDING_PATH)
-        return {"token_embedding": table[self.token_id : self.token_id + 1]}, params
+        return {"token_embedding": _token_row(params, self.token_id)}, params
 
     def merge(self, trainable: Any, frozen: Params) -> Params:
-        path = ("text_encoder", *_EMBEDDING_PATH)
-        table = _get_path(frozen, path)
-        row = trainable["token_embedding"].astype(table.dtype)
-        return _set_path(frozen, path, table.at[self.token_id].set(row[0]))
+        dtype = _get_path(frozen, ("text_encoder", *_EMBEDDING_PATH)).dtype
+        return _with_token_row(frozen, self.token_id, trainable["token_embedding"], dtype)
 
 
 def add_placeholder_token(
@@ -160,19 +171,16 @@ class LoraScope(Scope):
     def split(self, params: Params) -> tuple[Any, Params]:
         trainable = {"lora": lora.init_adapters(params, self.settings, self.seed)}
         if self.token_id is not None:
-            table = _get_path(params["text_encoder"], _EMBEDDING_PATH)
-            row = table[self.token_id : self.token_id + 1]
+            row = _token_row(params, self.token_id)
             trainable["token_embedding"] = row.astype(lora.ADAPTER_DTYPE)
         return trainable, models.cast_floating(params, self.base_dtype)
 
     def _with_token(self, trainable: Any, frozen: Params) -> Params:
         if self.token_id is None:
             return frozen
-        path = ("text_encoder", *_EMBEDDING_PATH)
         row = trainable["token_embedding"]
         # The table is upcast to the row's dtype so a bf16 base does not round the row.
-        table = _get_path(frozen, path).astype(row.dtype)
-        return _set_path(frozen, path, table.at[self.token_id].set(row[0]))
+        return _with_token_row(frozen, self.token_id, row, row.dtype)
 
     def merge(self, trainable: Any, frozen: Params) -> Params:
         params = self._with_token(trainable, frozen)

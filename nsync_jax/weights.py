@@ -46,7 +46,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import safe_open
 
-from nsync_jax import clip_tokenizer, errors, models, torch_pickle
+from nsync_jax import clip_tokenizer, errors, models, torch_pickle, trees
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
@@ -268,22 +268,22 @@ def match_torch_keys(
       errors.ConfigError: naming, with the file's key names, the missing, unexpected
         (buffers aside) and misshapen tensors.
     """
-    found, missing, misshapen, used = {}, [], [], set()
+    found, wanted = {}, {}
     for path, leaf in expected.items():
         key = stored_key(torch_key(path))
         if key not in available and _legacy_torch_key(key) in available:
             key = _legacy_torch_key(key)
-        if key not in available:
-            missing.append(key)
-            continue
-        used.add(key)
-        want = torch_shape(path[-1], tuple(leaf.shape))
-        if tuple(available[key]) != want:
-            misshapen.append(f"{key} {tuple(available[key])} (expected {want})")
         found[path] = key
-    unexpected = sorted(k for k in available if k not in used and not is_torch_buffer(k))
-    if missing or unexpected or misshapen:
-        raise mismatch_error(source, missing, unexpected, misshapen)
+        wanted[key] = torch_shape(path[-1], tuple(leaf.shape))
+    stored = {k: tuple(v) for k, v in available.items() if k in wanted or not is_torch_buffer(k)}
+    differences = trees.diff(wanted, stored)
+    if differences:
+        raise mismatch_error(
+            source,
+            differences.missing,
+            sorted(differences.unexpected),
+            [f"{k} {stored[k]} (expected {wanted[k]})" for k in differences.misshapen],
+        )
     return found
 
 
@@ -416,15 +416,18 @@ def load_component_params(
     else:
         with open(files[0], "rb") as f:
             stored = flatten_dict(flax.serialization.msgpack_restore(f.read()))
-        missing = ["/".join(p) for p in flat_expected if p not in stored]
-        unexpected = ["/".join(p) for p in stored if p not in flat_expected]
-        misshapen = [
-            f"{'/'.join(p)} {np.shape(stored[p])} (expected {tuple(leaf.shape)})"
-            for p, leaf in flat_expected.items()
-            if p in stored and np.shape(stored[p]) != tuple(leaf.shape)
-        ]
-        if missing or unexpected or misshapen:
-            raise mismatch_error(source, missing, unexpected, misshapen)
+        wanted = {p: tuple(leaf.shape) for p, leaf in flat_expected.items()}
+        differences = trees.diff(wanted, {p: np.shape(v) for p, v in stored.items()})
+        if differences:
+            raise mismatch_error(
+                source,
+                ["/".join(p) for p in differences.missing],
+                ["/".join(p) for p in differences.unexpected],
+                [
+                    f"{'/'.join(p)} {np.shape(stored[p])} (expected {wanted[p]})"
+                    for p in differences.misshapen
+                ],
+            )
         for path in flat_expected:
             flat[path] = _place(np.asarray(stored.pop(path)), param_dtype, flat_shardings.get(path))
     return unflatten_dict(flat)

@@ -519,6 +519,7 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(finetune_reference, tmp_pa
 def test_orbax_info_lines_are_dropped_but_its_warnings_kept():
     import logging
 
+    checkpoint.quiet_orbax_logs()  # What `cli.setup_logging` (and conftest.py) installs.
     absl_logger = logging.getLogger("absl")
 
     def record(level, path):

@@ -105,7 +105,7 @@ def test_load_textual_inversion_adds_the_exported_token(tmp_path, tiny_sd):
 
 
 def test_load_model_of_a_textual_inversion_export(tmp_path, tiny_sd):
-    from nsync_jax import export
+    from nsync_jax import export, torch_files
 
     config = demo.get_config()
     config.train.scope = "textual_inversion"
@@ -117,7 +117,7 @@ def test_load_model_of_a_textual_inversion_export(tmp_path, tiny_sd):
     config.model.source, config.model.pretrained = "pretrained", output
     under_test = protocol.load_model(config)
     assert under_test.style_token == "<s*>" and under_test.step is None
-    assert under_test.source["learned_embeds"] == os.path.join(output, export.EMBEDS_FILE)
+    assert under_test.source["learned_embeds"] == os.path.join(output, torch_files.EMBEDS_FILE)
     jax.tree.map(np.testing.assert_array_equal, under_test.params, params)
     prompt = ["a red circle in the style of <s*>"]
     np.testing.assert_array_equal(under_test.model.tokenize(prompt), model.tokenize(prompt))

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from configs import demo
-from nsync_jax import export, models, weights
+from nsync_jax import export, runs, torch_files, weights
 from nsync_jax import scope as scope_lib
 
 torch = pytest.importorskip("torch")
@@ -54,7 +54,7 @@ def tiny():
     """The demo's tiny model, built from the key `train.setup` uses for the seed."""
     config = demo.get_config()
     init_rng, _ = jax.random.split(jax.random.key(config.seed))
-    return models.build(config.model, init_rng)
+    return runs.build_model(config.model, init_rng)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_textual_inversion_export_without_base(unet_export, tmp_path):
     _, model, params = unet_export
     scope, model, params = _trained_token(model, params)
     output = export.export_pipeline(model, params, str(tmp_path / "ti"), scope=scope)
-    embeds = load_file(os.path.join(output, export.EMBEDS_FILE))
+    embeds = load_file(os.path.join(output, torch_files.EMBEDS_FILE))
     assert list(embeds) == ["<s*>"] and embeds["<s*>"].shape == (1, 32)
     _check_textual_inversion(output, model, params, scope.token_id)
 

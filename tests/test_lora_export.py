@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from configs import demo
-from nsync_jax import export, lora, lora_export
+from nsync_jax import export, lora, lora_export, torch_files
 from nsync_jax import scope as scope_lib
 
 torch = pytest.importorskip("torch")
@@ -96,6 +96,9 @@ def test_lora_loads_in_diffusers_with_equal_outputs(trained, tmp_path, layout, f
     pipe.load_lora_weights(output, weight_name=lora_export.LORA_FILE)  # Offline: named.
     pipe.load_textual_inversion(output)
     assert pipe.tokenizer.convert_tokens_to_ids("<s*>") == scope.token_id
+    # The same two files as a textual-inversion export: one writer.
+    with open(os.path.join(output, torch_files.EMBEDS_INFO_FILE)) as f:
+        assert json.load(f)["placeholder_token"] == "<s*>"
 
     # No unmatched key: what PEFT holds is exactly what we wrote, tensor for tensor.
     adapters = pipe.get_list_adapters()

@@ -51,7 +51,7 @@ def test_channels_must_be_multiples_of_32():
     config = demo.get_config().model
     config.tiny.unet_channels = (32, 48)
     with pytest.raises(ValueError, match="multiple of 32"):
-        models.build(config, jax.random.key(0))
+        models.build_tiny(config, jax.random.key(0))
 
 
 def test_cast_floating_keeps_integers():
@@ -60,11 +60,7 @@ def test_cast_floating_keeps_integers():
     assert cast["w"].dtype == jnp.bfloat16 and cast["i"].dtype == tree["i"].dtype
 
 
-def test_unknown_source_and_dtype_are_errors():
-    config = demo.get_config().model
-    config.source = "nope"
-    with pytest.raises(ValueError, match="model.source"):
-        models.build(config, jax.random.key(0))
+def test_unknown_dtype_is_an_error():  # An unknown model.source: test_runs.py.
     with pytest.raises(ValueError, match="unknown dtype"):
         models.dtype_from_name("float8")
 
@@ -72,6 +68,7 @@ def test_unknown_source_and_dtype_are_errors():
 def test_deprecation_notices_are_filtered():
     import diffusers.utils.logging as dlog
 
+    models.quiet_library_logs()  # What `cli.setup_logging` (and conftest.py) installs.
     handler = dlog.get_logger().handlers[0]  # The library's own stderr handler.
     buffer = io.StringIO()
     old = handler.setStream(buffer)
@@ -120,4 +117,4 @@ def test_resolution_the_model_cannot_divide_is_refused_at_build(unet_channels, r
     config.tiny.unet_channels = unet_channels
     config.resolution = resolution
     with pytest.raises(errors.ConfigError, match=message):
-        models.build(config, jax.random.key(0))
+        models.build_tiny(config, jax.random.key(0))

@@ -15,6 +15,13 @@ def test_build_base_is_the_model_training_uses(tiny_sd):
     jax.tree.map(np.testing.assert_array_equal, params, tiny_sd[1])
 
 
+def test_unknown_model_source_is_an_error():
+    config = demo.get_config().model
+    config.source = "nope"
+    with pytest.raises(ValueError, match="model.source"):
+        runs.build_model(config, jax.random.key(0))
+
+
 def test_load_trained_textual_inversion_run(tmp_path, tiny_sd, save_run):
     config = demo.get_config()
     config.train.scope = "textual_inversion"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from nsync_jax import models, optim, sharding, step, train
+from nsync_jax import optim, runs, sharding, step, train
 from nsync_jax import scope as scope_lib
 
 
@@ -79,7 +79,7 @@ def test_textual_inversion_trains_only_the_row_and_finetune_has_no_negatives():
 
 def _latent_step(config):
     """A jitted step on given latents (no VAE), its initial state, latents and token ids."""
-    model, params = models.build(config.model, jax.random.key(0))
+    model, params = runs.build_model(config.model, jax.random.key(0))
     s, model, params = scope_lib.make_scope(config.train, model, params)
     trainable, frozen = s.split(params)
     tx = optim.make_optimizer(config)

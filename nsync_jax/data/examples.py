@@ -293,3 +293,12 @@ def resize_and_crop(image: Image.Image, resolution: int) -> np.ndarray:
     top = (size[1] - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
     return np.asarray(image, dtype=np.uint8)
+
+
+def to_pixels(images: np.ndarray, flip: np.ndarray | None = None) -> np.ndarray:
+    """uint8 NHWC → float32 NCHW in [-1, 1] (the models' input), flipping rows where
+    `flip` is set: the one pixel normalisation, for batches and the latent cache alike."""
+    if flip is not None:
+        images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    pixels = images.astype(np.float32) / 127.5 - 1.0
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from nsync_jax.data.examples import BadImageError, ExampleSet
+from nsync_jax.data.examples import BadImageError, ExampleSet, to_pixels
 
 MomentsFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -53,11 +53,6 @@ class LatentCache:
         """(mean, std) of examples `rows`, each flipped where `flips` is set."""
         which = np.asarray(flips, np.int64)
         return self.mean[rows, which], self.std[rows, which]
-
-
-def _pixels(images: np.ndarray) -> np.ndarray:
-    """uint8 NHWC → float32 NCHW in [-1, 1] (as `pipeline._to_pixels` without flips)."""
-    return np.ascontiguousarray((images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2))
 
 
 def shard_rows(count: int, shard_index: int, shard_count: int) -> range:
@@ -115,7 +110,7 @@ def encode_shard(
         both = np.concatenate([stack, stack[:, :, ::-1]])  # Unflipped rows, then flipped.
         pad = np.repeat(both[:1], batch_size - len(both), axis=0)
         mean, std = (
-            np.asarray(m, np.float32) for m in moments_fn(_pixels(np.concatenate([both, pad])))
+            np.asarray(m, np.float32) for m in moments_fn(to_pixels(np.concatenate([both, pad])))
         )
         k = len(good)
         for flip in (0, 1):

@@ -31,17 +31,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from nsync_jax.data.examples import BadImageError, ExampleSet, sha256_json
+from nsync_jax.data.examples import BadImageError, ExampleSet, sha256_json, to_pixels
 from nsync_jax.data.latents import LatentCache, MomentsFn, build_latent_cache
 
 ON_BAD_IMAGE = ("error", "skip")
-
-
-def _to_pixels(images: np.ndarray, flip: np.ndarray) -> np.ndarray:
-    """uint8 NHWC → float32 NCHW in [-1, 1], flipping rows where `flip` is set."""
-    images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-    pixels = images.astype(np.float32) / 127.5 - 1.0
-    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
 
 
 class PairedBatches:
@@ -196,7 +189,7 @@ class PairedBatches:
                 out[name] = {"latent_mean": mean, "latent_std": std}
             else:
                 images = np.stack([images[name] for _, images in served])
-                out[name] = {"pixels": _to_pixels(images, flips)}
+                out[name] = {"pixels": to_pixels(images, flips)}
             out[name]["input_ids"] = self.input_ids[rows]
         return out
 

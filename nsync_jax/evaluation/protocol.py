@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from nsync_jax import export, models, runs, sampling, sharding
+from nsync_jax import models, runs, sampling, sharding, torch_files
 from nsync_jax import scope as scope_lib
 from nsync_jax.data.examples import ImageSequence
 from nsync_jax.evaluation import compare, images
@@ -229,7 +229,7 @@ def load_model(
     source: dict[str, Any] = {"kind": "model", "model_source": config.model.source}
     if config.model.source == "pretrained":
         source["pretrained"] = config.model.pretrained
-        embeds = os.path.join(config.model.pretrained, export.EMBEDS_FILE)
+        embeds = os.path.join(config.model.pretrained, torch_files.EMBEDS_FILE)
         if os.path.isfile(embeds):
             model, params, style_token = load_textual_inversion(model, params, embeds)
             source.update(

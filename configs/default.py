@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.resolution = 512  # Training image side in pixels.
     config.model.param_dtype = "float32"  # Dtype the parameters are held in.
     config.model.compute_dtype = "float32"  # Dtype of activations ("bfloat16" on TPU/GPU).
+    config.model.frozen_dtype = ""  # Frozen parts' dtype ("bfloat16" halves them); "": param_dtype.
     config.model.tiny = ml_collections.ConfigDict()  # Random-init tiny model (source="tiny").
     config.model.tiny.unet_channels = (32, 64)  # UNet block widths; multiples of 32.
     config.model.tiny.layers_per_block = 1  # ResNet layers per UNet block.
@@ -83,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.scope = "textual_inversion"  # "unet", "textual_inversion", "lora" or "lora_ti".
     config.train.num_steps = 8000  # Optimizer updates.
     config.train.batch_size = 2  # Global batch per branch (positives; negatives alike).
+    config.train.grad_accum = 1  # Micro-batches per step (each branch accumulated, then projected).
     config.train.share_noise = False  # Both branches share noise and timesteps if True.
     config.train.style_token = "<s*>"  # The style's word; a new token for textual inversion.
     config.train.initializer_token = "painting"  # Word the new token's embedding starts from.

@@ -1,13 +1,14 @@
 """Orbax checkpoints that resume a run exactly, and read-back for export and sampling.
 
-A checkpoint lives in `<workdir>/checkpoints/<step>/` and holds three orbax items:
+A checkpoint lives in `<workdir>/checkpoints/<step>/` and holds two orbax items:
 
-- `trainable`: the trained parameters (sharded arrays, OCDBT/Zarr).
-- `opt_state`: the optimizer state, NSYNC projection state included.
-- `meta` (JSON): step, nonfinite_step, the step RNG's key data, the data position and a
-  fingerprint of the data set, the run's config, a fingerprint of the frozen parameters
-  (which are not saved: they are rebuilt from the model source), and checksums of the
-  saved arrays.
+- `state`: the train state minus the frozen parameters (`step.TrainState.saved()`: step,
+  RNG, trainable parameters, optimizer state, any carried g−, and whatever field a later
+  feature adds), one pytree saved with its shardings (OCDBT/Zarr). A new state field needs
+  no code here.
+- `meta` (JSON): the format version, the step, the run's config, the data's fingerprint,
+  a fingerprint of the frozen parameters (which are not saved: they are rebuilt from the
+  model source), and checksums of the saved arrays.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoint intact. A resume checks, in order: the saved
@@ -15,7 +16,8 @@ config against the current one (fields in `RESUMABLE_FIELDS` may change), the da
 frozen parameters against their fingerprints, the saved shapes against the live state's,
 then restores straight into the live state's shardings and verifies the checksums. Any
 failure is a `CheckpointError` (or `ValueError` for a changed config) naming the checkpoint;
-nothing falls back to a fresh start or an older step.
+nothing falls back to a fresh start or an older step. Export and sampling read only the
+trainable parameters (an orbax partial restore: the optimizer state is not read).
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import threading
 from typing import Any
 
 import jax
@@ -35,10 +35,8 @@ import orbax.checkpoint as ocp
 
 from nsync_jax import errors, trees
 
-FORMAT_VERSION = 1
-TRAINABLE, OPT_STATE, META = "trainable", "opt_state", "meta"
-# The amortized g− (`nsync.negative_every > 1`): saved only by runs that carry one.
-NEGATIVE = "negative"
+FORMAT_VERSION = 2
+STATE, META = "state", "meta"
 
 
 class _DropOrbaxInfo(logging.Filter):
@@ -109,12 +107,7 @@ def make_manager(
         # A run killed mid-save leaves a tmp directory; orbax ignores it, this removes it.
         cleanup_tmp_directories=not read_only,
     )
-    handlers = {
-        TRAINABLE: ocp.StandardCheckpointHandler(),
-        OPT_STATE: ocp.StandardCheckpointHandler(),
-        NEGATIVE: ocp.StandardCheckpointHandler(),
-        META: ocp.JsonCheckpointHandler(),
-    }
+    handlers = {STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
@@ -163,11 +156,12 @@ def _leaf_sums(leaves: list[jax.Array]) -> list[jax.Array]:
 
 
 def tree_summary(tree: Any) -> dict[str, dict[str, Any]]:
-    """Shape, dtype and float32 checksums (sum |x|, sum x²) of every leaf, by key path."""
+    """Shape, dtype and float32 checksums (sum |x|, sum x²) of every leaf, by dotted name
+    (orbax's naming: `trainable.conv_in.kernel`, `opt_state.1.0.mu.w`)."""
     flat = jax.tree.flatten_with_path(tree)[0]
     sums = jax.device_get(_leaf_sums([x for _, x in flat])) if flat else []
     return {
-        jax.tree_util.keystr(path): {
+        _dotted(path): {
             "shape": list(np.shape(x)),
             "dtype": str(np.dtype(x.dtype)),
             "sums": [float(s) for s in leaf_sums],
@@ -306,6 +300,14 @@ def load_metadata(workdir: str, step: int | None = None) -> dict[str, Any]:
     step = _pick_step(workdir, step)
     with make_manager(workdir, read_only=True) as manager:
         meta = _restore(manager, workdir, step, **{META: ocp.args.JsonRestore()})[META]
+    if isinstance(meta, dict) and meta.get("format") == 1:
+        raise CheckpointError(
+            f"checkpoint {step_dir(workdir, step)} was written by an older version of "
+            "nsync_jax (checkpoint format 1: trainable parameters and optimizer state as "
+            f"separate items); this version reads format {FORMAT_VERSION} (the whole train "
+            "state as one item). Resume, export or sample it with the version that wrote "
+            "it, or start a new workdir"
+        )
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {step_dir(workdir, step)} has no metadata of format {FORMAT_VERSION}"
@@ -337,51 +339,70 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
+def _dotted(path: tuple) -> str:
+    return ".".join(_key_name(k) for k in path)
+
+
 def _shapes_by_name(tree: Any) -> dict[str, tuple[list[int], str]]:
-    """Leaf shape and dtype by a dotted name that matches orbax's (namedtuple fields by
-    name, sequences by index), so saved metadata and live trees line up."""
+    """Leaf shape and dtype by a dotted name that matches orbax's (dataclass and namedtuple
+    fields by name, sequences by index), so saved metadata and live trees line up."""
     return {
-        ".".join(_key_name(k) for k in path): (list(x.shape), str(np.dtype(x.dtype)))
+        _dotted(path): (list(x.shape), str(np.dtype(x.dtype)))
         for path, x in jax.tree.flatten_with_path(tree)[0]
     }
 
 
 def _check_shapes(
-    manager: ocp.CheckpointManager, workdir: str, step: int, item: str, abstract: Any
+    manager: ocp.CheckpointManager, workdir: str, step: int, abstract: Any, what: str
 ) -> None:
-    """Stops with the leaves whose saved shape or dtype differ from `abstract`."""
+    """Stops with the leaves whose saved shape or dtype differ from `abstract`, a tree of
+    the saved state's form (or, for a partial read, a dict of some of its fields)."""
     try:
-        saved = manager.item_metadata(step)[item]
+        saved = manager.item_metadata(step)[STATE]
     except (OSError, ValueError) as e:
         raise CheckpointError(
-            f"checkpoint {step_dir(workdir, step)}: cannot read the metadata of {item!r}: {e}"
+            f"checkpoint {step_dir(workdir, step)}: cannot read the metadata of {STATE!r}: {e}"
         ) from e
     if saved is None:
-        raise CheckpointError(f"checkpoint {step_dir(workdir, step)} has no item {item!r}")
-    problems = _leaf_problems(_shapes_by_name(saved), _shapes_by_name(abstract))
+        raise CheckpointError(f"checkpoint {step_dir(workdir, step)} has no item {STATE!r}")
+    saved_shapes = _shapes_by_name(getattr(saved, "tree", saved))
+    live_shapes = _shapes_by_name(abstract)
+    if isinstance(abstract, dict):  # A partial read compares only the fields it reads.
+        fields = tuple(f"{name}." for name in abstract)
+        saved_shapes = {k: v for k, v in saved_shapes.items() if k.startswith(fields)}
+    problems = _leaf_problems(saved_shapes, live_shapes)
     problems = [problems[name] for name in sorted(problems)]
     if problems:
         raise CheckpointError(
-            f"checkpoint {step_dir(workdir, step)} does not fit this run's {item}:"
+            f"checkpoint {step_dir(workdir, step)} does not fit this run's {what}:"
             + _format_problems(problems)
         )
 
 
-def _verify_checksums(
-    workdir: str, step: int, meta: dict[str, Any], item: str, restored: Any
-) -> None:
-    problems = compare_summaries(meta["checksums"][item], tree_summary(restored))
+def _verify_checksums(workdir: str, step: int, meta: dict[str, Any], restored: Any) -> None:
+    live = tree_summary(restored)
+    saved = {name: leaf for name, leaf in meta["checksums"].items() if name in live}
+    problems = compare_summaries(saved, live)
     if problems:
         raise CheckpointError(
-            f"checkpoint {step_dir(workdir, step)}: restored {item} does not match the "
+            f"checkpoint {step_dir(workdir, step)}: the restored state does not match the "
             "checksums saved with it (damaged files?):" + _format_problems(problems)
         )
+
+
+def _restore_args(abstract: Any) -> Any:
+    return jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+        abstract,
+    )
 
 
 def restore_trainable(
     workdir: str, abstract_trainable: Any, step: int | None = None
 ) -> tuple[Any, int]:
     """Restores only the trainable parameters of checkpoint `step` (newest if None).
+
+    The rest of the saved state (optimizer state, carried g−) is not read.
 
     Args:
       workdir: the training run's directory.
@@ -399,13 +420,21 @@ def restore_trainable(
     """
     step = _pick_step(workdir, step)
     meta = load_metadata(workdir, step)
+    target = {"trainable": abstract_trainable}
     with make_manager(workdir, read_only=True) as manager:
-        _check_shapes(manager, workdir, step, TRAINABLE, abstract_trainable)
+        _check_shapes(manager, workdir, step, target, "trainable parameters")
         restored = _restore(
-            manager, workdir, step, **{TRAINABLE: ocp.args.StandardRestore(abstract_trainable)}
-        )[TRAINABLE]
-    _verify_checksums(workdir, step, meta, TRAINABLE, restored)
-    return restored, step
+            manager,
+            workdir,
+            step,
+            **{
+                STATE: ocp.args.PyTreeRestore(
+                    item=target, restore_args=_restore_args(target), partial_restore=True
+                )
+            },
+        )[STATE]
+    _verify_checksums(workdir, step, meta, restored)
+    return restored["trainable"], step
 
 
 # --- The training loop's side -----------------------------------------------------------------
@@ -443,12 +472,11 @@ def check_resumable(workdir: str, step: int, config: ml_collections.ConfigDict) 
 def save(
     manager: ocp.CheckpointManager,
     state: Any,
-    step_rng: jax.Array,
     config: ml_collections.ConfigDict,
     frozen_summary: dict[str, Any],
     data: dict[str, Any],
 ) -> None:
-    """Starts an async save of `state` (a `step.TrainState`) at `state.step`.
+    """Starts an async save of `state.saved()` (a `step.TrainState`) at `state.step`.
 
     Refuses a state that has seen a non-finite value: a checkpoint is always one that can
     be resumed.
@@ -456,7 +484,6 @@ def save(
     Args:
       manager: from `make_manager`.
       state: the train state; its frozen parameters are not saved, only fingerprinted.
-      step_rng: the key the loop folds the step into.
       config: the run's config, saved as JSON.
       frozen_summary: `tree_summary(state.frozen)`, computed once per run.
       data: `data_fingerprint(batches)`.
@@ -466,32 +493,22 @@ def save(
         raise FloatingPointError(
             f"refusing to save step {step}: non-finite values since step {nonfinite}"
         )
+    saved = state.saved()
     meta = {
         "format": FORMAT_VERSION,
         "step": step,
-        "nonfinite_step": nonfinite,
-        "rng": {
-            "impl": str(jax.random.key_impl(step_rng)),
-            "key_data": np.asarray(jax.random.key_data(step_rng)).tolist(),
-        },
         # The batch of step s is a pure function of (seed, s): the position is the step.
         "data": {"position": step, **data},
         "config": config_to_json(config),
         "frozen": frozen_summary,
-        "checksums": {
-            TRAINABLE: tree_summary(state.trainable),
-            OPT_STATE: tree_summary(state.opt_state),
-        },
+        "checksums": tree_summary(saved),
     }
-    items = {
-        TRAINABLE: ocp.args.StandardSave(state.trainable),
-        OPT_STATE: ocp.args.StandardSave(state.opt_state),
-    }
-    if getattr(state, NEGATIVE, None) is not None:
-        meta["checksums"][NEGATIVE] = tree_summary(state.negative)
-        items[NEGATIVE] = ocp.args.StandardSave(state.negative)
     manager.save(
-        step, args=ocp.args.Composite(**items, **{META: ocp.args.JsonSave(meta)}), force=True
+        step,
+        args=ocp.args.Composite(
+            **{STATE: ocp.args.PyTreeSave(saved), META: ocp.args.JsonSave(meta)}
+        ),
+        force=True,
     )
 
 
@@ -503,11 +520,11 @@ def restore_state(
     state: Any,
     frozen_summary: dict[str, Any],
     data: dict[str, Any],
-) -> tuple[Any, jax.Array]:
+) -> Any:
     """Restores checkpoint `step` into the shardings of the live `state`.
 
-    The live state's trainable parameters and optimizer state are only used for their
-    shapes and shardings; they are deleted before reading so memory does not double.
+    The live state's saved part is only used for its shapes and shardings; it is deleted
+    before reading so memory does not double.
 
     Args:
       manager: from `make_manager`.
@@ -519,7 +536,7 @@ def restore_state(
       data: `data_fingerprint(batches)` of this run.
 
     Returns:
-      (state, step_rng) to continue from.
+      The state to continue from (the live frozen parameters, everything else restored).
 
     Raises:
       CheckpointError: the data set or frozen parameters differ from the saved run's, the
@@ -536,103 +553,19 @@ def restore_state(
             f"the frozen parameters of this run differ from those that trained checkpoint "
             f"{where} (a different base model?):" + _format_problems(problems)
         )
-    targets = {TRAINABLE: abstract_like(state.trainable), OPT_STATE: abstract_like(state.opt_state)}
-    negative = getattr(state, NEGATIVE, None)
-    if negative is not None:
-        if NEGATIVE not in meta["checksums"]:
-            raise CheckpointError(f"checkpoint {where} holds no amortized g− ({NEGATIVE!r})")
-        targets[NEGATIVE] = abstract_like(negative)
-    for item, abstract in targets.items():
-        _check_shapes(manager, workdir, step, item, abstract)
+    live = state.saved()
+    abstract = abstract_like(live)
+    _check_shapes(manager, workdir, step, abstract, "train state")
     # Free the initial values before reading: restoring allocates the same sizes again.
-    for x in jax.tree.leaves((state.trainable, state.opt_state, negative)):
+    for x in jax.tree.leaves(live):
         x.delete()
     restored = _restore(
         manager,
         workdir,
         step,
-        **{item: ocp.args.StandardRestore(abstract) for item, abstract in targets.items()},
-    )
-    for item in targets:
-        _verify_checksums(workdir, step, meta, item, restored[item])
-    rng = jax.random.wrap_key_data(
-        np.asarray(meta["rng"]["key_data"], np.uint32), impl=meta["rng"]["impl"]
-    )
-    state = state.replace(
-        step=jax.device_put(np.int32(step), state.step.sharding),
-        trainable=restored[TRAINABLE],
-        opt_state=restored[OPT_STATE],
-        negative=restored[NEGATIVE] if negative is not None else None,
-        nonfinite_step=jax.device_put(
-            np.int32(meta["nonfinite_step"]), state.nonfinite_step.sharding
-        ),
-    )
-    return state, rng
-
-
-class PreemptionWatcher:
-    """Turns SIGTERM (the preemption signal) and Ctrl-C (SIGINT) into a flag the loop checks
-    once per step; the loop then saves the step it reached and stops.
-
-    The handler only sets the flag: saving from inside a signal handler could interleave
-    with a step or a save in progress. A second Ctrl-C gets Python's default behaviour back
-    (KeyboardInterrupt at once, no save) for a user who does not want to wait for the save.
-    On one process the flag is the decision. With many processes each host's flag could flip
-    at a different step, so the decision comes from JAX's preemption sync manager instead
-    (`ocp.multihost.reached_preemption`, the same step on every host; it needs
-    `jax.distributed.initialize()` and handles SIGTERM itself), and no Python handler is
-    installed: a Ctrl-C seen by one host only could not stop every host at the same step.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: str | None = None  # The first signal's name ("SIGTERM", "SIGINT").
-        self._previous: dict[int, Any] = {}
-        self._multihost = jax.process_count() > 1
-
-    @property
-    def interrupted(self) -> bool:
-        """Whether the stop came from Ctrl-C (the caller then ends like a KeyboardInterrupt)."""
-        return self.received == "SIGINT"
-
-    def install(self) -> None:
-        """Installs the handlers (single process, main thread only)."""
-        if self._multihost:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            # Python only lets the main thread install handlers; SIGTERM then just kills.
-            logging.warning("not on the main thread: SIGTERM will not save a checkpoint")
-            return
-        for signum in self.SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def uninstall(self) -> None:
-        """Puts back the handlers that were there before `install`."""
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous = {}
-
-    def __enter__(self) -> PreemptionWatcher:
-        self.install()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.uninstall()
-
-    def _handle(self, signum, frame) -> None:
-        del frame
-        if self.received is None:
-            self.received = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            # The next Ctrl-C interrupts at once (Python's default handler).
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def should_stop(self, step: int) -> bool:
-        """True once a stop is signalled; the same `step` on every host."""
-        if self._multihost:
-            return ocp.multihost.reached_preemption(step)
-        if self.received:
-            how = "Ctrl-C again stops without saving" if self.interrupted else "then exiting"
-            logging.warning("%s received: saving step %d (%s)", self.received, step, how)
-        return self.received is not None
+        **{STATE: ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract))},
+    )[STATE]
+    _verify_checksums(workdir, step, meta, restored)
+    if int(jax.device_get(restored.step)) != step:
+        raise CheckpointError(f"checkpoint {where} holds the state of step {restored.step}")
+    return restored.replace(frozen=state.frozen)

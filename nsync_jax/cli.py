@@ -15,7 +15,7 @@
 - Errors: an `errors.UserError` (a config that cannot work, a missing file or data set, a
   checkpoint that cannot be resumed) is printed as one line `error: ...` and the script
   exits with status 2; Ctrl-C outside the training loop (which saves first, see
-  `checkpoint.PreemptionWatcher`) exits with 130. Any other exception is a bug and keeps
+  `loop.PreemptionWatcher`) exits with 130. Any other exception is a bug and keeps
   its traceback. `NSYNC_TRACEBACK=1` shows the traceback of user errors too.
 """
 

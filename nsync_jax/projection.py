@@ -225,6 +225,10 @@ def nsync_projection(
         whole tree, as the paper and the reference code do) or ``"per_tensor"``.
       eps: added to the squared norm in each denominator; finite and >= 0.
 
+    A second keyword argument, ``unprojected_updates`` (optional), is added to :math:`u`
+    after the projection: the gradient of an auxiliary loss that should not be projected
+    (``step.AuxiliaryLoss(projected=False)``).
+
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` whose ``update`` requires the
       keyword-only argument ``negative_updates`` and whose state is a
@@ -247,10 +251,13 @@ def nsync_projection(
         params: optax.Params | None = None,
         *,
         negative_updates: optax.Updates,
+        unprojected_updates: optax.Updates | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, NsyncProjectionState]:
         del state, params, extra_args
         u, cosine, coefficient = project(updates, negative_updates, rule, granularity, eps)
+        if unprojected_updates is not None:
+            u = jax.tree.map(lambda a, b: a + b.astype(a.dtype), u, unprojected_updates)
         return u, NsyncProjectionState(cosine=cosine, coefficient=coefficient)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

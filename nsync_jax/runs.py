@@ -62,6 +62,15 @@ def build_base(
     return build_model(config.model, run_keys(config.seed)[0], shardings_fn=shardings_fn)
 
 
+def frozen_for_training(config: ml_collections.ConfigDict, frozen: Params) -> Params:
+    """The frozen parameters as the trainer holds them: cast to `model.frozen_dtype` if
+    set (e.g. a bf16 copy of the base, half the memory; the trained part stays in
+    `model.param_dtype`)."""
+    if not config.model.frozen_dtype:
+        return frozen
+    return models.cast_floating(frozen, models.dtype_from_name(config.model.frozen_dtype))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainedRun:
     """A checkpointed run: its config, model (scope applied), and parameters."""
@@ -97,7 +106,10 @@ def load_trained(
         workdir, checkpoint.abstract_like(trainable), step
     )
     saved_frozen = checkpoint.load_metadata(workdir, step)["frozen"]
-    problems = checkpoint.compare_summaries(saved_frozen, checkpoint.tree_summary(frozen))
+    # Training held the frozen parts as `frozen_for_training` makes them; the returned
+    # run keeps them in full precision.
+    live = checkpoint.tree_summary(frozen_for_training(config, frozen))
+    problems = checkpoint.compare_summaries(saved_frozen, live)
     if problems:
         raise ValueError(
             f"the rebuilt frozen parameters differ from those that trained step {step} in "

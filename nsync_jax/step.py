@@ -1,14 +1,29 @@
-"""The training state and the pure training step for `finetune` and `nsync`.
+"""The training state and the pure training step, in two halves: gradients, then update.
 
-`make_train_step(...)` returns `step(state, batch, rng) -> (state, metrics)`, compiled once
-by the loop with explicit shardings and the state donated. Each branch is one call of the
-same diffusion loss: the positive batch gives g+, the negative batch g−; the optimizer
-(`optim.make_optimizer`) projects g+ against g− before clipping and AdamW. Two calls rather
-than a `vmap` over branches: equal gradients, and faster on CPU (DESIGN.md).
+`make_train_step(...)` returns `step(state, batch) -> (state, metrics)`, compiled once by
+the loop with explicit shardings and the state donated. It is the composition of
+
+- `gradients(state, batch, rng) -> (grads, metrics)`: the gradient of each branch, by name
+  (`"positive"`: g+, `"negative"`: g− in `nsync` mode, `"unprojected"`: auxiliary losses
+  that bypass the projection), accumulated over `grad_accum` micro-batches by a `lax.scan`;
+- `apply(state, grads, metrics) -> (state, metrics)`: the optimizer update
+  (`optim.make_optimizer`: the NSYNC projection of g+ against g−, clipping, AdamW), the
+  carried g−, and the non-finite record.
+
+The RNG lives in the state: step s draws from `fold_in(state.rng, s)`, so a restored
+state continues the same random stream and a checkpoint needs no separate key.
+
+Each branch is one call of the same diffusion loss; two calls rather than a `vmap` over
+branches: equal gradients, and faster on CPU (DESIGN.md). All random draws of a step
+(posterior sample, noise, timesteps) are made for the whole batch before it is split
+into micro-batches, so `grad_accum = k` computes the gradient of the same batch as one
+pass, only in k pieces.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -21,16 +36,20 @@ from nsync_jax import diffusion, models
 from nsync_jax.scope import Scope
 
 Batch = dict[str, dict[str, jax.Array]]
+Grads = dict[str, Any]  # Branch name -> a gradient with the structure of `trainable`.
+Metrics = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything the step reads and writes.
+    """Everything the step reads and writes; a checkpoint is `saved()` of it.
 
     Attributes:
       step: number of updates applied so far.
+      rng: the run's step key as raw key data (uint32); step s folds s into it.
       trainable: the parameters the scope trains (FSDP-sharded).
-      frozen: the rest of the model, never updated (FSDP-sharded too).
+      frozen: the rest of the model, never updated (FSDP-sharded too); rebuilt from the
+        model source on resume, never saved.
       opt_state: optimizer state, for `trainable` only.
       nonfinite_step: first step whose loss or gradient was non-finite, -1 if none; the
         loop reads it at log and save time, so it names the step without a per-step sync.
@@ -41,25 +60,48 @@ class TrainState:
     """
 
     step: jax.Array
+    rng: jax.Array
     trainable: Any
     frozen: Any
     opt_state: optax.OptState
     nonfinite_step: jax.Array
     negative: Any = None
 
+    def saved(self) -> TrainState:
+        """What a checkpoint holds: everything but the frozen parameters."""
+        return self.replace(frozen=None)
+
+    def step_key(self) -> jax.Array:
+        """The key of the step this state is at."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
 
 def init_state(
-    trainable: Any, frozen: Any, tx: optax.GradientTransformation, carry_negative: bool = False
+    trainable: Any,
+    frozen: Any,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    carry_negative: bool = False,
 ) -> TrainState:
-    """The state before step 0; `carry_negative` adds the (zero) amortized g− slot."""
+    """The state before step 0.
+
+    Args:
+      trainable, frozen: the scope's split of the parameters.
+      tx: the optimizer.
+      rng: the run's step key (`runs.run_keys(seed)[1]`); a typed key or raw key data.
+      carry_negative: add the (zero) amortized g− slot.
+    """
     negative = None
     if carry_negative:
         negative = {
             "grad": jax.tree.map(jnp.zeros_like, trainable),
             "loss": jnp.zeros((), jnp.float32),
         }
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.key_data(rng)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
+        rng=rng,
         trainable=trainable,
         frozen=frozen,
         opt_state=tx.init(trainable),
@@ -82,7 +124,13 @@ def sample_posterior(
 ) -> jax.Array:
     """Scaled NCHW latents `mean + std·ε`, drawn exactly as `model.encode_images` draws
     them (same ε for the same rng), so the cached and pixel paths agree."""
-    latents = mean + std * jax.random.normal(rng, mean.shape)
+    return _scaled_latents(model, mean, std, jax.random.normal(rng, mean.shape))
+
+
+def _scaled_latents(
+    model: models.StableDiffusion, mean: jax.Array, std: jax.Array, eps: jax.Array
+) -> jax.Array:
+    latents = mean + std * eps
     return jnp.transpose(latents, (0, 3, 1, 2)) * model.vae.config.scaling_factor
 
 
@@ -96,49 +144,166 @@ def negative_every(config: ml_collections.ConfigDict) -> int:
     return every
 
 
-def make_branch_loss(
+# --- One branch: draws, then the loss --------------------------------------------------------
+
+
+def _latent_shape_nchw(model: models.StableDiffusion, branch: dict[str, jax.Array]) -> tuple:
+    if "latents" in branch:
+        return branch["latents"].shape
+    if "latent_mean" in branch:
+        b, h, w, c = branch["latent_mean"].shape
+        return (b, c, h, w)
+    return (branch["pixels"].shape[0], *model.latent_shape)
+
+
+def make_draws(
+    model: models.StableDiffusion, schedule: diffusion.NoiseSchedule
+) -> Callable[[dict, jax.Array, jax.Array], dict]:
+    """`draws(branch, posterior_rng, noise_rng)`: every random number one branch needs.
+
+    `posterior_rng` draws the VAE posterior sample ε (NHWC, as diffusers' `sample` draws
+    it), `noise_rng` the diffusion noise and timesteps, so two branches can share noise by
+    sharing `noise_rng`. Drawn for the whole batch, split with it into micro-batches.
+    """
+
+    def draws(branch, posterior_rng, noise_rng):
+        shape = _latent_shape_nchw(model, branch)
+        noise, timesteps = diffusion.sample_noise(schedule, noise_rng, shape)
+        out = {"noise": noise, "timesteps": timesteps}
+        if "latents" not in branch and not model.identity_vae:
+            b, c, h, w = shape
+            out["posterior"] = jax.random.normal(posterior_rng, (b, h, w, c))
+        return out
+
+    return draws
+
+
+def make_branch_forward(
     model: models.StableDiffusion, scope: Scope, schedule: diffusion.NoiseSchedule
 ):
-    """`loss(trainable, frozen, branch, rng, noise_rng)`: the ε/v MSE on one batch.
+    """`forward(trainable, frozen, branch, draws) -> (loss, outputs)` on one batch.
 
     A branch holds `input_ids` and one of: `pixels` (encoded here), `latent_mean` and
     `latent_std` (cached posterior moments, `data/latents.py`), or `latents` (fixed).
-    `rng` draws the VAE posterior sample; `noise_rng` draws noise and timesteps, so two
-    branches can share noise by sharing `noise_rng`.
+    `loss` is the ε/v MSE; `outputs` (`latents`, `noisy`, `timesteps`, `prediction`,
+    `target`, `context`) are what an auxiliary loss may read.
     """
 
-    def loss(trainable, frozen, branch, rng, noise_rng):
+    def forward(trainable, frozen, branch, draws):
         params = scope.merge(trainable, frozen)
         if "latent_mean" in branch:  # Cached by a frozen VAE; still a fresh sample per step.
-            latents = sample_posterior(model, branch["latent_mean"], branch["latent_std"], rng)
+            latents = _scaled_latents(
+                model, branch["latent_mean"], branch["latent_std"], draws["posterior"]
+            )
         elif "latents" in branch:  # Precomputed by a frozen VAE.
             latents = branch["latents"]
+        elif model.identity_vae:
+            latents = model.encode_images(params["vae"], branch["pixels"], None)
         else:
-            latents = model.encode_images(params["vae"], branch["pixels"], rng)
+            mean, std = posterior_moments(model, params["vae"], branch["pixels"])
+            latents = _scaled_latents(model, mean, std, draws["posterior"])
         latents = jax.lax.stop_gradient(latents)
         context = model.encode_text(params["text_encoder"], branch["input_ids"])
-        noise, timesteps = diffusion.sample_noise(schedule, noise_rng, latents.shape)
-        noised = diffusion.add_noise(schedule, latents, noise, timesteps)
+        timesteps = draws["timesteps"]
+        noised = diffusion.add_noise(schedule, latents, draws["noise"], timesteps)
         prediction = model.predict_noise(params["unet"], noised.noisy, timesteps, context)
-        return diffusion.mse(prediction, noised.target)
+        loss = diffusion.mse(prediction, noised.target)
+        outputs = {
+            "latents": latents,
+            "noisy": noised.noisy,
+            "timesteps": timesteps,
+            "prediction": prediction,
+            "target": noised.target,
+            "context": context,
+        }
+        return loss, outputs
+
+    return forward
+
+
+def make_branch_loss(
+    model: models.StableDiffusion, scope: Scope, schedule: diffusion.NoiseSchedule
+):
+    """`loss(trainable, frozen, branch, rng, noise_rng)`: the ε/v MSE on one batch, with
+    its draws made from `rng` (posterior) and `noise_rng` (noise, timesteps)."""
+    forward = make_branch_forward(model, scope, schedule)
+    draws = make_draws(model, schedule)
+
+    def loss(trainable, frozen, branch, rng, noise_rng):
+        return forward(trainable, frozen, branch, draws(branch, rng, noise_rng))[0]
 
     return loss
 
 
-def make_train_step(
+@dataclasses.dataclass(frozen=True)
+class AuxiliaryLoss:
+    """A further weighted loss on the positive branch, beside the diffusion loss.
+
+    Attributes:
+      name: its metric is `loss_<name>`.
+      weight: its gradient enters the update scaled by this.
+      fn: `fn(params, branch, outputs) -> scalar`, with the merged parameters, the positive
+        branch and the diffusion forward's `outputs` (`make_branch_forward`).
+      projected: True adds its gradient to g+ before the NSYNC projection (the projection
+        then also removes its component along g−); False adds it after the projection,
+        untouched (`grads["unprojected"]`). Without a projection (`finetune`) both add it
+        to the gradient.
+    """
+
+    name: str
+    weight: float
+    fn: Callable[[Any, dict, dict], jax.Array]
+    projected: bool
+
+
+# --- gradients ---------------------------------------------------------------------------------
+
+
+def _split_micro(tree: Any, k: int) -> Any:
+    """[B, ...] leaves to [k, B/k, ...]; micro-batch j takes rows j, k+j, 2k+j, ... so that
+    each micro-batch stays spread over the devices that hold contiguous rows."""
+
+    def split(x):
+        b = x.shape[0] // k
+        return jnp.swapaxes(x.reshape((b, k) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, tree)
+
+
+def accumulate(fn: Callable[..., Any], k: int, *batched: Any) -> Any:
+    """The mean of `fn(*micro)` over `k` micro-batches of `batched`, as one `lax.scan`.
+
+    `fn` returns a pytree of arrays (losses and gradients); its mean over equal-sized
+    micro-batches equals `fn` of the whole batch when `fn` averages over rows.
+    """
+    if k == 1:
+        return fn(*batched)
+    micro = _split_micro(batched, k)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, *first))
+
+    def body(total, xs):
+        out = fn(*xs)
+        return jax.tree.map(jnp.add, total, out), None
+
+    total, _ = jax.lax.scan(body, zeros, micro)
+    return jax.tree.map(lambda x: x / k, total)
+
+
+def make_gradients(
     model: models.StableDiffusion,
     scope: Scope,
-    tx: optax.GradientTransformationExtraArgs,
     train_config: ml_collections.ConfigDict,
     trainable_shardings: Any = None,
     negative_every: int = 1,
+    grad_accum: int = 1,
+    auxiliary: tuple[AuxiliaryLoss, ...] = (),
 ):
-    """The pure step `(state, batch, rng) -> (state, metrics)` for `train_config.mode`.
+    """`gradients(state, batch, rng) -> (grads, metrics)` for `train_config.mode`.
 
     Args:
       model: the Stable Diffusion parts.
       scope: splits and merges trainable and frozen parameters.
-      tx: the optimizer; in `nsync` mode it takes `negative_updates=`.
       train_config: `config.train` (`mode`, `share_noise`).
       trainable_shardings: if given, gradients are constrained to these shardings so they
         stay FSDP-sharded like the parameters.
@@ -148,11 +313,21 @@ def make_train_step(
         k−1 of every k steps at the price of projecting against a g− up to k−1 updates
         (and k−1 noise draws) old. `jax.lax.cond` runs only the taken branch outside
         `vmap`, so the saving is real.
+      grad_accum: micro-batches per step; each branch's gradient is the mean over them.
+      auxiliary: further weighted losses on the positive branch (`AuxiliaryLoss`).
+
+    Returns:
+      `gradients`, whose `grads` hold `"positive"`, in nsync mode `"negative"`, and with an
+      unprojected auxiliary loss `"unprojected"`; `metrics` hold `loss_pos`, `loss_neg`
+      and `loss_<name>` of each auxiliary loss (unweighted).
     """
     if negative_every < 1:
         raise ValueError(f"negative_every must be >= 1, got {negative_every}")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     schedule = diffusion.make_schedule(model.scheduler_config)
-    grad_fn = jax.value_and_grad(make_branch_loss(model, scope, schedule))
+    forward = make_branch_forward(model, scope, schedule)
+    draws_fn = make_draws(model, schedule)
     nsync = train_config.mode == "nsync"
 
     def constrain(grads):
@@ -160,28 +335,69 @@ def make_train_step(
             return grads
         return jax.lax.with_sharding_constraint(grads, trainable_shardings)
 
-    def step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, dict]:
-        rng = jax.random.fold_in(rng, state.step)
-        pos_rng, pos_noise, neg_rng, neg_noise = jax.random.split(rng, 4)
+    def plain_branch(trainable, frozen):
+        """(losses, grads) of the diffusion loss alone."""
+
+        def fn(branch, draws):
+            loss, grad = jax.value_and_grad(lambda t: forward(t, frozen, branch, draws)[0])(
+                trainable
+            )
+            return {"loss": loss}, {"grad": constrain(grad)}
+
+        return fn
+
+    def positive_branch(trainable, frozen):
+        """(losses, grads) of the diffusion loss and the auxiliary losses: one forward,
+        one backward for what the projection sees and one for what bypasses it."""
+        if not auxiliary:
+            return plain_branch(trainable, frozen)
+        projected = jnp.array([a.weight if a.projected else 0.0 for a in auxiliary])
+        bypass = jnp.array([0.0 if a.projected else a.weight for a in auxiliary])
+
+        def fn(branch, draws):
+            def objective(t):
+                loss, outputs = forward(t, frozen, branch, draws)
+                params = scope.merge(t, frozen)
+                return loss, jnp.stack([a.fn(params, branch, outputs) for a in auxiliary])
+
+            (loss, aux_losses), vjp = jax.vjp(objective, trainable)
+            losses = {"loss": loss, **{a.name: aux_losses[i] for i, a in enumerate(auxiliary)}}
+            grads = {"grad": constrain(vjp((jnp.ones_like(loss), projected))[0])}
+            if any(not a.projected for a in auxiliary):
+                grads["unprojected"] = constrain(vjp((jnp.zeros_like(loss), bypass))[0])
+            return losses, grads
+
+        return fn
+
+    def gradients(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[Grads, Metrics]:
+        pos_post, pos_noise, neg_post, neg_noise = jax.random.split(rng, 4)
         if train_config.share_noise:
             neg_noise = pos_noise
-        loss_pos, g_pos = grad_fn(
-            state.trainable, state.frozen, batch["positive"], pos_rng, pos_noise
+        positive = batch["positive"]
+        losses, pos = accumulate(
+            positive_branch(state.trainable, state.frozen),
+            grad_accum,
+            positive,
+            draws_fn(positive, pos_post, pos_noise),
         )
-        g_pos = constrain(g_pos)
-        metrics = {"loss_pos": loss_pos, "grad_norm_pos": optax.tree.norm(g_pos)}
-        extra = {}
-        negative = state.negative
+        grads = {"positive": pos["grad"]}
+        if "unprojected" in pos:
+            grads["unprojected"] = pos["unprojected"]
+        metrics = {"loss_pos": losses.pop("loss")}
+        metrics.update({f"loss_{name}": v for name, v in losses.items()})
         if nsync:
+            negative = batch["negative"]
 
             def fresh(_):
-                loss, grad = grad_fn(
-                    state.trainable, state.frozen, batch["negative"], neg_rng, neg_noise
+                neg_losses, neg = accumulate(
+                    plain_branch(state.trainable, state.frozen),
+                    grad_accum,
+                    negative,
+                    draws_fn(negative, neg_post, neg_noise),
                 )
-                return {"grad": constrain(grad), "loss": loss.astype(jnp.float32)}
+                return {"grad": neg["grad"], "loss": neg_losses["loss"].astype(jnp.float32)}
 
             if negative_every == 1:
-                negative = None
                 computed = fresh(None)
             else:
                 if state.negative is None:
@@ -189,10 +405,40 @@ def make_train_step(
                 computed = jax.lax.cond(
                     state.step % negative_every == 0, fresh, lambda _: state.negative, None
                 )
-                negative = computed
-            loss_neg, g_neg = computed["loss"], computed["grad"]
-            extra = {"negative_updates": g_neg}
-            metrics.update(loss_neg=loss_neg, grad_norm_neg=optax.tree.norm(g_neg))
+            grads["negative"] = computed["grad"]
+            metrics["loss_neg"] = computed["loss"]
+        return grads, metrics
+
+    return gradients
+
+
+# --- apply -------------------------------------------------------------------------------------
+
+
+def make_apply(tx: optax.GradientTransformationExtraArgs, nsync: bool):
+    """`apply(state, grads, metrics) -> (state, metrics)`: one optimizer update.
+
+    In nsync mode `tx.update` gets g− as `negative_updates=` (the projection comes first
+    in `tx`) and an unprojected auxiliary gradient as `unprojected_updates=`, which the
+    projection adds after projecting. Adds the norms, the projection's cosine and
+    coefficient to `metrics`, records the first non-finite step, and carries g− when the
+    state has a slot for it.
+    """
+
+    def apply(state: TrainState, grads: Grads, metrics: Metrics) -> tuple[TrainState, Metrics]:
+        g_pos = grads["positive"]
+        metrics = dict(metrics, grad_norm_pos=optax.tree.norm(g_pos))
+        extra = {}
+        negative = state.negative
+        if nsync:
+            extra["negative_updates"] = grads["negative"]
+            metrics["grad_norm_neg"] = optax.tree.norm(grads["negative"])
+            if "unprojected" in grads:
+                extra["unprojected_updates"] = grads["unprojected"]
+            if state.negative is not None:
+                negative = {"grad": grads["negative"], "loss": metrics["loss_neg"]}
+        elif "unprojected" in grads:
+            g_pos = jax.tree.map(jnp.add, g_pos, grads["unprojected"])
         updates, opt_state = tx.update(g_pos, state.opt_state, state.trainable, **extra)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics["update_norm"] = optax.tree.norm(updates)
@@ -211,5 +457,38 @@ def make_train_step(
             negative=negative,
         )
         return new_state, metrics
+
+    return apply
+
+
+def make_train_step(
+    model: models.StableDiffusion,
+    scope: Scope,
+    tx: optax.GradientTransformationExtraArgs,
+    train_config: ml_collections.ConfigDict,
+    trainable_shardings: Any = None,
+    negative_every: int = 1,
+    grad_accum: int = 1,
+    auxiliary: tuple[AuxiliaryLoss, ...] = (),
+):
+    """The pure step `(state, batch) -> (state, metrics)`: `gradients` then `apply`.
+
+    Arguments as `make_gradients`; `tx` is the optimizer (in nsync mode it takes
+    `negative_updates=`).
+    """
+    gradients = make_gradients(
+        model,
+        scope,
+        train_config,
+        trainable_shardings=trainable_shardings,
+        negative_every=negative_every,
+        grad_accum=grad_accum,
+        auxiliary=auxiliary,
+    )
+    apply = make_apply(tx, nsync=train_config.mode == "nsync")
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        grads, metrics = gradients(state, batch, state.step_key())
+        return apply(state, grads, metrics)
 
     return step

@@ -1,12 +1,13 @@
-"""The training loop: set up, then step, log and stop on non-finite values.
+"""A training run: set up, restore, then `loop.run` with logging, checks and checkpoints.
 
 Order of set-up and resume: config check → the latest checkpoint's saved config compared
 with this one (cheap, before anything is built) → mesh → style data and negatives (opened
 before the model: a missing data set should not wait for gigabytes of weights) → model and
 parameters → scope split → optimizer → state built under `jax.jit(out_shardings=...)` →
 batches → the step compiled once with explicit shardings and the state donated → if
-resuming: data and frozen-parameter fingerprints checked, then trainable parameters,
-optimizer state, step and RNG restored straight into the state's shardings (checkpoint.py).
+resuming: data and frozen-parameter fingerprints checked, then the saved state (step, RNG,
+trainable parameters, optimizer state, carried g−) restored straight into the state's
+shardings (checkpoint.py) → `loop.run`.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import operator
 import os
-import time
 from typing import Any
 
 import jax
 import ml_collections
-import tqdm
 
-from nsync_jax import checkpoint, errors, models, optim, projection, runs, sharding
+from nsync_jax import checkpoint, errors, loop, models, optim, projection, runs, sharding
 from nsync_jax import metrics as metrics_lib
 from nsync_jax import scope as scope_lib
 from nsync_jax import step as step_lib
@@ -78,7 +76,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for ok, what, allowed in checks:
         if not ok:
             raise errors.ConfigError(f"{what} is not one of {tuple(allowed)}")
-    for name in ("num_steps", "batch_size"):
+    for name in ("num_steps", "batch_size", "grad_accum"):
         if config.train[name] < 1:
             raise errors.ConfigError(f"train.{name} must be >= 1, got {config.train[name]}")
     if config.log.every < 1:
@@ -110,7 +108,11 @@ def _validate_negatives(config: ml_collections.ConfigDict) -> None:
 
 @dataclasses.dataclass
 class Trainer:
-    """Everything set up for a run; `train()` builds one and runs it."""
+    """Everything set up for a run; `train()` builds one and hands it to `loop.run`.
+
+    `step_fn(state, batch) -> (state, metrics)` is compiled with explicit shardings and
+    the state donated; `batch(step)` is step `step`'s global batch on the mesh.
+    """
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
@@ -120,7 +122,9 @@ class Trainer:
     state_sharding: Any
     batches: pipeline.PairedBatches
     step_fn: Any
-    step_rng: jax.Array
+
+    def batch(self, step: int) -> Any:
+        return sharding.global_batch(self.mesh, self.batches.batch(step))
 
 
 def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
@@ -130,10 +134,17 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     """
     validate_config(config)
     mesh = sharding.make_mesh(config.mesh, devices)
-    if config.train.batch_size % sharding.batch_divisor(mesh):
+    divisor = sharding.batch_divisor(mesh)
+    if config.train.batch_size % divisor:
         raise errors.ConfigError(
             f"train.batch_size={config.train.batch_size} does not divide over the "
-            f"{sharding.batch_divisor(mesh)} devices of mesh {dict(mesh.shape)}"
+            f"{divisor} devices of mesh {dict(mesh.shape)}"
+        )
+    if config.train.batch_size % (divisor * config.train.grad_accum):
+        raise errors.ConfigError(
+            f"train.batch_size={config.train.batch_size} does not split into "
+            f"train.grad_accum={config.train.grad_accum} micro-batches that each divide over "
+            f"the {divisor} devices of mesh {dict(mesh.shape)}"
         )
     positives = sources.load_positives(config.data, config.model.resolution)
     negatives = None
@@ -145,11 +156,14 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     )
     scope, model, params = scope_lib.make_scope(config.train, model, params, config.lora)
     trainable, frozen = scope.split(params)
+    frozen = runs.frozen_for_training(config, frozen)
     tx = optim.make_optimizer(config)
     negative_every = step_lib.negative_every(config)
 
     def init(trainable, frozen):
-        return step_lib.init_state(trainable, frozen, tx, carry_negative=negative_every > 1)
+        return step_lib.init_state(
+            trainable, frozen, tx, step_rng, carry_negative=negative_every > 1
+        )
 
     state_shapes = jax.eval_shape(init, trainable, frozen)
     state_sharding = sharding.tree_shardings(mesh, state_shapes)
@@ -191,24 +205,15 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
         config.train,
         trainable_shardings=state_sharding.trainable,
         negative_every=negative_every,
+        grad_accum=config.train.grad_accum,
     )
-    replicated = sharding.replicated(mesh)
     step_fn = jax.jit(
         step,
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh), replicated),
-        out_shardings=(state_sharding, replicated),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
-    return Trainer(config, mesh, model, scope, state, state_sharding, batches, step_fn, step_rng)
-
-
-def _check_finite(state: step_lib.TrainState) -> None:
-    bad = int(jax.device_get(state.nonfinite_step))
-    if bad >= 0:
-        raise FloatingPointError(
-            f"non-finite loss or gradient at step {bad}; stopping (lower optim.learning_rate, "
-            "set optim.clip_norm, or check the data)"
-        )
+    return Trainer(config, mesh, model, scope, state, state_sharding, batches, step_fn)
 
 
 def _resume_step(config: ml_collections.ConfigDict, workdir: str, steps: list[int]) -> int | None:
@@ -264,20 +269,18 @@ def _run(
     resume_step: int | None,
     meta: dict[str, Any] | None,
 ) -> step_lib.TrainState:
-    """Restores (if resuming), then steps, logs and saves until the end or a stop signal."""
+    """Restores (if resuming), then runs the loop until the end or a stop signal."""
     frozen_summary = checkpoint.tree_summary(trainer.state.frozen)
     data = checkpoint.data_fingerprint(trainer.batches)
-    state, step_rng = trainer.state, trainer.step_rng
+    state = trainer.state
     if resume_step is not None:
         logging.info(
             "resuming from step %d (%s)", resume_step, checkpoint.step_dir(workdir, resume_step)
         )
-        state, step_rng = checkpoint.restore_state(
+        state = checkpoint.restore_state(
             manager, workdir, resume_step, meta, state, frozen_summary, data
         )
     start = int(jax.device_get(state.step))
-    writer = metrics_lib.MetricWriter(workdir, start_step=start)
-    is_main = jax.process_index() == 0
     logging.info(
         "training %s (%s scope) for %d steps on mesh %s; %d style images",
         config.train.mode,
@@ -286,50 +289,39 @@ def _run(
         dict(trainer.mesh.shape),
         len(trainer.batches),
     )
-    if is_main:
+    if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     images_per_step = config.train.batch_size * (2 if config.train.mode == "nsync" else 1)
-    sums, count = None, 0
-    tick, tick_step = time.perf_counter(), start
-    bar = tqdm.trange(start, config.train.num_steps, disable=not is_main, desc="train")
-    every = config.checkpoint.every
-    preemption = checkpoint.PreemptionWatcher()
-    preemption.install()
-    try:
-        for step in bar:
-            batch = sharding.global_batch(trainer.mesh, trainer.batches.batch(step))
-            state, metrics = trainer.step_fn(state, batch, step_rng)
-            sums = metrics if sums is None else jax.tree.map(operator.add, sums, metrics)
-            count += 1
-            done = step + 1
-            if done % config.log.every == 0 or done == config.train.num_steps:
-                _check_finite(state)
-                means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-                now = time.perf_counter()
-                steps_per_s = (done - tick_step) / (now - tick)
-                means.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * images_per_step)
-                writer.write(done, means)
-                bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss_pos", "steps_per_s")})
-                sums, count = None, 0
-                tick, tick_step = now, done
-            stop = preemption.should_stop(done)
-            if stop or done == config.train.num_steps or (every and done % every == 0):
-                _check_finite(state)  # Never save a state past a non-finite value.
-                checkpoint.save(manager, state, step_rng, config, frozen_summary, data)
-            if stop:
-                logging.warning(
-                    "%s: saved step %d to %s; rerun the same command to resume",
-                    "interrupted" if preemption.interrupted else "preempted",
-                    done,
-                    checkpoint.step_dir(workdir, done),
-                )
-                break
-    finally:
-        preemption.uninstall()
-        bar.close()
-        writer.close()
-    if preemption.interrupted:
+
+    def save(step: int, state: step_lib.TrainState) -> None:
+        loop.check_finite(state)  # Never save a state past a non-finite value.
+        checkpoint.save(manager, state, config, frozen_summary, data)
+
+    bar = loop.ProgressBar(start, config.train.num_steps)
+    hooks = [
+        bar,
+        loop.LogMetrics(
+            metrics_lib.MetricWriter(workdir, start_step=start),
+            config.log.every,
+            images_per_step,
+            start,
+            bar=bar.bar,
+        ),
+        loop.CheckFinite(config.log.every),
+        loop.Callback(save, config.checkpoint.every, on_stop=True),
+    ]
+    watcher = loop.PreemptionWatcher()
+    with watcher:
+        state = loop.run(trainer, state, config.train.num_steps, hooks, watcher)
+    if watcher.received:
+        logging.warning(
+            "%s: saved step %d to %s; rerun the same command to resume",
+            "interrupted" if watcher.interrupted else "preempted",
+            int(jax.device_get(state.step)),
+            checkpoint.step_dir(workdir, int(jax.device_get(state.step))),
+        )
+    if watcher.interrupted:
         manager.wait_until_finished()  # The save completes before the interrupt goes on.
         raise KeyboardInterrupt
     return state

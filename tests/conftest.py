@@ -57,11 +57,9 @@ def _save_run(workdir, config, trainable, frozen):
     from nsync_jax import step as step_lib
 
     counter = optax.GradientTransformation(lambda _: {"count": jnp.zeros((), jnp.int32)}, None)
-    state = step_lib.init_state(trainable, frozen, counter)
+    state = step_lib.init_state(trainable, frozen, counter, jax.random.key(0))
     with checkpoint.make_manager(workdir) as manager:
-        checkpoint.save(
-            manager, state, jax.random.key(0), config, checkpoint.tree_summary(frozen), {}
-        )
+        checkpoint.save(manager, state, config, checkpoint.tree_summary(frozen), {})
         manager.wait_until_finished()
 
 

@@ -149,6 +149,6 @@ def test_trainer_with_cached_latents_steps_like_the_pixel_trainer():
         local = trainer.batches.batch(0)
         assert ("latent_mean" in local["negative"]) == cache
         batch = sharding.global_batch(trainer.mesh, local)
-        _, metrics = trainer.step_fn(trainer.state, batch, trainer.step_rng)
+        _, metrics = trainer.step_fn(trainer.state, batch)
         losses.append((float(metrics["loss_pos"]), float(metrics["loss_neg"])))
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)

@@ -175,7 +175,7 @@ def test_nsync_step_updates_only_the_adapters(tiny_sd):
     assert isinstance(model, lora.InterceptedStableDiffusion)
     trainable, frozen = s.split(params)
     tx = optim.make_optimizer(config)
-    state = step_lib.init_state(trainable, frozen, tx)
+    state = step_lib.init_state(trainable, frozen, tx, jax.random.key(0))
     # Optimizer state exists for the adapters only.
     mu = optax.tree.get(state.opt_state, "mu")
     assert jax.tree.structure(mu) == jax.tree.structure(trainable)
@@ -188,7 +188,7 @@ def test_nsync_step_updates_only_the_adapters(tiny_sd):
 
     batch = {"positive": branch(), "negative": branch()}
     step = jax.jit(step_lib.make_train_step(model, s, tx, config.train))
-    new_state, metrics = step(state, batch, jax.random.key(0))
+    new_state, metrics = step(state, batch)
     metrics = jax.device_get(metrics)
     assert all(np.isfinite(v) for v in metrics.values())
     assert metrics["grad_norm_pos"] > 0 and metrics["grad_norm_neg"] > 0

@@ -1,12 +1,14 @@
 """The training step under jit: both modes, both scopes, mesh layouts, shared noise."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import demo
-from nsync_jax import optim, runs, sharding, step, train
+from nsync_jax import optim, projection, runs, step, train
 from nsync_jax import scope as scope_lib
 
 
@@ -20,8 +22,7 @@ def _run(config, devices, steps):
     trainer = train.setup(config, devices)
     state, history = trainer.state, []
     for i in range(steps):
-        batch = sharding.global_batch(trainer.mesh, trainer.batches.batch(i))
-        state, metrics = trainer.step_fn(state, batch, trainer.step_rng)
+        state, metrics = trainer.step_fn(state, trainer.batch(i))
         history.append(jax.device_get(metrics))
     return trainer, state, history
 
@@ -86,7 +87,7 @@ def _latent_step(config):
     fn = jax.jit(step.make_train_step(model, s, tx, config.train))
     latents = jax.random.normal(jax.random.key(3), (2, *model.latent_shape))
     ids = model.tokenize(["a red circle"] * 2)
-    return model, fn, step.init_state(trainable, frozen, tx), latents, ids
+    return model, fn, step.init_state(trainable, frozen, tx, jax.random.key(5)), latents, ids
 
 
 def _identical_branches_loss(share_noise):
@@ -94,7 +95,7 @@ def _identical_branches_loss(share_noise):
         _config(mode="nsync", scope="unet", share_noise=share_noise)
     )
     branch = {"latents": latents, "input_ids": ids}
-    _, metrics = fn(state, {"positive": branch, "negative": branch}, jax.random.key(5))
+    _, metrics = fn(state, {"positive": branch, "negative": branch})
     return metrics
 
 
@@ -114,7 +115,7 @@ def test_nonfinite_loss_is_recorded_with_its_step():
             "positive": {"latents": latents, "input_ids": ids},
             "negative": {"latents": good, "input_ids": ids},
         }
-        return fn(state, batch, jax.random.key(5))[0]
+        return fn(state, batch)[0]
 
     state = run(state, good)
     assert int(state.nonfinite_step) == -1
@@ -128,7 +129,7 @@ def test_bf16_compute_keeps_fp32_params():
     config.model.compute_dtype = "bfloat16"
     model, fn, state, latents, ids = _latent_step(config)
     branch = {"latents": latents, "input_ids": ids}
-    state, metrics = fn(state, {"positive": branch, "negative": branch}, jax.random.key(5))
+    state, metrics = fn(state, {"positive": branch, "negative": branch})
     assert all(bool(jnp.isfinite(v)) for v in metrics.values())
     assert {x.dtype for x in jax.tree.leaves(state.trainable)} == {jnp.dtype("float32")}
     # The UNet really computes in bf16.
@@ -154,3 +155,98 @@ def test_amortized_negatives_reuse_the_carried_gradient():
     config.nsync.negative_every = 0
     with pytest.raises(ValueError, match="negative_every"):
         train.setup(config, jax.devices()[:1])
+
+
+def _gradients_setup(mode, batch=4, **kwargs):
+    config = _config(mode=mode, scope="unet")
+    model, params = runs.build_model(config.model, jax.random.key(0))
+    s, model, params = scope_lib.make_scope(config.train, model, params)
+    trainable, frozen = s.split(params)
+    tx = optim.make_optimizer(config)
+    state = step.init_state(trainable, frozen, tx, jax.random.key(5))
+    keys = jax.random.split(jax.random.key(3), 2)
+    ids = model.tokenize(["a red circle", "a blue square"] * (batch // 2))
+
+    def branch(key):
+        return {"latents": jax.random.normal(key, (batch, *model.latent_shape)), "input_ids": ids}
+
+    batch_ = {"positive": branch(keys[0]), "negative": branch(keys[1])}
+    return model, s, config, tx, state, batch_
+
+
+@pytest.mark.parametrize("mode", ["finetune", "nsync"])
+def test_grad_accumulation_equals_one_batch(mode):
+    model, s, config, tx, state, batch = _gradients_setup(mode)
+    rng = jax.random.key(11)
+    results = {}
+    for k in (1, 2, 4):
+        fn = step.make_gradients(model, s, config.train, grad_accum=k)
+        if k > 1:  # The micro-batches really are a scan, not k unrolled passes.
+            assert "scan" in str(jax.make_jaxpr(fn)(state, batch, rng))
+        results[k] = jax.device_get(jax.jit(fn)(state, batch, rng))
+    ref_grads, ref_metrics = results[1]
+    assert set(ref_grads) == ({"positive", "negative"} if mode == "nsync" else {"positive"})
+    for k in (2, 4):
+        grads, metrics = results[k]
+        for name in ref_metrics:
+            np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=2e-5)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads
+        )
+
+
+def test_grad_accumulation_must_split_the_batch_over_the_devices():
+    config = _config(mode="finetune", scope="textual_inversion", batch_size=8, grad_accum=2)
+    config.data.demo_count = 8
+    with pytest.raises(ValueError, match="grad_accum=2 micro-batches"):
+        train.setup(config, jax.devices()[:8])
+
+
+def _prediction_energy(params, branch, outputs):
+    return jnp.mean(jnp.square(outputs["prediction"].astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("projected", [True, False])
+def test_auxiliary_loss_goes_through_the_projection_only_when_asked(projected):
+    model, s, config, tx, state, batch = _gradients_setup("nsync", batch=2)
+    weight = 0.3
+    aux = step.AuxiliaryLoss("energy", weight, _prediction_energy, projected=projected)
+    plain = step.make_gradients(model, s, config.train)
+    with_aux = step.make_gradients(model, s, config.train, auxiliary=(aux,))
+    rng = jax.random.key(11)
+    g_plain, m_plain = jax.jit(plain)(state, batch, rng)
+    g_aux, m_aux = jax.jit(with_aux)(state, batch, rng)
+
+    # The auxiliary gradient alone, with the same draws as the step's positive branch.
+    schedule = step.diffusion.make_schedule(model.scheduler_config)
+    forward = step.make_branch_forward(model, s, schedule)
+    post_rng, noise_rng, _, _ = jax.random.split(rng, 4)
+    draws = step.make_draws(model, schedule)(batch["positive"], post_rng, noise_rng)
+
+    def aux_only(t):
+        outputs = forward(t, state.frozen, batch["positive"], draws)[1]
+        return weight * _prediction_energy(None, batch["positive"], outputs)
+
+    g_alone = jax.jit(jax.grad(aux_only))(state.trainable)
+    assert float(m_aux["loss_energy"]) > 0
+    np.testing.assert_allclose(m_aux["loss_pos"], m_plain["loss_pos"], rtol=1e-6)
+    close = functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=1e-6)
+    if projected:
+        assert "unprojected" not in g_aux
+        jax.tree.map(
+            lambda a, p, x: close(a, p + x), g_aux["positive"], g_plain["positive"], g_alone
+        )
+    else:
+        jax.tree.map(close, g_aux["positive"], g_plain["positive"])
+        jax.tree.map(close, g_aux["unprojected"], g_alone)
+    jax.tree.map(close, g_aux["negative"], g_plain["negative"])
+
+    # What apply hands the optimizer: the unprojected part is added after the projection.
+    sgd = optim.optax.chain(projection.nsync_projection(), optim.optax.sgd(1.0))
+    sgd_state = state.replace(opt_state=sgd.init(state.trainable))
+    new_state, _ = step.make_apply(sgd, nsync=True)(sgd_state, g_aux, m_aux)
+    projected_pos, _, _ = projection.project(g_aux["positive"], g_aux["negative"])
+    expected = jax.tree.map(lambda p, u: p - u, state.trainable, projected_pos)
+    if not projected:
+        expected = jax.tree.map(jnp.subtract, expected, g_aux["unprojected"])
+    jax.tree.map(close, new_state.trainable, expected)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import demo, monet
-from nsync_jax import metrics, step, train
+from nsync_jax import loop, metrics, step, train
 
 
 def test_demo_run_writes_metrics_and_tensorboard(tmp_path):
@@ -37,11 +37,16 @@ def test_demo_run_writes_metrics_and_tensorboard(tmp_path):
 
 def test_nonfinite_state_stops_with_the_step():
     state = step.TrainState(
-        step=jnp.array(7), trainable={}, frozen={}, opt_state=(), nonfinite_step=jnp.array(5)
+        step=jnp.array(7),
+        rng=jax.random.key_data(jax.random.key(0)),
+        trainable={},
+        frozen={},
+        opt_state=(),
+        nonfinite_step=jnp.array(5),
     )
     with pytest.raises(FloatingPointError, match="step 5"):
-        train._check_finite(state)
-    train._check_finite(state.replace(nonfinite_step=jnp.array(-1)))
+        loop.check_finite(state)
+    loop.check_finite(state.replace(nonfinite_step=jnp.array(-1)))
 
 
 @pytest.mark.parametrize(

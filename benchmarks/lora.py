@@ -23,7 +23,7 @@ import time
 import jax
 
 from configs import demo
-from nsync_jax import cli, sharding, train
+from nsync_jax import cli, loop, train
 
 MiB = 2**20
 
@@ -41,14 +41,15 @@ def _variant(mode: str, scope: str, implementation: str, args: argparse.Namespac
     config.lora.implementation = implementation
     config.lora.base_dtype = args.base_dtype
     trainer = train.setup(config, jax.devices()[:1])
-    batch = sharding.global_batch(trainer.mesh, trainer.batches.batch(0))
-    compiled = trainer.step_fn.lower(trainer.state, batch, trainer.step_rng).compile()
-    memory = compiled.memory_analysis()
-    holder = {"state": trainer.state}
+    batch = trainer.batch(0)
+    memory = trainer.step_fn.lower(trainer.state, batch).compile().memory_analysis()
+    fixed = loop.FixedBatch(trainer, batch)
+    holder = {"state": trainer.state, "steps": 0}
 
-    def run():
-        holder["state"], metrics = compiled(holder["state"], batch, trainer.step_rng)
-        return metrics
+    def run():  # One step of the trainer's own loop.
+        holder["steps"] += 1
+        holder["state"] = loop.run(fixed, holder["state"], holder["steps"])
+        return holder["state"]
 
     jax.block_until_ready(run())  # Warm up.
     state = holder["state"]

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from configs import demo
-from nsync_jax import cli, projection, sharding, train
+from nsync_jax import cli, loop, projection, train
 
 
 def _time(fn, repeats: int) -> float:
@@ -35,12 +35,13 @@ def _stepper(mode: str, scope: str, batch_size: int):
     config = demo.get_config()
     config.train.mode, config.train.scope, config.train.batch_size = mode, scope, batch_size
     trainer = train.setup(config, jax.devices()[:1])
-    batch = sharding.global_batch(trainer.mesh, trainer.batches.batch(0))
-    holder = {"state": trainer.state}
+    fixed = loop.FixedBatch(trainer, trainer.batch(0))
+    holder = {"state": trainer.state, "steps": 0}
 
-    def run():
-        holder["state"], metrics = trainer.step_fn(holder["state"], batch, trainer.step_rng)
-        return metrics
+    def run():  # One step of the trainer's own loop.
+        holder["steps"] += 1
+        holder["state"] = loop.run(fixed, holder["state"], holder["steps"])
+        return holder["state"]
 
     jax.block_until_ready(run())  # Compile and warm up.
     jax.block_until_ready(run())

@@ -13,7 +13,8 @@ Every ingredient exists offline (docs/style_benchmark.md explains the design):
 4. Runs: `finetune` and `nsync` with each rule (+ amortized g−, k=4, paper rule), in the
    `unet`, `textual_inversion` and `lora` scopes, each for `--steps` steps and each seed. The
    Trainer from `train.setup` is built once per method; seeds reuse its compiled step
-   (fresh state from the base, the seed's data order and step key).
+   (`Trainer.reseeded`: fresh state from the base, the seed's data order and step key)
+   and run through the trainer's own loop (`loop.run`) with an evaluation hook.
 5. Scores (`benchmarks/style_metrics.py`) of images sampled for every class (0-9, so half the
    prompts ask for content the style set never showed), at `--evals` points per run.
 
@@ -36,8 +37,8 @@ import numpy as np
 import style_metrics  # benchmarks/style_metrics.py: run as `python benchmarks/...`.
 
 from configs import default
-from nsync_jax import checkpoint, cli, negatives, runs, sampling, sharding, train
-from nsync_jax.data import digits, negatives_store, pipeline
+from nsync_jax import checkpoint, cli, loop, negatives, runs, sampling, train
+from nsync_jax.data import digits, negatives_store
 
 RESOLUTION = 8  # The digits' own size: CPU time grows with the pixel count.
 STYLE_CLASSES = (0, 1, 2, 3, 4)
@@ -141,7 +142,8 @@ def run_method(
     config, seeds, eval_steps, per_class, reference, classifier, grid_path, samplers
 ) -> list[dict]:
     """All seeds of one (method, scope): one Trainer and compiled step; one sampler per
-    scope (`samplers`, filled on first use), since all methods share its shapes."""
+    scope (`samplers`, filled on first use), since all methods share its shapes. Each
+    seed is `loop.run` from the base state with that seed's data order and step key."""
     trainer = train.setup(config)
     initial = jax.device_get(trainer.state)
     prompts, labels = eval_prompts(config, per_class)
@@ -154,53 +156,41 @@ def run_method(
     image_seeds = list(range(len(prompts)))
     results = []
     for seed in seeds:
-        state = jax.device_put(initial, trainer.state_sharding)
-        old = trainer.batches
-        batches = pipeline.PairedBatches(
-            old.positives,
-            old.negatives,
-            tokenize=trainer.model.tokenize,
-            prompt_template=config.train.prompt_template,
-            style_token=config.train.style_token,
-            global_batch_size=config.train.batch_size,
-            seed=seed,
-            random_flip=config.data.random_flip,
-        )
-        step_rng = runs.run_keys(seed)[1]
-        curve, train_seconds, first_step_seconds = [], 0.0, None
+        seeded, state = trainer.reseeded(seed, jax.device_put(initial, trainer.state_sharding))
+        curve, last_images = [], None
+        timer = loop.StepTimer()
+
+        def evaluate(step, state, timer=timer, curve=curve):
+            nonlocal last_images
+            sampler.set_params(trainer.scope.merge(state.trainable, state.frozen))
+            images = sampler.generate(prompts, image_seeds)
+            curve.append({"step": step, **score(images, labels, reference, classifier)})
+            last_images = images
+            timer.restart()  # Sampling time is not step time.
+
         start = time.perf_counter()
-        for step in range(config.train.num_steps + 1):
-            if step in eval_steps:
-                sampler.set_params(trainer.scope.merge(state.trainable, state.frozen))
-                images = sampler.generate(prompts, image_seeds)
-                curve.append({"step": step, **score(images, labels, reference, classifier)})
-                if step == config.train.num_steps and seed == seeds[0]:
-                    last_images = images
-            if step == config.train.num_steps:
-                break
-            tick = time.perf_counter()
-            batch = sharding.global_batch(trainer.mesh, batches.batch(step))
-            state, metrics = trainer.step_fn(state, batch, step_rng)
-            jax.block_until_ready(state.trainable)
-            elapsed = time.perf_counter() - tick
-            if first_step_seconds is None:
-                first_step_seconds = elapsed  # Includes compilation on the first seed.
-            else:
-                train_seconds += elapsed
-        train_lib_check(state)
+        evaluate(0, state)
+        hooks = [
+            timer,
+            loop.CheckFinite(every=0),
+            loop.AtSteps(evaluate, [s for s in eval_steps if s > 0]),
+        ]
+        state = loop.run(seeded, state, config.train.num_steps, hooks)
+        first, rest = timer.seconds[0], timer.seconds[1:]  # The first includes compilation.
+        if seed == seeds[0]:
+            save_grid(last_images, labels, per_class, grid_path)
+            np.save(grid_path[: -len(".png")] + ".npy", last_images)  # For rescoring.
         results.append(
             {
                 "seed": seed,
                 "curve": curve,
                 "final": curve[-1],
                 "wall_seconds": time.perf_counter() - start,
-                "step_seconds": train_seconds / max(1, config.train.num_steps - 1),
-                "first_step_seconds": first_step_seconds,
-                "final_loss_pos": float(metrics["loss_pos"]),
+                "step_seconds": sum(rest) / max(1, len(rest)),
+                "first_step_seconds": first,
+                "final_loss_pos": timer.metrics["loss_pos"],
             }
         )
-    save_grid(last_images, labels, per_class, grid_path)
-    np.save(grid_path[: -len(".png")] + ".npy", last_images)  # For rescoring.
     return results
 
 
@@ -208,12 +198,6 @@ def save_grid(images: np.ndarray, labels: np.ndarray, columns: int, path: str) -
     """Rows of `columns` images per digit, each enlarged 6x (nearest) to be seen."""
     big = [np.kron(image, np.ones((6, 6, 1), np.uint8)) for image in images]
     sampling.labelled_grid(big, [f"prompt {int(d)}" for d in labels], columns=columns).save(path)
-
-
-def train_lib_check(state) -> None:
-    bad = int(jax.device_get(state.nonfinite_step))
-    if bad >= 0:
-        raise FloatingPointError(f"non-finite values from step {bad}")
 
 
 def summarize(results: dict) -> dict:

@@ -223,11 +223,11 @@ def export_pipeline(
     Args:
       model: the model the params belong to (after `scope.make_scope`, so a textual-
         inversion model has the placeholder in its tokenizer).
-      params: full parameters `{"unet", "vae", "text_encoder"}` (`scope.merge` of the
-        trained and frozen trees).
+      params: full parameters `{"unet", "vae", "text_encoder"}`: `scope.export_params`
+        of the trained and frozen trees.
       output_dir: the folder to write; created, and must be empty if it exists.
-      scope: what trained (`UnetScope`, `TextualInversionScope` or `LoraScope`, whose
-        params must have the adapters folded in: `LoraScope.merged_params`).
+      scope: what trained; its `trained_components()` are converted, the rest copied,
+        and its `token_id` row (if any) is written as an embeddings file.
       base_dir: the local diffusers folder the run started from (`weights.
         resolve_pretrained`), whose untouched components are copied; None for a tiny
         model, whose components are all converted.
@@ -248,25 +248,17 @@ def export_pipeline(
     table_rows = params["text_encoder"]["text_model"]["embeddings"]["token_embedding"][
         "embedding"
     ].shape[0]
-    if isinstance(scope, scope_lib.TextualInversionScope):
-        trained, vocab_size = (), scope.token_id
-        if scope.token_id != table_rows - 1:
-            raise ValueError(
-                f"placeholder id {scope.token_id} is not the last of {table_rows} embedding rows"
-            )
-    elif isinstance(scope, scope_lib.UnetScope):
-        trained, vocab_size = ("unet",), table_rows
-    elif isinstance(scope, scope_lib.LoraScope):  # `params` from `scope.merged_params`.
-        if any(p[-1] == lora.A_NAME for c in params for p in flatten_dict(params[c])):
-            raise ValueError("LoRA adapters are attached, not merged: pass scope.merged_params")
-        trained = tuple(c for c in ("unet", "text_encoder") if scope.settings.targets[c])
-        vocab_size = table_rows if scope.token_id is None else scope.token_id
-        if scope.token_id is not None and scope.token_id != table_rows - 1:
-            raise ValueError(
-                f"placeholder id {scope.token_id} is not the last of {table_rows} embedding rows"
-            )
-    else:
-        raise ValueError(f"export of scope {scope.name!r} is not supported")
+    if any(p[-1] == lora.A_NAME for c in params for p in flatten_dict(params[c])):
+        raise ValueError(
+            "LoRA adapters are attached, not merged: pass scope.export_params (for LoRA, "
+            "LoraScope.merged_params)"
+        )
+    trained = scope.trained_components()
+    vocab_size = table_rows if scope.token_id is None else scope.token_id
+    if scope.token_id is not None and scope.token_id != table_rows - 1:
+        raise ValueError(
+            f"placeholder id {scope.token_id} is not the last of {table_rows} embedding rows"
+        )
     os.makedirs(output_dir, exist_ok=True)
 
     text_params = params["text_encoder"]
@@ -331,10 +323,7 @@ def export_pipeline(
     }
     write_json(os.path.join(output_dir, "model_index.json"), index)
 
-    token_scope = isinstance(scope, scope_lib.TextualInversionScope) or (
-        isinstance(scope, scope_lib.LoraScope) and scope.token_id is not None
-    )
-    if token_scope:
+    if scope.token_id is not None:
         placeholder = model.tokenizer.convert_ids_to_tokens(scope.token_id)
         table = params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
         save_learned_embeds(output_dir, placeholder, table[scope.token_id : scope.token_id + 1])
@@ -380,7 +369,7 @@ def export_run(
             return output_dir
         export_pipeline(
             model,
-            scope.merged_params(run.trainable, run.frozen),
+            scope.export_params(run.trainable, run.frozen),
             os.path.join(output_dir, "merged"),
             scope=scope,
             base_dir=base_dir,
@@ -389,7 +378,7 @@ def export_run(
         return output_dir
     return export_pipeline(
         model,
-        run.params,
+        scope.export_params(run.trainable, run.frozen),
         output_dir,
         scope=scope,
         base_dir=base_dir,

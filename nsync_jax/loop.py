@@ -38,6 +38,17 @@ class Trainer(Protocol):
         """The global (sharded) batch of `step`."""
 
 
+class FixedBatch:
+    """A trainer that serves one batch at every step: benchmarks time the compiled step
+    alone, without the host's batch assembly."""
+
+    def __init__(self, trainer: Trainer, batch: Any):
+        self.step_fn, self._batch = trainer.step_fn, batch
+
+    def batch(self, step: int) -> Any:
+        return self._batch
+
+
 class Hook:
     """Something the loop does at intervals.
 
@@ -189,6 +200,48 @@ class Callback(Hook):
 
     def __call__(self, step: int, state: Any) -> None:
         self.fn(step, state)
+
+
+class AtSteps(Hook):
+    """A function `fn(step, state)` run at the listed steps (and no others)."""
+
+    def __init__(self, fn, steps):
+        self.fn, self.steps = fn, set(steps)
+
+    def due(self, step: int, last: bool, stopping: bool) -> bool:
+        return step in self.steps
+
+    def __call__(self, step: int, state: Any) -> None:
+        self.fn(step, state)
+
+
+class StepTimer(Hook):
+    """Waits for every step and records its wall time (for benchmarks: the sync per step
+    costs the overlap of host and device work a training run has).
+
+    Attributes:
+      seconds: wall time of each step, the first (which compiles) included.
+      metrics: the last step's metrics, fetched.
+    """
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self.metrics: dict[str, float] = {}
+        self._tick = time.perf_counter()
+
+    def after_step(self, step: int, state: Any, metrics: Metrics) -> None:
+        jax.block_until_ready((state, metrics))
+        now = time.perf_counter()
+        self.seconds.append(now - self._tick)
+        self._tick = now
+        self.metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def due(self, step: int, last: bool, stopping: bool) -> bool:
+        return False
+
+    def restart(self) -> None:
+        """Starts the next step's clock now (after work between `run` calls)."""
+        self._tick = time.perf_counter()
 
 
 # --- Stop signals --------------------------------------------------------------------------

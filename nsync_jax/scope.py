@@ -46,9 +46,16 @@ def _with_token_row(params: Params, token_id: int, row: jax.Array, dtype: Any) -
 
 
 class Scope(abc.ABC):
-    """Splits parameters into trainable and frozen trees and merges them back."""
+    """Splits parameters into trainable and frozen trees and merges them back, and says
+    what an export needs: which components changed and which token row was learned.
+
+    Attributes:
+      name: the `train.scope` value.
+      token_id: the learned placeholder token's id (the last embedding row), or None.
+    """
 
     name: str
+    token_id: int | None = None
 
     @abc.abstractmethod
     def split(self, params: Params) -> tuple[Any, Params]:
@@ -57,6 +64,17 @@ class Scope(abc.ABC):
     @abc.abstractmethod
     def merge(self, trainable: Any, frozen: Params) -> Params:
         """Returns full parameters for `apply`, differentiable in `trainable`."""
+
+    @abc.abstractmethod
+    def trained_components(self) -> tuple[str, ...]:
+        """The components (`unet`, `text_encoder`) whose base weights training changed;
+        an export converts these and copies the others from the base folder. A learned
+        token row alone does not count: it is exported as an embeddings file."""
+
+    def export_params(self, trainable: Any, frozen: Params) -> Params:
+        """The full parameters an export writes (plain `{"unet", "vae",
+        "text_encoder"}` trees, nothing attached)."""
+        return self.merge(trainable, frozen)
 
 
 class UnetScope(Scope):
@@ -68,6 +86,9 @@ class UnetScope(Scope):
 
     def merge(self, trainable: Any, frozen: Params) -> Params:
         return {**frozen, "unet": trainable}
+
+    def trained_components(self) -> tuple[str, ...]:
+        return ("unet",)
 
 
 def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
@@ -101,6 +122,9 @@ class TextualInversionScope(Scope):
     def merge(self, trainable: Any, frozen: Params) -> Params:
         dtype = _get_path(frozen, ("text_encoder", *_EMBEDDING_PATH)).dtype
         return _with_token_row(frozen, self.token_id, trainable["token_embedding"], dtype)
+
+    def trained_components(self) -> tuple[str, ...]:
+        return ()
 
 
 def add_placeholder_token(
@@ -190,6 +214,12 @@ class LoraScope(Scope):
         """Full params with the adapters folded into the kernels (what export writes)."""
         params = self._with_token(trainable, frozen)
         return lora.merged_params(params, trainable["lora"], self.settings)
+
+    def trained_components(self) -> tuple[str, ...]:
+        return tuple(c for c in ("unet", "text_encoder") if self.settings.targets[c])
+
+    def export_params(self, trainable: Any, frozen: Params) -> Params:
+        return self.merged_params(trainable, frozen)
 
 
 def make_scope(

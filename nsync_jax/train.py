@@ -126,6 +126,13 @@ class Trainer:
     def batch(self, step: int) -> Any:
         return sharding.global_batch(self.mesh, self.batches.batch(step))
 
+    def reseeded(self, seed: int, state: step_lib.TrainState) -> tuple[Trainer, Any]:
+        """This trainer (same compiled step) with the data order and step key of `seed`,
+        and `state` with that key: another seed of the same run without recompiling."""
+        rng = jax.random.key_data(runs.run_keys(seed)[1])
+        state = state.replace(rng=jax.device_put(rng, state.rng.sharding))
+        return dataclasses.replace(self, batches=self.batches.with_seed(seed)), state
+
 
 def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     """Builds mesh, data, model, scope, optimizer, sharded state, batches, the compiled step.

@@ -580,3 +580,25 @@ def test_loop_on_a_folder_resumes_and_refuses_changed_files(tmp_path, caplog):
     image.write_bytes(bytes(data))
     with pytest.raises(checkpoint.CheckpointError, match=r"positives\.source"):
         train_lib.train(_demo_config(**{**overrides, "train.num_steps": 4}), str(workdir))
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_clearly(tmp_path):
+    # Format 1 saved `trainable` and `opt_state` as separate items and the RNG in the
+    # metadata; this version reads the whole state as one item.
+    import json
+
+    config = _config()
+    _save(tmp_path, _make_state(config), config)
+    meta_file = os.path.join(checkpoint.step_dir(tmp_path, 2), "meta", "metadata")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    meta["format"] = 1
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    for read in (
+        lambda: checkpoint.check_resumable(str(tmp_path), 2, config),
+        lambda: checkpoint.restore_trainable(tmp_path, checkpoint.abstract_like({})),
+        lambda: checkpoint.load_run_config(tmp_path),
+    ):
+        with pytest.raises(checkpoint.CheckpointError, match="older version .*format 1"):
+            read()

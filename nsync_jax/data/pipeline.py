@@ -23,6 +23,7 @@ decoded pixels), the ids and prompts, the global batch size, seed and flipping.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable
@@ -92,6 +93,13 @@ class PairedBatches:
 
     def __len__(self) -> int:
         return len(self.positives)
+
+    def with_seed(self, seed: int) -> PairedBatches:
+        """The same batches (data, caches, settings) in the order and flips of `seed`."""
+        other = copy.copy(self)
+        other.seed = seed
+        other.bad = set(self.bad)
+        return other
 
     def fingerprint(self) -> dict[str, Any]:
         """JSON values identifying the training data; no image is decoded.

@@ -297,7 +297,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="images per branch")
     parser.add_argument("--modes", default="finetune,nsync,nsync_every4", help="comma list")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per mode first")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps per mode first")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -383,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "seed": args.seed,
             "unet_params": unet_params,
             "text_encoder_params": sum(p.numel() for p in text_encoder.parameters()),
-            "text_attention": text_encoder.config._attn_implementation,
+            "text_attention": getattr(text_encoder.config, "_attn_implementation", None),
             "unet_attention": attention,
             "autocast": "bfloat16",
             "master_weights": "float32",

@@ -1,7 +1,7 @@
 """Training throughput of fine-tuning and NSYNC in PyTorch diffusers: the reference numbers.
 
 The step a PyTorch user would write for the algorithm nsync_jax runs, on random-init models
-of a published architecture (`sd_arch.py`): fp32 master weights, bf16 autocast, diffusers'
+of a published architecture (`nsync_jax/architectures.py`): fp32 master weights, bf16 autocast, diffusers'
 default SDPA attention, a frozen CLIP text encoder run every step on 77 random token ids,
 cached latents (random N(0, 1)), DDPM noise (scaled_linear 0.00085-0.012, 1000 steps,
 epsilon target) and `torch.optim.AdamW` (lr 1e-5, weight decay 1e-2, fused on CUDA).
@@ -18,7 +18,7 @@ Each step is timed to the end of its device work (`torch.cuda.synchronize()`). R
 mode: step time p50/p90/mean, images/s (both branches counted), pairs/s (B over the step
 time, nsync modes), peak memory (`torch.cuda.max_memory_allocated`, reset per mode), FLOPs
 of one extra step counted by `torch.utils.flop_counter.FlopCounterMode`, and MFU against
-`--peak_tflops`. It imports only torch, diffusers, transformers and `sd_arch.py`, so it
+`--peak_tflops`. It imports only torch, diffusers, transformers and `nsync_jax/architectures.py`, so it
 runs where JAX is not installed.
 
     python benchmarks/throughput_torch.py --arch sd15 --resolution 512 --batch 8 \
@@ -39,7 +39,7 @@ import time
 from collections.abc import Sequence
 
 import diffusers
-import sd_arch  # benchmarks/sd_arch.py: run as `python benchmarks/...`.
+from nsync_jax import architectures as sd_arch  # Plain dicts: imports no JAX.
 import torch
 import torch.nn.functional as F
 import transformers

@@ -12,7 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0  # Model init, shuffling, flips, noise: one seed for the whole run.
 
     config.model = ml_collections.ConfigDict()
-    config.model.source = "pretrained"  # "pretrained" (a diffusers folder or hub id) or "tiny".
+    config.model.source = "pretrained"  # "pretrained" (folder or hub id), "tiny" or "random".
+    config.model.architecture = "sd15"  # source="random": "sd15", "sd2_base" or "tiny" weights.
     config.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Folder or hub id.
     config.model.revision = ""  # Hub revision; "" for the default branch.
     config.model.init_from = ""  # Workdir of a trained run whose newest params are the base.

@@ -216,8 +216,13 @@ def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return pieces
 
 
-def write_tiny_tokenizer(directory: str, max_length: int, words=TINY_WORDS) -> str:
+def write_tiny_tokenizer(
+    directory: str, max_length: int, words=TINY_WORDS, vocab_size: int | None = None
+) -> str:
     """Writes a CLIP BPE tokenizer (vocab.json, merges.txt) that knows `words` whole.
+
+    With `vocab_size`, the vocabulary is padded with unused entries to exactly that size
+    (the embedding table of a published text encoder; BPE never produces them).
 
     Merges join each word left to right; where an earlier word's merge gets in the way
     (`the` and `red` split `three` into `th`, `re`, `e`), the pieces BPE actually reaches
@@ -248,6 +253,10 @@ def write_tiny_tokenizer(directory: str, max_length: int, words=TINY_WORDS) -> s
             add(pieces[0], pieces[1])
     else:
         raise RuntimeError("tiny tokenizer merges did not converge")
+    if vocab_size is not None:
+        if vocab_size < len(vocab) + 2:
+            raise ValueError(f"vocab_size {vocab_size} < the {len(vocab) + 2} tokens needed")
+        vocab += [f"<unused{i}>" for i in range(vocab_size - len(vocab) - 2)]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "vocab.json"), "w") as f:
@@ -356,6 +365,81 @@ def build_tiny(
         identity_vae=cfg.identity_vae,
     )
     return model, cast_floating(params, dtype_from_name(model_config.param_dtype))
+
+
+def build_random(
+    model_config: ml_collections.ConfigDict, rng: jax.Array, abstract: bool = False
+) -> tuple[StableDiffusion, Params]:
+    """A published architecture (`model.architecture`: `sd15`, `sd2_base`, `tiny`;
+    `architectures.py`) with random weights, nothing downloaded: for memory reports and
+    throughput benchmarks at real size.
+
+    The tokenizer is the tiny one padded to the text encoder's vocabulary size, so token
+    scopes add their row exactly as on the real model.
+
+    Args:
+      model_config: `config.model` (`architecture`, `resolution`, dtypes).
+      rng: the init key.
+      abstract: return `jax.ShapeDtypeStruct`s instead of initialised arrays (no memory,
+        no compute: what an ahead-of-time compile needs).
+    """
+    from nsync_jax import architectures  # Plain dicts.
+
+    arch = model_config.architecture
+    if arch not in architectures.ARCHS:
+        raise errors.ConfigError(
+            f"model.architecture={arch!r} is not one of {sorted(architectures.ARCHS)}"
+        )
+    compute_dtype = dtype_from_name(model_config.compute_dtype)
+    text_cfg = architectures.text_config(arch)
+    tokenizer_dir = tempfile.mkdtemp(prefix="nsync-tokenizer-")
+    tokenizer = CLIPTokenizer.from_pretrained(
+        write_tiny_tokenizer(
+            tokenizer_dir, text_cfg["max_position_embeddings"], vocab_size=text_cfg["vocab_size"]
+        )
+    )
+    unet_cfg = architectures.unet_config(arch)
+    vae_cfg = architectures.vae_config(arch)
+    unet_cfg["sample_size"] = (
+        model_config.resolution // architectures.ARCHS[arch]["vae_scale_factor"]
+    )
+    vae_cfg["sample_size"] = model_config.resolution
+    unet = FlaxUNet2DConditionModel(**unet_cfg, dtype=compute_dtype)
+    vae = FlaxAutoencoderKL(**vae_cfg, norm_num_groups=32, dtype=compute_dtype)
+    check_resolution(model_config.resolution, unet, vae)
+    text_cfg.update(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = FlaxCLIPTextModel(
+        CLIPTextConfig(**text_cfg), dtype=compute_dtype, _do_init=False
+    )
+    max_length = text_cfg["max_position_embeddings"]
+
+    def init(rng):
+        unet_rng, vae_rng, text_rng = jax.random.split(rng, 3)
+        return {
+            "unet": unet.init_weights(unet_rng),
+            "vae": vae.init_weights(vae_rng),
+            "text_encoder": text_encoder.init_weights(text_rng, (1, max_length)),
+        }
+
+    param_dtype = dtype_from_name(model_config.param_dtype)
+
+    def init_cast(rng):
+        return cast_floating(flax.core.unfreeze(init(rng)), param_dtype)
+
+    params = jax.eval_shape(init_cast, rng) if abstract else jax.jit(init_cast)(rng)
+    model = StableDiffusion(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=architectures.scheduler_config(arch),
+        resolution=model_config.resolution,
+    )
+    return model, params
 
 
 def make_scheduler(model: StableDiffusion) -> FlaxDDPMScheduler:

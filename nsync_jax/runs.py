@@ -18,6 +18,9 @@ from nsync_jax import errors, models, weights
 from nsync_jax import scope as scope_lib
 
 Params = dict[str, Any]
+# "tiny": small random model from `model.tiny`; "random": a published architecture
+# (`model.architecture`) with random weights; "pretrained": a diffusers folder or hub id.
+MODEL_SOURCES = ("tiny", "random", "pretrained")
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -29,17 +32,19 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def build_model(
     model_config: ml_collections.ConfigDict, rng: jax.Array, shardings_fn=None
 ) -> tuple[models.StableDiffusion, Params]:
-    """Builds the model named by `model_config.source`: `tiny` or `pretrained`.
+    """Builds the model named by `model_config.source` (`MODEL_SOURCES`).
 
     `shardings_fn` (parameter shapes -> shardings) lets `pretrained` place each loaded
     tensor straight into its shards; `tiny` ignores it (its params are small).
     """
     if model_config.source == "tiny":
         return models.build_tiny(model_config, rng)
+    if model_config.source == "random":
+        return models.build_random(model_config, rng)
     if model_config.source == "pretrained":
         return weights.load_pretrained(model_config, shardings_fn)
     raise errors.ConfigError(
-        f"model.source={model_config.source!r}: expected 'tiny' or 'pretrained'"
+        f"model.source={model_config.source!r}: expected one of {MODEL_SOURCES}"
     )
 
 

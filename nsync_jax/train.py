@@ -48,9 +48,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             projection.GRANULARITIES,
         ),
         (
-            config.model.source in ("tiny", "pretrained"),
+            config.model.source in runs.MODEL_SOURCES,
             f"model.source={config.model.source!r}",
-            ("tiny", "pretrained"),
+            runs.MODEL_SOURCES,
         ),
         (
             config.data.source in sources.DATA_SOURCES,

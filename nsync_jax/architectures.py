@@ -32,6 +32,30 @@ _UP_SD = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 # 49406/49407): with eos 2 transformers pools at the argmax id, whatever the vocabulary.
 _TOKEN_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
+# The published SD VAE (stable-diffusion-v1-5 and 2-base share it): 8x downsampling.
+_VAE_SD = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+# Both releases train with this DDPM schedule and the epsilon target.
+_SCHEDULER_SD = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
 ARCHS: dict[str, dict] = {
     # stable-diffusion-v1-5/stable-diffusion-v1-5: unet/config.json, text_encoder/config.json.
     "sd15": {
@@ -58,6 +82,8 @@ ARCHS: dict[str, dict] = {
             "projection_dim": 768,
             **_TOKEN_IDS,
         },
+        "vae": _VAE_SD,
+        "scheduler": _SCHEDULER_SD,
         "vae_scale_factor": 8,
     },
     # stabilityai/stable-diffusion-2-base: 512 px, epsilon, OpenCLIP-H's penultimate layer
@@ -87,6 +113,8 @@ ARCHS: dict[str, dict] = {
             "projection_dim": 512,
             **_TOKEN_IDS,
         },
+        "vae": _VAE_SD,
+        "scheduler": _SCHEDULER_SD,
         "vae_scale_factor": 8,
     },
     # configs/default.py model.tiny; latents as if behind SD's 8x VAE (64 px -> side 8).
@@ -113,6 +141,13 @@ ARCHS: dict[str, dict] = {
             "projection_dim": 32,
             **_TOKEN_IDS,
         },
+        "vae": {
+            **_VAE_SD,
+            "block_out_channels": (32, 32, 32, 32),
+            "layers_per_block": 1,
+            "sample_size": 64,
+        },
+        "scheduler": _SCHEDULER_SD,
         "vae_scale_factor": 8,
     },
 }
@@ -140,6 +175,16 @@ def text_config(arch: str) -> dict:
       ValueError: for an unknown `arch`.
     """
     return dict(_arch(arch)["text"])
+
+
+def vae_config(arch: str) -> dict:
+    """Keyword arguments of `AutoencoderKL` / `FlaxAutoencoderKL` for `arch`'s VAE."""
+    return dict(_arch(arch)["vae"])
+
+
+def scheduler_config(arch: str) -> dict:
+    """The training noise schedule of `arch` (a diffusers scheduler config)."""
+    return dict(_arch(arch)["scheduler"])
 
 
 def latent_side(arch: str, resolution: int) -> int:

@@ -134,12 +134,8 @@ class Trainer:
         return dataclasses.replace(self, batches=self.batches.with_seed(seed)), state
 
 
-def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
-    """Builds mesh, data, model, scope, optimizer, sharded state, batches, the compiled step.
-
-    `devices` defaults to all of them; tests pass a subset to compare mesh layouts.
-    """
-    validate_config(config)
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+    """The run's mesh, checked against the batch size and the micro-batches."""
     mesh = sharding.make_mesh(config.mesh, devices)
     divisor = sharding.batch_divisor(mesh)
     if config.train.batch_size % divisor:
@@ -153,19 +149,47 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             f"train.grad_accum={config.train.grad_accum} micro-batches that each divide over "
             f"the {divisor} devices of mesh {dict(mesh.shape)}"
         )
-    positives = sources.load_positives(config.data, config.model.resolution)
-    negatives = None
-    if config.train.mode == "nsync":
-        negatives = sources.load_negatives(config.negatives, config.data, config.model.resolution)
+    return mesh
+
+
+@dataclasses.dataclass
+class Built:
+    """The model side of a run: what `build_state` makes from the base parameters."""
+
+    model: models.StableDiffusion
+    scope: scope_lib.Scope
+    tx: Any
+    state: step_lib.TrainState  # Arrays, or `jax.ShapeDtypeStruct`s if built abstract.
+    state_sharding: Any
+
+
+def build_state(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    model: models.StableDiffusion,
+    params: Any,
+    abstract: bool = False,
+) -> Built:
+    """Scope split, optimizer and the sharded initial state, from the base parameters.
+
+    With `abstract=True`, `params` may be `jax.ShapeDtypeStruct`s and the state is shapes
+    with their shardings: nothing is allocated (memory reports compile from these).
+    """
     _, step_rng = runs.run_keys(config.seed)
-    model, params = runs.build_base(
-        config, shardings_fn=lambda tree: sharding.tree_shardings(mesh, tree)
-    )
-    scope, model, params = scope_lib.make_scope(config.train, model, params, config.lora)
-    trainable, frozen = scope.split(params)
-    frozen = runs.frozen_for_training(config, frozen)
     tx = optim.make_optimizer(config)
     negative_every = step_lib.negative_every(config)
+    made = {}
+
+    def split(params):
+        scope, scoped_model, params = scope_lib.make_scope(config.train, model, params, config.lora)
+        made.update(scope=scope, model=scoped_model)
+        trainable, frozen = scope.split(params)
+        return trainable, runs.frozen_for_training(config, frozen)
+
+    if abstract:
+        trainable, frozen = jax.eval_shape(split, params)
+    else:
+        trainable, frozen = split(params)
 
     def init(trainable, frozen):
         return step_lib.init_state(
@@ -174,8 +198,53 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
 
     state_shapes = jax.eval_shape(init, trainable, frozen)
     state_sharding = sharding.tree_shardings(mesh, state_shapes)
-    state = jax.jit(init, out_shardings=state_sharding)(trainable, frozen)
-    del params, trainable, frozen
+    if abstract:
+        state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            state_shapes,
+            state_sharding,
+        )
+    else:
+        state = jax.jit(init, out_shardings=state_sharding)(trainable, frozen)
+    return Built(made["model"], made["scope"], tx, state, state_sharding)
+
+
+def make_step_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, built: Built) -> Any:
+    """The train step jitted with explicit shardings and the state donated."""
+    step = step_lib.make_train_step(
+        built.model,
+        built.scope,
+        built.tx,
+        config.train,
+        trainable_shardings=built.state_sharding.trainable,
+        negative_every=step_lib.negative_every(config),
+        grad_accum=config.train.grad_accum,
+    )
+    return jax.jit(
+        step,
+        in_shardings=(built.state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(built.state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
+    """Builds mesh, data, model, scope, optimizer, sharded state, batches, the compiled step.
+
+    `devices` defaults to all of them; tests pass a subset to compare mesh layouts.
+    """
+    validate_config(config)
+    mesh = make_mesh(config, devices)
+    positives = sources.load_positives(config.data, config.model.resolution)
+    negatives = None
+    if config.train.mode == "nsync":
+        negatives = sources.load_negatives(config.negatives, config.data, config.model.resolution)
+    model, params = runs.build_base(
+        config, shardings_fn=lambda tree: sharding.tree_shardings(mesh, tree)
+    )
+    built = build_state(config, mesh, model, params)
+    del params
+    model, scope, state = built.model, built.scope, built.state
 
     batches = pipeline.PairedBatches(
         positives,
@@ -205,22 +274,8 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             config.data.latent_batch_size,
             config.model.resolution,
         )
-    step = step_lib.make_train_step(
-        model,
-        scope,
-        tx,
-        config.train,
-        trainable_shardings=state_sharding.trainable,
-        negative_every=negative_every,
-        grad_accum=config.train.grad_accum,
-    )
-    step_fn = jax.jit(
-        step,
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    return Trainer(config, mesh, model, scope, state, state_sharding, batches, step_fn)
+    step_fn = make_step_fn(config, mesh, built)
+    return Trainer(config, mesh, model, scope, state, built.state_sharding, batches, step_fn)
 
 
 def _resume_step(config: ml_collections.ConfigDict, workdir: str, steps: list[int]) -> int | None:

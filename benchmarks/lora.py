@@ -43,7 +43,7 @@ def _variant(mode: str, scope: str, implementation: str, args: argparse.Namespac
     trainer = train.setup(config, jax.devices()[:1])
     batch = trainer.batch(0)
     memory = trainer.step_fn.lower(trainer.state, batch).compile().memory_analysis()
-    fixed = loop.FixedBatch(trainer, batch)
+    fixed = loop.FixedBatch(trainer.step_fn, batch)
     holder = {"state": trainer.state, "steps": 0}
 
     def run():  # One step of the trainer's own loop.

@@ -35,7 +35,7 @@ def _stepper(mode: str, scope: str, batch_size: int):
     config = demo.get_config()
     config.train.mode, config.train.scope, config.train.batch_size = mode, scope, batch_size
     trainer = train.setup(config, jax.devices()[:1])
-    fixed = loop.FixedBatch(trainer, trainer.batch(0))
+    fixed = loop.FixedBatch(trainer.step_fn, trainer.batch(0))
     holder = {"state": trainer.state, "steps": 0}
 
     def run():  # One step of the trainer's own loop.

@@ -1,10 +1,11 @@
 """Training throughput of fine-tuning and NSYNC in PyTorch diffusers: the reference numbers.
 
 The step a PyTorch user would write for the algorithm nsync_jax runs, on random-init models
-of a published architecture (`nsync_jax/architectures.py`): fp32 master weights, bf16 autocast, diffusers'
-default SDPA attention, a frozen CLIP text encoder run every step on 77 random token ids,
-cached latents (random N(0, 1)), DDPM noise (scaled_linear 0.00085-0.012, 1000 steps,
-epsilon target) and `torch.optim.AdamW` (lr 1e-5, weight decay 1e-2, fused on CUDA).
+of a published architecture (`nsync_jax/architectures.py`): fp32 master weights, bf16
+autocast, diffusers' default SDPA attention, a frozen CLIP text encoder run every step on
+77 random token ids, cached latents (random N(0, 1)), DDPM noise (scaled_linear
+0.00085-0.012, 1000 steps, epsilon target) and `torch.optim.AdamW` (lr 1e-5, weight decay
+1e-2, fused on CUDA).
 
 Modes, with B images per branch:
   finetune      one forward/backward on the positive batch (B images a step).
@@ -18,8 +19,8 @@ Each step is timed to the end of its device work (`torch.cuda.synchronize()`). R
 mode: step time p50/p90/mean, images/s (both branches counted), pairs/s (B over the step
 time, nsync modes), peak memory (`torch.cuda.max_memory_allocated`, reset per mode), FLOPs
 of one extra step counted by `torch.utils.flop_counter.FlopCounterMode`, and MFU against
-`--peak_tflops`. It imports only torch, diffusers, transformers and `nsync_jax/architectures.py`, so it
-runs where JAX is not installed.
+`--peak_tflops`. It imports only torch, diffusers, transformers and
+`nsync_jax/architectures.py` (plain dicts), so it runs where JAX is not installed.
 
     python benchmarks/throughput_torch.py --arch sd15 --resolution 512 --batch 8 \
         --output benchmarks/results/throughput_torch_sd15.json
@@ -39,13 +40,14 @@ import time
 from collections.abc import Sequence
 
 import diffusers
-from nsync_jax import architectures as sd_arch  # Plain dicts: imports no JAX.
 import torch
 import torch.nn.functional as F
 import transformers
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
+
+from nsync_jax import architectures as sd_arch  # Plain dicts: imports no JAX.
 
 # Steps between fresh negative gradients; 0: no negative branch.
 NEGATIVE_EVERY = {"finetune": 0, "nsync": 1, "nsync_every4": 4}

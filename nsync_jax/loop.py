@@ -42,8 +42,8 @@ class FixedBatch:
     """A trainer that serves one batch at every step: benchmarks time the compiled step
     alone, without the host's batch assembly."""
 
-    def __init__(self, trainer: Trainer, batch: Any):
-        self.step_fn, self._batch = trainer.step_fn, batch
+    def __init__(self, step_fn: Any, batch: Any):
+        self.step_fn, self._batch = step_fn, batch
 
     def batch(self, step: int) -> Any:
         return self._batch

@@ -250,3 +250,27 @@ def test_auxiliary_loss_goes_through_the_projection_only_when_asked(projected):
     if not projected:
         expected = jax.tree.map(jnp.subtract, expected, g_aux["unprojected"])
     jax.tree.map(close, new_state.trainable, expected)
+
+
+def test_fp32_master_weights_keep_updates_below_bf16_resolution():
+    config = _config(mode="nsync", scope="unet", batch_size=8)
+    config.model.compute_dtype = "bfloat16"
+    config.model.frozen_dtype = "bfloat16"
+    config.optim.learning_rate = 1e-6  # Adam moves each weight by about lr: far below bf16's step.
+    trainer = train.setup(config, jax.devices()[:1])
+    state = trainer.state
+    floats = lambda tree: {x.dtype for x in jax.tree.leaves(tree)}  # noqa: E731
+    assert floats(state.trainable) == {jnp.dtype("float32")}
+    assert floats(optim.optax.tree.get(state.opt_state, "mu")) == {jnp.dtype("float32")}
+    assert floats(state.frozen["text_encoder"]) <= {jnp.dtype("bfloat16"), jnp.dtype("int32")}
+    before = jax.device_get(state.trainable)
+    state, metrics = trainer.step_fn(state, trainer.batch(0))
+    assert np.isfinite(float(metrics["loss_pos"]))
+    after = jax.device_get(state.trainable)
+    kernel_before = before["conv_in"]["kernel"]
+    kernel_after = after["conv_in"]["kernel"]
+    moved = kernel_after != kernel_before
+    assert moved.mean() > 0.9  # The fp32 master copy takes the tiny update...
+    as_bf16 = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16))  # noqa: E731
+    unchanged_in_bf16 = as_bf16(kernel_after) == as_bf16(kernel_before)
+    assert unchanged_in_bf16[moved].mean() > 0.9  # ...which bf16 weights would have lost.

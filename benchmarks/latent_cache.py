@@ -14,15 +14,20 @@ and the jitted step. Prints the figures and writes them as JSON to `--out`.
 """
 
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 from absl import app, flags
 
-from configs import demo
-from nsync_jax import cli, loop, train
+# The repository root (configs/, nsync_jax/) when run as `python benchmarks/...`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import demo  # noqa: E402
+from nsync_jax import cli, loop, train  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per round and setting.")
 _ROUNDS = flags.DEFINE_integer("rounds", 6, "Rounds; each times both settings.")

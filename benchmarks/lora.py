@@ -18,12 +18,16 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
 
-from configs import demo
-from nsync_jax import cli, loop, train
+# The repository root (configs/, nsync_jax/) when run as `python benchmarks/...`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import demo  # noqa: E402
+from nsync_jax import cli, loop, train  # noqa: E402
 
 MiB = 2**20
 

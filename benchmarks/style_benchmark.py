@@ -30,15 +30,19 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
 import numpy as np
 import style_metrics  # benchmarks/style_metrics.py: run as `python benchmarks/...`.
 
-from configs import default
-from nsync_jax import checkpoint, cli, loop, negatives, runs, sampling, train
-from nsync_jax.data import digits, negatives_store
+# The repository root (configs/, nsync_jax/) when run as `python benchmarks/...`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import default  # noqa: E402
+from nsync_jax import checkpoint, cli, loop, negatives, runs, sampling, train  # noqa: E402
+from nsync_jax.data import digits, negatives_store  # noqa: E402
 
 RESOLUTION = 8  # The digits' own size: CPU time grows with the pixel count.
 STYLE_CLASSES = (0, 1, 2, 3, 4)

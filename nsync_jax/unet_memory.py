@@ -84,12 +84,12 @@ Kernel = Callable[[jax.Array, jax.Array, jax.Array, float], jax.Array]
 
 def _is_policy(fn: Any) -> bool:
     # A policy is called as policy(prim, *avals, **params); the factories in the same
-    # namespace (save_only_these_names(*names), ...) take other arguments first.
+    # namespace (save_only_these_names(*names), ...) take no keyword parameters.
     try:
-        first = next(iter(inspect.signature(fn).parameters.values()), None)
+        parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
-    return first is not None and (first.name == "prim" or first.kind is first.VAR_POSITIONAL)
+    return any(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 REMAT_POLICIES = tuple(

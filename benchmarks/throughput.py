@@ -56,10 +56,8 @@ def make_config(args: argparse.Namespace, mode: str, attention: str, remat: str)
     config.model.resolution = args.resolution
     config.model.compute_dtype = args.compute_dtype
     config.model.param_dtype = "float32"
-    if "attention" in config.model:
-        config.model.attention = attention
-    if "remat" in config.model:
-        config.model.remat = remat
+    config.model.attention = attention
+    config.model.remat = remat
     config.train.mode, config.nsync.negative_every = MODES[mode]
     config.train.scope = args.scope
     config.train.batch_size = args.batch * len(devices(args))

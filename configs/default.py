@@ -21,7 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.resolution = 512  # Training image side in pixels.
     config.model.param_dtype = "float32"  # Dtype the parameters are held in.
     config.model.compute_dtype = "float32"  # Dtype of activations ("bfloat16" on TPU/GPU).
-    config.model.frozen_dtype = ""  # Frozen parts' dtype ("bfloat16" halves them); "": param_dtype.
+    config.model.frozen_dtype = ""  # Frozen parts' dtype; "" = param_dtype, "bfloat16" halves them.
+    config.model.attention = "xla"  # UNet attention: "xla", "dot_product", "chunked", "splash".
+    config.model.remat = "none"  # Recompute in backward: "none", "blocks" (per UNet block), "full".
+    config.model.remat_policy = ""  # jax.checkpoint_policies name of what remat keeps; "" nothing.
     config.model.tiny = ml_collections.ConfigDict()  # Random-init tiny model (source="tiny").
     config.model.tiny.unet_channels = (32, 64)  # UNet block widths; multiples of 32.
     config.model.tiny.layers_per_block = 1  # ResNet layers per UNet block.

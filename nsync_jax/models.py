@@ -1,10 +1,11 @@
 """Stable Diffusion components: the one seam to the diffusers and transformers Flax classes.
 
-`build_tiny(config.model, rng)` returns a `StableDiffusion` (the modules, tokenizer and
-noise-schedule config) and its parameters as `{"unet": ..., "vae": ..., "text_encoder":
-...}`: small random models from config, for tests and the demo. A pretrained diffusers
-folder or hub id is loaded into these modules by `weights.py` (`export.py` writes one back
-for PyTorch); `runs.build_model` picks between the two by `model.source`.
+`build_tiny(config.model, rng)` returns a `StableDiffusion` (the modules, tokenizer,
+noise-schedule config and the UNet's attention/remat options of `unet_memory.py`) and its
+parameters as `{"unet": ..., "vae": ..., "text_encoder": ...}`: small random models from
+config, for tests and the demo. A pretrained diffusers folder or hub id is loaded into
+these modules by `weights.py` (`export.py` writes one back for PyTorch); `runs.build_model`
+picks between the two by `model.source`.
 
 diffusers 0.39 is the last release with Flax models and transformers 4.57 the last with
 `FlaxCLIPTextModel`; both log deprecation notices on every construction, which we filter.
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nsync_jax import errors
+from nsync_jax import errors, unet_memory
 
 _DEPRECATION_MARKERS = (
     "Flax classes are deprecated",
@@ -129,6 +130,18 @@ class StableDiffusion:
     # Latents are the pixels (RGB + a zero channel) and the VAE is unused: a pixel-space
     # model for benchmarks where no trained autoencoder exists (`model.tiny.identity_vae`).
     identity_vae: bool = False
+    # The UNet's attention kernel and remat (`model.attention`, `model.remat`, ...).
+    memory: unet_memory.MemoryOptions = unet_memory.MemoryOptions()
+
+    def __post_init__(self):
+        # `chunked` is a UNet attribute, the rest apply at call time: both must agree.
+        chunked = self.memory.unet_attributes()["use_memory_efficient_attention"]
+        if self.unet.use_memory_efficient_attention != chunked:
+            raise ValueError(
+                f"the UNet was built with use_memory_efficient_attention="
+                f"{self.unet.use_memory_efficient_attention}, but model.attention="
+                f"{self.memory.attention!r}: build it with `memory.unet_attributes()`"
+            )
 
     @property
     def vae_scale_factor(self) -> int:
@@ -175,9 +188,8 @@ class StableDiffusion:
     def predict_noise(
         self, unet_params: Params, latents: jax.Array, timesteps: jax.Array, context: jax.Array
     ) -> jax.Array:
-        return self.unet.apply(
-            {"params": unet_params}, latents, timesteps, context, train=False
-        ).sample
+        """The UNet's output, NCHW, with the model's attention kernel and remat."""
+        return self.memory.apply_unet(self.unet, unet_params, latents, timesteps, context)
 
 
 # Whole words of the tiny tokenizer; everything else falls back to byte-level pieces.
@@ -290,10 +302,12 @@ def build_tiny(
 
     Raises:
       errors.ConfigError: a channel count, `identity_vae` or `model.resolution` the
-        modules cannot take (checked before any parameter is initialised).
+        modules cannot take, or an unknown attention/remat option (checked before any
+        parameter is initialised).
     """
     cfg = model_config.tiny
     compute_dtype = dtype_from_name(model_config.compute_dtype)
+    memory = unet_memory.MemoryOptions.from_config(model_config)
     for channels in (*cfg.unet_channels, *cfg.vae_channels):
         if channels % 32:
             raise errors.ConfigError(
@@ -319,6 +333,7 @@ def build_tiny(
         attention_head_dim=cfg.attention_head_dim,
         cross_attention_dim=cfg.text_hidden,
         dtype=compute_dtype,
+        **memory.unet_attributes(),
     )
     vae = FlaxAutoencoderKL(
         in_channels=3,
@@ -363,6 +378,7 @@ def build_tiny(
         scheduler_config=_tiny_scheduler_config(cfg),
         resolution=model_config.resolution,
         identity_vae=cfg.identity_vae,
+        memory=memory,
     )
     return model, cast_floating(params, dtype_from_name(model_config.param_dtype))
 
@@ -391,6 +407,7 @@ def build_random(
             f"model.architecture={arch!r} is not one of {sorted(architectures.ARCHS)}"
         )
     compute_dtype = dtype_from_name(model_config.compute_dtype)
+    memory = unet_memory.MemoryOptions.from_config(model_config)
     text_cfg = architectures.text_config(arch)
     tokenizer_dir = tempfile.mkdtemp(prefix="nsync-tokenizer-")
     tokenizer = CLIPTokenizer.from_pretrained(
@@ -404,7 +421,7 @@ def build_random(
         model_config.resolution // architectures.ARCHS[arch]["vae_scale_factor"]
     )
     vae_cfg["sample_size"] = model_config.resolution
-    unet = FlaxUNet2DConditionModel(**unet_cfg, dtype=compute_dtype)
+    unet = FlaxUNet2DConditionModel(**unet_cfg, dtype=compute_dtype, **memory.unet_attributes())
     vae = FlaxAutoencoderKL(**vae_cfg, norm_num_groups=32, dtype=compute_dtype)
     check_resolution(model_config.resolution, unet, vae)
     text_cfg.update(
@@ -438,6 +455,7 @@ def build_random(
         tokenizer=tokenizer,
         scheduler_config=architectures.scheduler_config(arch),
         resolution=model_config.resolution,
+        memory=memory,
     )
     return model, params
 

@@ -46,7 +46,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import safe_open
 
-from nsync_jax import clip_tokenizer, errors, models, torch_pickle, trees
+from nsync_jax import clip_tokenizer, errors, models, torch_pickle, trees, unet_memory
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
@@ -463,9 +463,11 @@ def load_modules(directory: str, model_config: ml_collections.ConfigDict) -> mod
     Raises:
       errors.NotFound: a config file or the tokenizer is missing.
       errors.ConfigError: a config the Flax classes do not implement, a tokenizer that
-        does not fit the text encoder, or a `model.resolution` the model cannot divide.
+        does not fit the text encoder, a `model.resolution` the model cannot divide, or
+        an attention/remat option that is unknown or unavailable on this backend.
     """
     compute_dtype = models.dtype_from_name(model_config.compute_dtype)
+    memory = unet_memory.MemoryOptions.from_config(model_config)
     unet_path = os.path.join(directory, "unet", "config.json")
     unet_config = _read_json(unet_path)
     _check_supported("unet", unet_config, unet_path)
@@ -489,7 +491,9 @@ def load_modules(directory: str, model_config: ml_collections.ConfigDict) -> mod
             f"vocab_size is {text_config.vocab_size}"
         )
     scheduler_config = _read_json(os.path.join(directory, "scheduler", "scheduler_config.json"))
-    unet = models.FlaxUNet2DConditionModel.from_config(unet_config, dtype=compute_dtype)
+    unet = models.FlaxUNet2DConditionModel.from_config(
+        unet_config, dtype=compute_dtype, **memory.unet_attributes()
+    )
     vae = models.FlaxAutoencoderKL.from_config(vae_config, dtype=compute_dtype)
     models.check_resolution(model_config.resolution, unet, vae)
     return models.StableDiffusion(
@@ -499,6 +503,7 @@ def load_modules(directory: str, model_config: ml_collections.ConfigDict) -> mod
         tokenizer=tokenizer,
         scheduler_config=scheduler_config,
         resolution=model_config.resolution,
+        memory=memory,
     )
 
 

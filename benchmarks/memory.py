@@ -208,16 +208,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     forward = unet_forward_tflops(args, *base)
     print(f"UNet forward, one {args.resolution}px image: {forward:.3f} TFLOPs", flush=True)
     rows = []
-    for row in grid:
-        rows.append(compile_row(args, base, *row))
-        r = rows[-1]
-        print(
-            f"{r['scope']:18s} {r['mode']:8s} {r['mesh']} remat={r['remat']:6s} "
-            f"b={r['batch_per_device']}  peak {r['peak_gib']:7.2f} GiB  "
-            f"temp {r['temp_gib']:7.2f}  {r['tflops_per_step_per_device']:.2f} TFLOP  "
-            f"(compiled in {r['compile_s']:.0f} s)",
-            flush=True,
-        )
     result = {
         "arch": args.arch,
         "resolution": args.resolution,
@@ -227,10 +217,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "rows": rows,
         "versions": {"jax": jax.__version__, "machine": platform.machine()},
     }
-    print(table(rows))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+    for row in grid:
+        rows.append(compile_row(args, base, *row))
+        with open(args.output, "w") as f:  # After every row: a long grid can be stopped.
+            json.dump(result, f, indent=2)
+        r = rows[-1]
+        print(
+            f"{r['scope']:18s} {r['mode']:8s} {r['mesh']} remat={r['remat']:6s} "
+            f"b={r['batch_per_device']}  peak {r['peak_gib']:7.2f} GiB  "
+            f"temp {r['temp_gib']:7.2f}  {r['tflops_per_step_per_device']:.2f} TFLOP  "
+            f"(compiled in {r['compile_s']:.0f} s)",
+            flush=True,
+        )
+    print(table(rows))
     print(f"saved {args.output}")
     return result
 

@@ -53,28 +53,48 @@ def two_level_unet(model):
     )
 
 
+def random_like(shapes, seed):
+    """Random values in every parameter, norms included, so no zero init hides a difference.
+
+    Drawn by NumPy: a jitted fill of ~100 shapes takes longer to compile than a UNet."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype), shapes)
+
+
 @pytest.fixture(scope="module")
 def small():
-    """Built through `build_tiny` with non-default options, so the config reaches the model;
-    the other settings are this model with `memory` replaced."""
+    """The one-level tiny model `build_tiny` makes from a config with non-default options,
+    random UNet parameters, inputs, and a weight that makes the loss a sum over outputs.
+
+    `build_tiny` is traced, not run: the model is real and only parameter shapes come out
+    (compiling the init would cost more than any test here). The other option settings
+    are this model with `memory` replaced."""
     config = small_config(attention="chunked", remat="blocks", remat_policy=POLICY)
-    model, params = models.build_tiny(config, jax.random.key(0))
-    keys = jax.random.split(jax.random.key(1), 3)
+    built = {}
+
+    def build(rng):
+        built["model"], params = models.build_tiny(config, rng)
+        return params["unet"]
+
+    unet_params = random_like(jax.eval_shape(build, jax.random.key(0)), seed=1)
+    model = built["model"]
+    keys = jax.random.split(jax.random.key(2), 3)
     inputs = (
         jax.random.normal(keys[0], (2, *model.latent_shape)),
         jnp.array([3, 700]),
         jax.random.normal(keys[1], (2, 77, 32)),
     )
     weight = jax.random.normal(keys[2], (2, *model.latent_shape))
-    return model, params["unet"], inputs, weight
+    return model, unet_params, inputs, weight
 
 
 def output_and_grad(model, unet_params, inputs, weight):
-    def loss(p):
+    def loss(p, inputs, weight):
         out = model.predict_noise(p, *inputs)
         return jnp.sum(out * weight), out
 
-    (_, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(unet_params)
+    # Inputs are arguments, not constants folded into the program (and its cache key).
+    (_, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(unet_params, inputs, weight)
     return out, grad
 
 
@@ -170,9 +190,8 @@ def test_params_tree_is_the_same_for_every_option(small):
 
     expected = shapes(unet_memory.MemoryOptions())
     assert len(expected) > 100
-    for attention in ("xla", "dot_product", "chunked"):
-        for remat in ("none", "blocks"):
-            assert shapes(unet_memory.MemoryOptions(attention, remat)) == expected
+    for attention in ("dot_product", "chunked"):
+        assert shapes(unet_memory.MemoryOptions(attention, "blocks")) == expected
 
 
 @pytest.mark.parametrize(

@@ -60,9 +60,19 @@ def quiet_orbax_logs() -> None:
 
 
 # Config fields (exact names or dotted prefixes ending in ".") that may differ between a
-# run and its resume: how long to train, how often to log and save, and the mesh (restoring
-# reshards to whatever the new mesh asks for).
-RESUMABLE_FIELDS = ("train.num_steps", "log.", "checkpoint.", "mesh.")
+# run and its resume: how long to train, how often to log and save, the mesh (restoring
+# reshards to whatever the new mesh asks for), and how the same step is computed (attention
+# kernel, rematerialisation, micro-batches: memory and speed, not the parameters).
+RESUMABLE_FIELDS = (
+    "train.num_steps",
+    "log.",
+    "checkpoint.",
+    "mesh.",
+    "model.attention",
+    "model.remat",
+    "model.remat_policy",
+    "train.grad_accum",
+)
 
 # Checksums are float32 sums; a resume on another mesh may sum in another order.
 _CHECKSUM_RTOL = 1e-4

@@ -21,7 +21,17 @@ from typing import Any
 import jax
 import ml_collections
 
-from nsync_jax import checkpoint, errors, loop, models, optim, projection, runs, sharding
+from nsync_jax import (
+    checkpoint,
+    errors,
+    loop,
+    models,
+    optim,
+    projection,
+    runs,
+    sharding,
+    unet_memory,
+)
 from nsync_jax import metrics as metrics_lib
 from nsync_jax import scope as scope_lib
 from nsync_jax import step as step_lib
@@ -92,6 +102,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.train.mode == "nsync":
         _validate_negatives(config)
+    unet_memory.MemoryOptions.from_config(config.model)  # Attention and remat names.
+    if config.model.frozen_dtype and config.model.frozen_dtype not in models.DTYPES:
+        raise errors.ConfigError(
+            f"model.frozen_dtype={config.model.frozen_dtype!r} is not one of "
+            f"{('', *models.DTYPES)}"
+        )
 
 
 def _validate_negatives(config: ml_collections.ConfigDict) -> None:

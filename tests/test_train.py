@@ -81,3 +81,15 @@ def test_monet_config_fails_fast_naming_what_is_missing(tmp_path):
     config.data.tfds_data_dir = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="cycle_gan/monet2photo.*not prepared"):
         train.setup(config, jax.devices()[:2])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("model.attention", "flash"), ("model.remat", "some"), ("model.frozen_dtype", "fp8")],
+)
+def test_memory_option_typos_fail_before_anything_is_built(field, value):
+    config = demo.get_config()
+    group, name = field.split(".")
+    config[group][name] = value
+    with pytest.raises(ValueError, match=field.split(".")[1]):
+        train.validate_config(config)

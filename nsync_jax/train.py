@@ -105,8 +105,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     unet_memory.MemoryOptions.from_config(config.model)  # Attention and remat names.
     if config.model.frozen_dtype and config.model.frozen_dtype not in models.DTYPES:
         raise errors.ConfigError(
-            f"model.frozen_dtype={config.model.frozen_dtype!r} is not one of "
-            f"{('', *models.DTYPES)}"
+            f"model.frozen_dtype={config.model.frozen_dtype!r} is not one of {('', *models.DTYPES)}"
         )
 
 

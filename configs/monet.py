@@ -29,4 +29,10 @@ def get_config():
     config.train.initializer_token = "painting"
     config.train.num_steps = 8000
     config.train.batch_size = 2
+    # A frozen UNet with a backward pass to the token: 11.5 GiB per device at one image per
+    # branch per device (benchmarks/memory.py, docs/scale.md), so no remat on a v4 chip.
+    # The reference batch of 2 runs on 1 or 2 devices; on a v4-8 set batch_size=4.
+    config.model.attention = "xla"
+    config.model.remat = "none"
+    config.train.grad_accum = 1
     return config

@@ -23,7 +23,7 @@ from nsync_jax.data import negatives_store
 sd_folders = pytest.importorskip("sd_folders")
 
 NUM_EXAMPLES = 4
-REAL_CONFIGS = ("monet", "vangogh", "ukiyoe", "monet_lora")
+REAL_CONFIGS = ("monet", "vangogh", "ukiyoe", "monet_lora", "monet_unet")
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,10 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from nsync_jax import architectures as sd_arch  # Plain dicts: imports no JAX.
+# The repository root (nsync_jax/) when run as `python benchmarks/throughput_torch.py`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nsync_jax import architectures as sd_arch  # noqa: E402  Plain dicts: imports no JAX.
 
 # Steps between fresh negative gradients; 0: no negative branch.
 NEGATIVE_EVERY = {"finetune": 0, "nsync": 1, "nsync_every4": 4}

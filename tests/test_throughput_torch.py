@@ -17,8 +17,9 @@ pytest.importorskip("diffusers")
 # Benchmark-only code lives under benchmarks/, which the benchmark scripts import as
 # sibling modules; the test reaches it the same way.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-import sd_arch  # noqa: E402
 import throughput_torch  # noqa: E402
+
+from nsync_jax import architectures as sd_arch  # noqa: E402
 
 MODES = ("finetune", "nsync", "nsync_every4")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from nsync_jax import optim, projection, runs, step, train
+from nsync_jax import loop, optim, projection, runs, step, train
 from nsync_jax import scope as scope_lib
 
 
@@ -18,13 +18,21 @@ def _config(**train_overrides):
     return config
 
 
+class _History(loop.Hook):
+    """Every step's metrics, fetched."""
+
+    def __init__(self):
+        self.rows = []
+
+    def after_step(self, step, state, metrics):
+        self.rows.append(jax.device_get(metrics))
+
+
 def _run(config, devices, steps):
     trainer = train.setup(config, devices)
-    state, history = trainer.state, []
-    for i in range(steps):
-        state, metrics = trainer.step_fn(state, trainer.batch(i))
-        history.append(jax.device_get(metrics))
-    return trainer, state, history
+    history = _History()
+    state = loop.run(trainer, trainer.state, steps, [history])
+    return trainer, state, history.rows
 
 
 def test_fsdp_mesh_matches_single_device():

@@ -119,10 +119,11 @@ def abstract_batch(config, model, mesh) -> dict:
     return out
 
 
-def compile_row(args, base, scope, mode, mesh_name, remat, batch) -> dict:
+def compile_row(args, scope, mode, mesh_name, remat, batch) -> dict:
     config = make_config(args, scope, mode, mesh_name, remat, batch)
     mesh = train.make_mesh(config)
-    model, params = base
+    # The model carries its attention and remat options: built (abstractly) per row.
+    model, params = models.build_random(config.model, runs.run_keys(config.seed)[0], abstract=True)
     built = train.build_state(config, mesh, model, params, abstract=True)
     step_fn = train.make_step_fn(config, mesh, built)
     tick = time.perf_counter()
@@ -219,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     for row in grid:
-        rows.append(compile_row(args, base, *row))
+        rows.append(compile_row(args, *row))
         with open(args.output, "w") as f:  # After every row: a long grid can be stopped.
             json.dump(result, f, indent=2)
         r = rows[-1]

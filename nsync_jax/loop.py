@@ -7,8 +7,8 @@ the progress bar, and what later features add (samples, validation, EMA). `train
 tests and every benchmark call this same loop.
 
 A hook sees every step's metrics (`after_step`, which must not wait for the device) and
-runs (`__call__`) when due: every `every` steps, at the last step, and, if `on_stop`, at
-the step where a stop signal was taken. Hooks run in list order, so the non-finite check
+runs (`__call__`) when due: every `every` steps, at the last step, and, if `on_stop`, also
+at the step where a stop signal was taken. Hooks run in list order, so the non-finite check
 goes before the checkpoint.
 """
 
@@ -70,9 +70,8 @@ class Hook:
         """Called once when the loop ends, however it ends."""
 
     def due(self, step: int, last: bool, stopping: bool) -> bool:
-        if stopping:
-            return self.on_stop
-        return last or bool(self.every and step % self.every == 0)
+        regular = last or bool(self.every and step % self.every == 0)
+        return regular or (stopping and self.on_stop)
 
 
 def run(
@@ -105,7 +104,7 @@ def run(
             stopping = watcher is not None and watcher.should_stop(done)
             last = done == num_steps
             for hook in hooks:
-                if hook.due(done, last, stopping and not last):
+                if hook.due(done, last, stopping):
                     hook(done, state)
             if stopping:
                 break

@@ -87,13 +87,17 @@ class _StopAt:
         return step >= self.step
 
 
-def test_a_stop_runs_only_the_on_stop_hooks_at_the_step_reached():
+def test_a_stop_adds_only_the_on_stop_hooks_at_the_step_reached():
     saver, logger = _Recorder(every=4, on_stop=True), _Recorder(every=2)
     state = loop.run(_CountingTrainer(), _State(jnp.int32(0)), 10, [logger, saver], _StopAt(3))
     assert int(state.step) == 3
     assert saver.calls == [(3, 3)]
     assert logger.calls == [(2, 2)]  # Not called at the stop: no partial interval row.
     assert logger.closed and saver.closed
+    # A hook due anyway at the stop step still runs there (a metrics row of step 4).
+    logger = _Recorder(every=2)
+    loop.run(_CountingTrainer(), _State(jnp.int32(0)), 10, [logger], _StopAt(4))
+    assert logger.calls == [(2, 2), (4, 4)]
 
 
 def test_hooks_are_closed_when_a_hook_raises():

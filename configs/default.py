@@ -93,6 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.style_token = "<s*>"  # The style's word; a new token for textual inversion.
     config.train.initializer_token = "painting"  # Word the new token's embedding starts from.
     config.train.prompt_template = "{caption} in the style of {style}"  # Both branches' prompt.
+    config.train.min_snr_gamma = 0.0  # Min-SNR-γ loss weight per example (5 is usual); 0 = off.
+    config.train.noise_offset = 0.0  # Noise += this·N(0,1) per example and channel; 0 = off.
+    config.train.timestep_min = 0  # Training timesteps are uniform in [timestep_min, timestep_max).
+    config.train.timestep_max = -1  # Exclusive upper end; -1 = the noise schedule's T (1000).
 
     config.lora = ml_collections.ConfigDict()  # Read by train.scope "lora" and "lora_ti".
     config.lora.rank = 8  # r of every adapter.

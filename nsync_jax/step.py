@@ -157,18 +157,22 @@ def _latent_shape_nchw(model: models.StableDiffusion, branch: dict[str, jax.Arra
 
 
 def make_draws(
-    model: models.StableDiffusion, schedule: diffusion.NoiseSchedule
+    model: models.StableDiffusion,
+    schedule: diffusion.NoiseSchedule,
+    options: diffusion.LossOptions = diffusion.PLAIN,
 ) -> Callable[[dict, jax.Array, jax.Array], dict]:
     """`draws(branch, posterior_rng, noise_rng)`: every random number one branch needs.
 
     `posterior_rng` draws the VAE posterior sample ε (NHWC, as diffusers' `sample` draws
-    it), `noise_rng` the diffusion noise and timesteps, so two branches can share noise by
-    sharing `noise_rng`. Drawn for the whole batch, split with it into micro-batches.
+    it), `noise_rng` the diffusion noise (with `options.noise_offset`) and the timesteps
+    (in `options`' range), so two branches can share noise by sharing `noise_rng`. Drawn
+    for the whole batch, split with it into micro-batches.
     """
+    options.timestep_range(schedule)  # A range the schedule cannot draw fails here.
 
     def draws(branch, posterior_rng, noise_rng):
         shape = _latent_shape_nchw(model, branch)
-        noise, timesteps = diffusion.sample_noise(schedule, noise_rng, shape)
+        noise, timesteps = diffusion.sample_noise(schedule, noise_rng, shape, options)
         out = {"noise": noise, "timesteps": timesteps}
         if "latents" not in branch and not model.identity_vae:
             b, c, h, w = shape
@@ -179,14 +183,18 @@ def make_draws(
 
 
 def make_branch_forward(
-    model: models.StableDiffusion, scope: Scope, schedule: diffusion.NoiseSchedule
+    model: models.StableDiffusion,
+    scope: Scope,
+    schedule: diffusion.NoiseSchedule,
+    options: diffusion.LossOptions = diffusion.PLAIN,
 ):
     """`forward(trainable, frozen, branch, draws) -> (loss, outputs)` on one batch.
 
     A branch holds `input_ids` and one of: `pixels` (encoded here), `latent_mean` and
     `latent_std` (cached posterior moments, `data/latents.py`), or `latents` (fixed).
-    `loss` is the ε/v MSE; `outputs` (`latents`, `noisy`, `timesteps`, `prediction`,
-    `target`, `context`) are what an auxiliary loss may read.
+    `loss` is the ε/v MSE, each example weighted by min-SNR-γ if `options` ask for it;
+    `outputs` (`latents`, `noisy`, `timesteps`, `prediction`, `target`, `context`) are
+    what an auxiliary loss may read.
     """
 
     def forward(trainable, frozen, branch, draws):
@@ -207,7 +215,10 @@ def make_branch_forward(
         timesteps = draws["timesteps"]
         noised = diffusion.add_noise(schedule, latents, draws["noise"], timesteps)
         prediction = model.predict_noise(params["unet"], noised.noisy, timesteps, context)
-        loss = diffusion.mse(prediction, noised.target)
+        weights = None
+        if options.min_snr_gamma > 0:
+            weights = diffusion.min_snr_weights(schedule, timesteps, options.min_snr_gamma)
+        loss = diffusion.mse(prediction, noised.target, weights)
         outputs = {
             "latents": latents,
             "noisy": noised.noisy,
@@ -304,7 +315,8 @@ def make_gradients(
     Args:
       model: the Stable Diffusion parts.
       scope: splits and merges trainable and frozen parameters.
-      train_config: `config.train` (`mode`, `share_noise`).
+      train_config: `config.train` (`mode`, `share_noise`, and the `diffusion.LossOptions`
+        fields: timestep range, noise offset, min-SNR-γ), the same for both branches.
       trainable_shardings: if given, gradients are constrained to these shardings so they
         stay FSDP-sharded like the parameters.
       negative_every: in `nsync` mode, compute g− only at steps divisible by this and
@@ -326,8 +338,9 @@ def make_gradients(
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     schedule = diffusion.make_schedule(model.scheduler_config)
-    forward = make_branch_forward(model, scope, schedule)
-    draws_fn = make_draws(model, schedule)
+    options = diffusion.LossOptions.from_config(train_config)
+    forward = make_branch_forward(model, scope, schedule, options)
+    draws_fn = make_draws(model, schedule, options)
     nsync = train_config.mode == "nsync"
 
     def constrain(grads):

@@ -23,6 +23,7 @@ import ml_collections
 
 from nsync_jax import (
     checkpoint,
+    diffusion,
     errors,
     loop,
     models,
@@ -103,6 +104,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.train.mode == "nsync":
         _validate_negatives(config)
     unet_memory.MemoryOptions.from_config(config.model)  # Attention and remat names.
+    diffusion.LossOptions.from_config(config.train)  # Timestep range, offset, min-SNR-γ.
     if config.model.frozen_dtype and config.model.frozen_dtype not in models.DTYPES:
         raise errors.ConfigError(
             f"model.frozen_dtype={config.model.frozen_dtype!r} is not one of {('', *models.DTYPES)}"
@@ -260,6 +262,9 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     built = build_state(config, mesh, model, params)
     del params
     model, scope, state = built.model, built.scope, built.state
+    # Built (not compiled: jit is lazy) before any latent caching, so a setting the model
+    # cannot take, such as a timestep range past its schedule, fails first.
+    step_fn = make_step_fn(config, mesh, built)
 
     batches = pipeline.PairedBatches(
         positives,
@@ -289,7 +294,6 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             config.data.latent_batch_size,
             config.model.resolution,
         )
-    step_fn = make_step_fn(config, mesh, built)
     return Trainer(config, mesh, model, scope, state, built.state_sharding, batches, step_fn)
 
 

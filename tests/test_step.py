@@ -210,6 +210,32 @@ def test_grad_accumulation_must_split_the_batch_over_the_devices():
         train.setup(config, jax.devices()[:8])
 
 
+def test_loss_options_apply_to_both_branches():
+    model, s, config, tx, state, batch = _gradients_setup("nsync")
+    config.train.update(min_snr_gamma=1.0, noise_offset=0.1, timestep_min=100, timestep_max=200)
+    rng = jax.random.key(11)
+    _, metrics = jax.jit(step.make_gradients(model, s, config.train))(state, batch, rng)
+
+    # The same loss by hand: the options' draws, the plain MSE of each example, weighted.
+    schedule = step.diffusion.make_schedule(model.scheduler_config)
+    options = step.diffusion.LossOptions(100, 200, noise_offset=0.1, min_snr_gamma=1.0)
+    draws_fn = step.make_draws(model, schedule, options)
+    forward = jax.jit(step.make_branch_forward(model, s, schedule))  # Unweighted.
+    pos_post, pos_noise, neg_post, neg_noise = jax.random.split(rng, 4)
+    for name, keys, metric in (
+        ("positive", (pos_post, pos_noise), "loss_pos"),
+        ("negative", (neg_post, neg_noise), "loss_neg"),
+    ):
+        draws = draws_fn(batch[name], *keys)
+        assert bool(jnp.all((draws["timesteps"] >= 100) & (draws["timesteps"] < 200)))
+        out = forward(state.trainable, state.frozen, batch[name], draws)[1]
+        errors = jnp.mean(jnp.square(out["prediction"] - out["target"]), axis=(1, 2, 3))
+        snr = step.diffusion.snr(schedule, draws["timesteps"])
+        weights = jnp.minimum(snr, 1.0) / snr
+        assert float(weights.max()) < 0.5  # Low-noise timesteps: the weighting matters here.
+        np.testing.assert_allclose(metrics[metric], jnp.mean(weights * errors), rtol=1e-5)
+
+
 def _prediction_energy(params, branch, outputs):
     return jnp.mean(jnp.square(outputs["prediction"].astype(jnp.float32)))
 

@@ -118,13 +118,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.nsync.negative_every = 1  # Fresh g− every k steps, reused in between (1: always).
 
     config.optim = ml_collections.ConfigDict()
-    config.optim.learning_rate = 1e-3  # AdamW peak learning rate (reference: 1e-3).
-    config.optim.schedule = "constant"  # Learning-rate schedule (reference: constant).
-    config.optim.warmup_steps = 0  # Linear warm-up steps before the schedule.
-    config.optim.b1 = 0.9  # Adam β1.
-    config.optim.b2 = 0.999  # Adam β2.
+    config.optim.name = "adamw"  # "adamw" (reference), "adafactor", "lion" or "sgd" (optax's).
+    config.optim.learning_rate = 1e-3  # Peak learning rate (reference: 1e-3).
+    config.optim.schedule = "constant"  # The reference; or "linear", "cosine", "warmup_cosine".
+    config.optim.warmup_steps = 0  # Linear warm-up steps from 0 before the schedule.
+    config.optim.final_lr_fraction = 0.0  # linear/cosine: LR at train.num_steps, as peak fraction.
+    config.optim.b1 = 0.9  # Adam/Lion β1; SGD momentum (0: none); unused by adafactor.
+    config.optim.b2 = 0.999  # Adam/Lion β2 (Lion's own default is 0.99).
     config.optim.eps = 1e-8  # Adam ε.
-    config.optim.weight_decay = 1e-2  # Decoupled weight decay (reference: 1e-2).
+    config.optim.weight_decay = 1e-2  # Weight decay, decoupled (SGD: L2); reference 1e-2.
     config.optim.clip_norm = 0.0  # Global-norm clipping after the projection; 0 disables.
 
     config.eval = ml_collections.ConfigDict()

@@ -271,13 +271,17 @@ def _resumable(name: str) -> bool:
 def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
     """Dotted names of fields that differ between a saved config and `config`.
 
-    Fields in `RESUMABLE_FIELDS` are ignored; a field present on one side only counts.
+    Fields in `RESUMABLE_FIELDS` are ignored, except `train.num_steps` under a decaying
+    learning-rate schedule: the schedule spans it, so another length would change the rate
+    of every remaining step. A field present on one side only counts.
     """
     old, new = trees.flatten_names(saved), trees.flatten_names(config_to_json(config))
+    fixed = {"train.num_steps"} if new.get("optim.schedule") != "constant" else set()
     return sorted(
         name
         for name in set(old) | set(new)
-        if not _resumable(name) and old.get(name, "<absent>") != new.get(name, "<absent>")
+        if (name in fixed or not _resumable(name))
+        and old.get(name, "<absent>") != new.get(name, "<absent>")
     )
 
 

@@ -105,6 +105,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _validate_negatives(config)
     unet_memory.MemoryOptions.from_config(config.model)  # Attention and remat names.
     diffusion.LossOptions.from_config(config.train)  # Timestep range, offset, min-SNR-γ.
+    optim.check_config(config)  # Optimizer and schedule names, warm-up, final fraction.
     if config.model.frozen_dtype and config.model.frozen_dtype not in models.DTYPES:
         raise errors.ConfigError(
             f"model.frozen_dtype={config.model.frozen_dtype!r} is not one of {('', *models.DTYPES)}"

@@ -234,6 +234,20 @@ def test_config_differences_name_the_fields_that_matter(tmp_path):
         checkpoint.check_resumable(tmp_path, 2, changed)
 
 
+def test_a_decaying_schedule_fixes_the_number_of_steps():
+    # The schedule spans train.num_steps: another length changes every remaining rate.
+    config = _config()
+    config.optim.update(schedule="cosine", warmup_steps=10)
+    longer = _config()
+    longer.optim.update(schedule="cosine", warmup_steps=10)
+    longer.train.num_steps += 100
+    saved = checkpoint.config_to_json(config)
+    assert checkpoint.config_differences(saved, longer) == ["train.num_steps"]
+    constant = _config()
+    constant.train.num_steps += 100
+    assert checkpoint.config_differences(checkpoint.config_to_json(_config()), constant) == []
+
+
 def test_load_run_config_and_restore_trainable_for_export(tmp_path):
     config = _config()
     state = _make_state(config)

@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.demo_count = 40  # Number of demo style images.
     config.data.demo_seed = 0  # Seed of the demo images' layouts.
     config.data.random_flip = True  # Random horizontal flips, per branch.
+    config.data.caption_dropout = 0.0  # Chance a row's prompt is "" (per branch; for CFG); 0 = off.
     config.data.tfds_name = "cycle_gan/monet2photo"  # TFDS dataset (source="tfds").
     config.data.split = "trainA"  # TFDS split; CycleGAN's style side is trainA / testA.
     config.data.tfds_data_dir = ""  # Prepared TFDS data dir; "" means TFDS_DATA_DIR or the default.

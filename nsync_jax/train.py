@@ -97,6 +97,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise errors.ConfigError(
                 f"checkpoint.{name} must be >= {low}, got {config.checkpoint[name]}"
             )
+    if not 0 <= config.data.caption_dropout < 1:
+        raise errors.ConfigError(
+            f"data.caption_dropout must be in [0, 1), got {config.data.caption_dropout}"
+        )
     if "{caption}" not in config.train.prompt_template:
         raise errors.ConfigError(
             f"train.prompt_template {config.train.prompt_template!r} has no {{caption}}"
@@ -277,6 +281,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
         seed=config.seed,
         random_flip=config.data.random_flip,
         on_bad_image=config.data.on_bad_image,
+        caption_dropout=config.data.caption_dropout,
     )
     if config.data.cache_latents:
         # The VAE is frozen in every scope, so its posterior moments never change.

@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.architecture = "sd15"  # source="random": "sd15", "sd2_base" or "tiny" weights.
     config.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Folder or hub id.
     config.model.revision = ""  # Hub revision; "" for the default branch.
-    config.model.init_from = ""  # Workdir of a trained run whose newest params are the base.
+    config.model.init_from = ""  # Trained run's workdir; newest params (EMA if kept) are the base.
     config.model.variant = ""  # Weight file variant ("fp16" reads *.fp16.safetensors); "" none.
     config.model.resolution = 512  # Training image side in pixels.
     config.model.param_dtype = "float32"  # Dtype the parameters are held in.
@@ -94,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.style_token = "<s*>"  # The style's word; a new token for textual inversion.
     config.train.initializer_token = "painting"  # Word the new token's embedding starts from.
     config.train.prompt_template = "{caption} in the style of {style}"  # Both branches' prompt.
+    config.train.ema_decay = 0.0  # EMA decay of the trained weights (e.g. 0.9999); 0 = off.
     config.train.min_snr_gamma = 0.0  # Min-SNR-γ loss weight per example (5 is usual); 0 = off.
     config.train.noise_offset = 0.0  # Noise += this·N(0,1) per example and channel; 0 = off.
     config.train.timestep_min = 0  # Training timesteps are uniform in [timestep_min, timestep_max).

@@ -7,8 +7,8 @@ the loop with explicit shardings and the state donated. It is the composition of
   (`"positive"`: g+, `"negative"`: g− in `nsync` mode, `"unprojected"`: auxiliary losses
   that bypass the projection), accumulated over `grad_accum` micro-batches by a `lax.scan`;
 - `apply(state, grads, metrics) -> (state, metrics)`: the optimizer update
-  (`optim.make_optimizer`: the NSYNC projection of g+ against g−, clipping, AdamW), the
-  carried g−, and the non-finite record.
+  (`optim.make_optimizer`: the NSYNC projection of g+ against g−, clipping, the
+  optimizer), the EMA of the parameters, the carried g−, and the non-finite record.
 
 The RNG lives in the state: step s draws from `fold_in(state.rng, s)`, so a restored
 state continues the same random stream and a checkpoint needs no separate key.
@@ -57,6 +57,9 @@ class TrainState:
         amortized (`nsync.negative_every > 1`), else None. `grad` has the structure and
         shardings of `trainable`; checkpoints save it, so a resume mid-period reuses the
         same g− an uninterrupted run would.
+      ema: the exponential moving average of `trainable` (`ema_update`) when
+        `train.ema_decay > 0`, else None (no leaves: nothing saved, nothing sharded).
+        Same structure, dtypes and shardings as `trainable`; checkpoints save it.
     """
 
     step: jax.Array
@@ -66,6 +69,7 @@ class TrainState:
     opt_state: optax.OptState
     nonfinite_step: jax.Array
     negative: Any = None
+    ema: Any = None
 
     def saved(self) -> TrainState:
         """What a checkpoint holds: everything but the frozen parameters."""
@@ -82,6 +86,7 @@ def init_state(
     tx: optax.GradientTransformation,
     rng: jax.Array,
     carry_negative: bool = False,
+    ema: bool = False,
 ) -> TrainState:
     """The state before step 0.
 
@@ -90,6 +95,7 @@ def init_state(
       tx: the optimizer.
       rng: the run's step key (`runs.run_keys(seed)[1]`); a typed key or raw key data.
       carry_negative: add the (zero) amortized g− slot.
+      ema: keep an EMA of `trainable`, starting from a copy of it.
     """
     negative = None
     if carry_negative:
@@ -107,6 +113,23 @@ def init_state(
         opt_state=tx.init(trainable),
         nonfinite_step=jnp.full((), -1, jnp.int32),
         negative=negative,
+        ema=jax.tree.map(jnp.copy, trainable) if ema else None,
+    )
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """The decay of the EMA update after update `step` (0 for the first):
+    min(decay, (1 + t) / (10 + t)), the warm-up of diffusers' `EMAModel` (its default,
+    without `use_ema_warmup`): 0.1 at the first update, 0.5 at t = 8, 0.9 at t = 80, so
+    the average is not pinned to the initial weights for the first ~1/(1 − decay) steps."""
+    t = step.astype(jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+
+
+def ema_update(ema: Any, trainable: Any, decay: jax.Array) -> Any:
+    """decay · ema + (1 − decay) · trainable, leaf by leaf, in each EMA leaf's dtype."""
+    return jax.tree.map(
+        lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, trainable
     )
 
 
@@ -428,17 +451,27 @@ def make_gradients(
 # --- apply -------------------------------------------------------------------------------------
 
 
-def make_apply(tx: optax.GradientTransformationExtraArgs, nsync: bool):
+def make_apply(tx: optax.GradientTransformationExtraArgs, nsync: bool, ema_decay: float = 0.0):
     """`apply(state, grads, metrics) -> (state, metrics)`: one optimizer update.
 
     In nsync mode `tx.update` gets g− as `negative_updates=` (the projection comes first
     in `tx`) and an unprojected auxiliary gradient as `unprojected_updates=`, which the
     projection adds after projecting. Adds the norms, the projection's cosine and
     coefficient to `metrics`, records the first non-finite step, and carries g− when the
-    state has a slot for it.
+    state has a slot for it. With `ema_decay` > 0 the state's EMA (made by
+    `init_state(..., ema=True)`) moves toward the updated parameters by `ema_decay_at`.
+    It lives in the step, not in a hook: updated in place in the donated state, it costs
+    no extra copy of the parameters and no extra dispatch.
     """
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"train.ema_decay must be in [0, 1), got {ema_decay}")
 
     def apply(state: TrainState, grads: Grads, metrics: Metrics) -> tuple[TrainState, Metrics]:
+        if (state.ema is None) != (ema_decay == 0):
+            raise ValueError(
+                f"ema_decay={ema_decay} but the state has {'no' if state.ema is None else 'an'} "
+                "EMA: make it with init_state(..., ema=ema_decay > 0)"
+            )
         g_pos = grads["positive"]
         metrics = dict(metrics, grad_norm_pos=optax.tree.norm(g_pos))
         extra = {}
@@ -454,6 +487,9 @@ def make_apply(tx: optax.GradientTransformationExtraArgs, nsync: bool):
             g_pos = jax.tree.map(jnp.add, g_pos, grads["unprojected"])
         updates, opt_state = tx.update(g_pos, state.opt_state, state.trainable, **extra)
         trainable = optax.apply_updates(state.trainable, updates)
+        ema = state.ema
+        if ema_decay > 0:
+            ema = ema_update(ema, trainable, ema_decay_at(ema_decay, state.step))
         metrics["update_norm"] = optax.tree.norm(updates)
         if nsync:
             metrics["cosine"] = optax.tree.get(opt_state, "cosine")
@@ -468,6 +504,7 @@ def make_apply(tx: optax.GradientTransformationExtraArgs, nsync: bool):
             opt_state=opt_state,
             nonfinite_step=nonfinite_step,
             negative=negative,
+            ema=ema,
         )
         return new_state, metrics
 
@@ -483,11 +520,12 @@ def make_train_step(
     negative_every: int = 1,
     grad_accum: int = 1,
     auxiliary: tuple[AuxiliaryLoss, ...] = (),
+    ema_decay: float = 0.0,
 ):
     """The pure step `(state, batch) -> (state, metrics)`: `gradients` then `apply`.
 
     Arguments as `make_gradients`; `tx` is the optimizer (in nsync mode it takes
-    `negative_updates=`).
+    `negative_updates=`); `ema_decay` as `make_apply`.
     """
     gradients = make_gradients(
         model,
@@ -498,7 +536,7 @@ def make_train_step(
         grad_accum=grad_accum,
         auxiliary=auxiliary,
     )
-    apply = make_apply(tx, nsync=train_config.mode == "nsync")
+    apply = make_apply(tx, nsync=train_config.mode == "nsync", ema_decay=ema_decay)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         grads, metrics = gradients(state, batch, state.step_key())

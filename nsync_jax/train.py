@@ -6,7 +6,7 @@ before the model: a missing data set should not wait for gigabytes of weights) �
 parameters → scope split → optimizer → state built under `jax.jit(out_shardings=...)` →
 batches → the step compiled once with explicit shardings and the state donated → if
 resuming: data and frozen-parameter fingerprints checked, then the saved state (step, RNG,
-trainable parameters, optimizer state, carried g−) restored straight into the state's
+trainable parameters, optimizer state, carried g−, EMA) restored straight into the state's
 shardings (checkpoint.py) → `loop.run`.
 """
 
@@ -97,6 +97,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise errors.ConfigError(
                 f"checkpoint.{name} must be >= {low}, got {config.checkpoint[name]}"
             )
+    if not 0 <= config.train.ema_decay < 1:
+        raise errors.ConfigError(
+            f"train.ema_decay must be in [0, 1) (0 = no EMA), got {config.train.ema_decay}"
+        )
     if not 0 <= config.data.caption_dropout < 1:
         raise errors.ConfigError(
             f"data.caption_dropout must be in [0, 1), got {config.data.caption_dropout}"
@@ -215,7 +219,12 @@ def build_state(
 
     def init(trainable, frozen):
         return step_lib.init_state(
-            trainable, frozen, tx, step_rng, carry_negative=negative_every > 1
+            trainable,
+            frozen,
+            tx,
+            step_rng,
+            carry_negative=negative_every > 1,
+            ema=config.train.ema_decay > 0,
         )
 
     state_shapes = jax.eval_shape(init, trainable, frozen)
@@ -241,6 +250,7 @@ def make_step_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, bui
         trainable_shardings=built.state_sharding.trainable,
         negative_every=step_lib.negative_every(config),
         grad_accum=config.train.grad_accum,
+        ema_decay=config.train.ema_decay,
     )
     return jax.jit(
         step,

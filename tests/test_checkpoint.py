@@ -383,6 +383,70 @@ def test_loop_resumes_amortized_negatives_exactly_mid_period(tmp_path):
     assert float(jnp.abs(reference.negative["grad"]["token_embedding"]).sum()) > 0
 
 
+# Every training option of the `train`, `data` and `optim` groups on at once.
+_OPTIONS = {
+    "train.ema_decay": 0.9,
+    "train.min_snr_gamma": 5.0,
+    "train.noise_offset": 0.1,
+    "train.timestep_min": 100,
+    "train.timestep_max": 900,
+    "data.caption_dropout": 0.5,
+    "optim.name": "lion",
+    "optim.schedule": "warmup_cosine",
+    "optim.warmup_steps": 2,
+    "optim.final_lr_fraction": 0.1,
+    "mesh.fsdp": 4,
+}
+
+
+def test_loop_with_ema_and_every_option_resumes_exactly(tmp_path):
+    reference = train_lib.train(_demo_config(**_OPTIONS), str(tmp_path / "ref"))
+    workdir = tmp_path / "run"
+    shutil.copytree(tmp_path / "ref", workdir)
+    shutil.rmtree(checkpoint.step_dir(workdir, 5))
+    assert any(
+        name.startswith("ema.") for name in checkpoint.load_metadata(str(workdir))["checksums"]
+    )
+    resumed = train_lib.train(_demo_config(**_OPTIONS), str(workdir))
+    _assert_trees_equal(
+        _host((resumed.trainable, resumed.opt_state, resumed.ema)),
+        _host((reference.trainable, reference.opt_state, reference.ema)),
+    )
+    # The EMA is sharded as the parameters, and lags behind them.
+    assert jax.tree.map(lambda x: x.sharding, resumed.ema) == jax.tree.map(
+        lambda x: x.sharding, resumed.trainable
+    )
+    assert "fsdp" in resumed.ema["conv_in"]["kernel"].sharding.spec
+    kernel, ema_kernel = (
+        np.asarray(t["conv_in"]["kernel"]) for t in (resumed.trainable, resumed.ema)
+    )
+    assert not np.array_equal(kernel, ema_kernel)
+
+
+def test_a_checkpoint_from_before_the_training_options_resumes_without_them(tmp_path):
+    # Its saved config lacks every field of ADDED_FIELDS: it was trained as they are off.
+    import json
+
+    config = _config()
+    _save(tmp_path, _make_state(config), config)
+    meta_file = os.path.join(checkpoint.step_dir(tmp_path, 2), "meta", "metadata")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    for name in checkpoint.ADDED_FIELDS:
+        group, field = name.split(".")
+        del meta["config"][group][field]
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+
+    state = _restore(tmp_path, _make_state(config, seed=1), config)
+    assert int(state.step) == 2 and state.ema is None
+    assert checkpoint.load_run_config(tmp_path).train.ema_decay == 0.0
+    with_ema = _config()
+    with_ema.train.ema_decay = 0.99
+    with pytest.raises(ValueError, match=r"\['train\.ema_decay'\]"):
+        checkpoint.check_resumable(str(tmp_path), 2, with_ema)
+
+
 def test_loop_refuses_a_changed_config(finetune_reference):
     ref_dir, _ = finetune_reference
     with pytest.raises(ValueError, match=r"\['nsync\.rule'\]"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from nsync_jax import runs
+from nsync_jax import errors, runs
 from nsync_jax import scope as scope_lib
 
 
@@ -42,6 +42,33 @@ def test_load_trained_textual_inversion_run(tmp_path, tiny_sd, save_run):
     other_seed.train.scope, other_seed.seed = "textual_inversion", 1
     with pytest.raises(ValueError, match="frozen parameters differ"):
         runs.load_trained(str(tmp_path), config=other_seed)
+
+
+def test_load_trained_gives_the_ema_when_the_run_kept_one(tmp_path, tiny_sd, save_run):
+    config = demo.get_config()
+    config.train.scope = "textual_inversion"
+    scope, model, params = scope_lib.make_scope(config.train, *tiny_sd)
+    trainable, frozen = scope.split(params)
+    raw = {"token_embedding": jnp.full_like(trainable["token_embedding"], 0.5)}
+    ema = {"token_embedding": jnp.full_like(trainable["token_embedding"], 0.25)}
+    plain_dir, ema_dir = str(tmp_path / "plain"), str(tmp_path / "ema")
+    save_run(plain_dir, config, raw, frozen)
+    config.train.ema_decay = 0.99
+    save_run(ema_dir, config, raw, frozen, ema=ema)
+
+    def row(run):
+        return float(run.trainable["token_embedding"][0, 0])
+
+    assert [row(runs.load_trained(ema_dir, ema=e)) for e in (None, True, False)] == [
+        0.25,
+        0.25,
+        0.5,
+    ]
+    assert runs.load_trained(ema_dir).ema and not runs.load_trained(ema_dir, ema=False).ema
+    plain = runs.load_trained(plain_dir)
+    assert row(plain) == 0.5 and not plain.ema
+    with pytest.raises(errors.ConfigError, match="kept no EMA.*train.ema_decay=0"):
+        runs.load_trained(plain_dir, ema=True)
 
 
 def test_init_from_makes_a_trained_run_the_base(tmp_path, tiny_sd, save_run):

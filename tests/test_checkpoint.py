@@ -6,6 +6,7 @@ train the tiny demo model a few steps; those that run `launch/train.py` in subpr
 """
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -423,21 +424,28 @@ def test_loop_with_ema_and_every_option_resumes_exactly(tmp_path):
     assert not np.array_equal(kernel, ema_kernel)
 
 
-def test_a_checkpoint_from_before_the_training_options_resumes_without_them(tmp_path):
-    # Its saved config lacks every field of ADDED_FIELDS: it was trained as they are off.
-    import json
-
-    config = _config()
-    _save(tmp_path, _make_state(config), config)
-    meta_file = os.path.join(checkpoint.step_dir(tmp_path, 2), "meta", "metadata")
+def _edit_meta(workdir, step, edit):
+    """Rewrites checkpoint `step`'s metadata JSON with `edit(meta)` (as an older version
+    of nsync_jax would have written it)."""
+    meta_file = os.path.join(checkpoint.step_dir(workdir, step), "meta", "metadata")
     with open(meta_file) as f:
         meta = json.load(f)
-    for name in checkpoint.ADDED_FIELDS:
-        group, field = name.split(".")
-        del meta["config"][group][field]
+    edit(meta)
     with open(meta_file, "w") as f:
         json.dump(meta, f)
 
+
+def test_a_checkpoint_from_before_the_training_options_resumes_without_them(tmp_path):
+    # Its saved config lacks every field of ADDED_FIELDS: it was trained as they are off.
+    config = _config()
+    _save(tmp_path, _make_state(config), config)
+
+    def drop_added_fields(meta):
+        for name in checkpoint.ADDED_FIELDS:
+            group, field = name.split(".")
+            del meta["config"][group][field]
+
+    _edit_meta(tmp_path, 2, drop_added_fields)
     state = _restore(tmp_path, _make_state(config, seed=1), config)
     assert int(state.step) == 2 and state.ema is None
     assert checkpoint.load_run_config(tmp_path).train.ema_decay == 0.0
@@ -663,16 +671,9 @@ def test_loop_on_a_folder_resumes_and_refuses_changed_files(tmp_path, caplog):
 def test_a_checkpoint_of_the_old_format_is_refused_clearly(tmp_path):
     # Format 1 saved `trainable` and `opt_state` as separate items and the RNG in the
     # metadata; this version reads the whole state as one item.
-    import json
-
     config = _config()
     _save(tmp_path, _make_state(config), config)
-    meta_file = os.path.join(checkpoint.step_dir(tmp_path, 2), "meta", "metadata")
-    with open(meta_file) as f:
-        meta = json.load(f)
-    meta["format"] = 1
-    with open(meta_file, "w") as f:
-        json.dump(meta, f)
+    _edit_meta(tmp_path, 2, lambda meta: meta.update(format=1))
     for read in (
         lambda: checkpoint.check_resumable(str(tmp_path), 2, config),
         lambda: checkpoint.restore_trainable(tmp_path, checkpoint.abstract_like({})),

@@ -22,13 +22,21 @@ def test_unknown_model_source_is_an_error():
         runs.build_model(config, jax.random.key(0))
 
 
-def test_load_trained_textual_inversion_run(tmp_path, tiny_sd, save_run):
+def _textual_inversion(tiny_sd):
+    """The demo config with the textual-inversion scope, and its (trainable, frozen)."""
     config = demo.get_config()
     config.train.scope = "textual_inversion"
-    scope, model, params = scope_lib.make_scope(config.train, *tiny_sd)
-    trainable, frozen = scope.split(params)
-    learned = {"token_embedding": jnp.full_like(trainable["token_embedding"], 0.5)}
-    save_run(str(tmp_path), config, learned, frozen)
+    scope, _, params = scope_lib.make_scope(config.train, *tiny_sd)
+    return config, *scope.split(params)
+
+
+def _row(trainable, value):
+    return {"token_embedding": jnp.full_like(trainable["token_embedding"], value)}
+
+
+def test_load_trained_textual_inversion_run(tmp_path, tiny_sd, save_run):
+    config, trainable, frozen = _textual_inversion(tiny_sd)
+    save_run(str(tmp_path), config, _row(trainable, 0.5), frozen)
 
     run = runs.load_trained(str(tmp_path))
     assert run.step == 0 and run.config.train.scope == "textual_inversion"
@@ -45,16 +53,11 @@ def test_load_trained_textual_inversion_run(tmp_path, tiny_sd, save_run):
 
 
 def test_load_trained_gives_the_ema_when_the_run_kept_one(tmp_path, tiny_sd, save_run):
-    config = demo.get_config()
-    config.train.scope = "textual_inversion"
-    scope, model, params = scope_lib.make_scope(config.train, *tiny_sd)
-    trainable, frozen = scope.split(params)
-    raw = {"token_embedding": jnp.full_like(trainable["token_embedding"], 0.5)}
-    ema = {"token_embedding": jnp.full_like(trainable["token_embedding"], 0.25)}
+    config, trainable, frozen = _textual_inversion(tiny_sd)
     plain_dir, ema_dir = str(tmp_path / "plain"), str(tmp_path / "ema")
-    save_run(plain_dir, config, raw, frozen)
+    save_run(plain_dir, config, _row(trainable, 0.5), frozen)
     config.train.ema_decay = 0.99
-    save_run(ema_dir, config, raw, frozen, ema=ema)
+    save_run(ema_dir, config, _row(trainable, 0.5), frozen, ema=_row(trainable, 0.25))
 
     def row(run):
         return float(run.trainable["token_embedding"][0, 0])

@@ -119,6 +119,25 @@ def test_the_chain_steps_by_the_schedule():
     np.testing.assert_allclose(steps, [1e-3, 0.75e-3, 0.5e-3, 0.25e-3], rtol=1e-6)
 
 
+def test_adafactor_is_optax_adafactor_with_decay_scaled_by_the_learning_rate():
+    config = demo.get_config()
+    config.train.mode = "finetune"
+    config.optim.update(name="adafactor", learning_rate=0.01, weight_decay=0.1)
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.asarray(rng.standard_normal((256, 130)), jnp.float32)}
+    grads = {"w": jnp.asarray(rng.standard_normal((256, 130)), jnp.float32)}
+    ours, reference = (
+        optim.make_optimizer(config),
+        optax.adafactor(0.01, multiply_by_parameter_scale=False),
+    )
+    ours_state, ref_state = ours.init(params), reference.init(params)
+    for _ in range(3):
+        update, ours_state = ours.update(grads, ours_state, params)
+        expected, ref_state = reference.update(grads, ref_state, params)
+        expected = jax.tree.map(lambda e, p: e - 0.01 * 0.1 * p, expected, params)
+        np.testing.assert_allclose(update["w"], expected["w"], rtol=1e-5, atol=1e-8)
+
+
 def _apply_one_step(name, mode):
     """One `step.make_apply` update with optimizer `name`: (before, after, metrics)."""
     config = demo.get_config()

@@ -7,6 +7,11 @@
     if __name__ == "__main__":
         cli.run(main)
 
+- Many hosts: `hosts.initialize` runs first, from the flags below (or
+  `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`); a single process
+  passes none and nothing starts. `--multihost` uses JAX's auto-detection (TPU pod
+  slices, SLURM, Open MPI); `--coordinator=HOST:PORT --num_processes=N --process_id=I`
+  names everything (GPU nodes without a cluster manager). README "Many hosts".
 - Logging: absl at INFO, with other libraries' noise dropped: JAX's INFO line for each
   backend it probes and cannot start ("Unable to initialize backend 'tpu'"), the
   diffusers/transformers Flax deprecation notices, orbax's per-save INFO lines.
@@ -26,13 +31,34 @@ import os
 import sys
 from collections.abc import Callable
 
-from absl import app
+from absl import app, flags
 from absl import logging as absl_logging
 
-from nsync_jax import errors
+from nsync_jax import errors, hosts
 
 USER_ERROR_STATUS = 2
 INTERRUPTED_STATUS = 130
+
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Start JAX on many hosts with its cluster auto-detection (TPU pod slices, SLURM, "
+    "Open MPI); run the same command on every host.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "HOST:PORT of process 0 (many hosts without a cluster manager)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "How many processes in all (with --coordinator)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0 to num_processes - 1 (with --coordinator)."
+)
+_COORDINATOR_TIMEOUT = flags.DEFINE_integer(
+    "coordinator_timeout",
+    hosts.DEFAULT_TIMEOUT_S,
+    "Seconds to wait for the coordinator, every process, and their start-up checks.",
+)
 
 
 def setup_logging() -> None:
@@ -97,6 +123,13 @@ def run(main: Callable[[list[str]], None]) -> None:
     def wrapped(argv: list[str]) -> None:
         setup_logging()
         try:
+            hosts.initialize(
+                _COORDINATOR.value,
+                _NUM_PROCESSES.value,
+                _PROCESS_ID.value,
+                auto=_MULTIHOST.value,
+                timeout_s=_COORDINATOR_TIMEOUT.value,
+            )
             main(argv)
         except errors.UserError as e:
             if _show_tracebacks():

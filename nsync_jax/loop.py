@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 import signal
 import threading
 import time
@@ -255,9 +256,11 @@ class PreemptionWatcher:
     (KeyboardInterrupt at once, no save) for a user who does not want to wait for the save.
     On one process the flag is the decision. With many processes each host's flag could flip
     at a different step, so the decision comes from JAX's preemption sync manager instead
-    (`ocp.multihost.reached_preemption`, the same step on every host; it needs
-    `jax.distributed.initialize()` and handles SIGTERM itself), and no Python handler is
-    installed: a Ctrl-C seen by one host only could not stop every host at the same step.
+    (`ocp.multihost.reached_preemption`: the coordination service agrees on one step for
+    every host; it needs `jax.distributed.initialize()`, catches SIGTERM itself in C++, and
+    works on CPU too). No Python SIGTERM handler is installed then (it would replace
+    JAX's); a Ctrl-C is passed on to it as a SIGTERM to this process, so it also stops every
+    host at one step (this host then ends as interrupted, the others as preempted).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -273,14 +276,12 @@ class PreemptionWatcher:
         return self.received == "SIGINT"
 
     def install(self) -> None:
-        """Installs the handlers (single process, main thread only)."""
-        if self._multihost:
-            return
+        """Installs the handlers (main thread only; many processes: Ctrl-C only)."""
         if threading.current_thread() is not threading.main_thread():
             # Python only lets the main thread install handlers; SIGTERM then just kills.
             logging.warning("not on the main thread: SIGTERM will not save a checkpoint")
             return
-        for signum in self.SIGNALS:
+        for signum in (signal.SIGINT,) if self._multihost else self.SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
@@ -300,6 +301,8 @@ class PreemptionWatcher:
         del frame
         if self.received is None:
             self.received = signal.Signals(signum).name
+        if self._multihost:
+            os.kill(os.getpid(), signal.SIGTERM)  # To JAX's preemption notifier.
         if signum == signal.SIGINT:
             # The next Ctrl-C interrupts at once (Python's default handler).
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -307,7 +310,11 @@ class PreemptionWatcher:
     def should_stop(self, step: int) -> bool:
         """True once a stop is signalled; the same `step` on every host."""
         if self._multihost:
-            return ocp.multihost.reached_preemption(step)
+            if not ocp.multihost.reached_preemption(step):
+                return False
+            self.received = self.received or "SIGTERM"
+            logging.warning("preemption on some host: every host saves step %d", step)
+            return True
         if self.received:
             how = "Ctrl-C again stops without saving" if self.interrupted else "then exiting"
             logging.warning("%s received: saving step %d (%s)", self.received, step, how)

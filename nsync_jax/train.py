@@ -24,6 +24,7 @@ import ml_collections
 from nsync_jax import (
     checkpoint,
     errors,
+    hosts,
     loop,
     models,
     optim,
@@ -151,18 +152,29 @@ class Trainer:
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
     """The run's mesh, checked against the batch size and the micro-batches."""
-    mesh = sharding.make_mesh(config.mesh, devices)
+    devices = list(jax.devices() if devices is None else devices)
+    # Named in every message: on many hosts, how the devices come about is the question.
+    where = (
+        f"{len(devices)} devices ({jax.process_count()} processes x "
+        f"{jax.local_device_count()} local devices)"
+        if jax.process_count() > 1
+        else f"{len(devices)} devices"
+    )
+    try:
+        mesh = sharding.make_mesh(config.mesh, devices)
+    except ValueError as e:
+        raise errors.ConfigError(f"{e} ({where}); set mesh.data and mesh.fsdp to fit") from e
     divisor = sharding.batch_divisor(mesh)
     if config.train.batch_size % divisor:
         raise errors.ConfigError(
             f"train.batch_size={config.train.batch_size} does not divide over the "
-            f"{divisor} devices of mesh {dict(mesh.shape)}"
+            f"{where} of mesh {dict(mesh.shape)}"
         )
     if config.train.batch_size % (divisor * config.train.grad_accum):
         raise errors.ConfigError(
             f"train.batch_size={config.train.batch_size} does not split into "
             f"train.grad_accum={config.train.grad_accum} micro-batches that each divide over "
-            f"the {divisor} devices of mesh {dict(mesh.shape)}"
+            f"the {where} of mesh {dict(mesh.shape)}"
         )
     return mesh
 
@@ -250,6 +262,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     """
     validate_config(config)
     mesh = make_mesh(config, devices)
+    logging.info("%s", hosts.describe(mesh))
     positives = sources.load_positives(config.data, config.model.resolution)
     negatives = None
     if config.train.mode == "nsync":
@@ -290,6 +303,12 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             config.model.resolution,
         )
     step_fn = make_step_fn(config, mesh, built)
+    if jax.process_count() > 1:
+        # Compiled here, and every process waits for the others: the first step's
+        # collectives must start together on CPU (`hosts.sync`).
+        step_fn = hosts.compile_together(
+            step_fn, state, sharding.global_batch(mesh, batches.batch(0))
+        )
     return Trainer(config, mesh, model, scope, state, built.state_sharding, batches, step_fn)
 
 
@@ -320,8 +339,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step
     Saves every `checkpoint.every` steps, at the end, and on SIGTERM or Ctrl-C (then stops
     early; rerun the same command to resume). Returns the final state; after a Ctrl-C the
     save completes and `KeyboardInterrupt` is raised. Metrics go to the workdir.
+
+    On many processes, every one calls this: they check first that they run the same
+    config and that `workdir` is one shared folder (`hosts`).
     """
+    hosts.check_same_config(config)
     validate_config(config)
+    hosts.check_shared_dir(workdir, "--workdir")
     resume_step = _resume_step(config, workdir, checkpoint.saved_steps(workdir))
     meta = None
     if resume_step is not None:  # A changed config stops here, before anything is built.
@@ -389,6 +413,7 @@ def _run(
         loop.Callback(save, config.checkpoint.every, on_stop=True),
     ]
     watcher = loop.PreemptionWatcher()
+    hosts.sync("the first step")  # After per-process work (restore checks, compiles).
     with watcher:
         state = loop.run(trainer, state, config.train.num_steps, hooks, watcher)
     if watcher.received:

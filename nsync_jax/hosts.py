@@ -123,10 +123,11 @@ def initialize(
             raise errors.ConfigError(
                 f"--process_id={process_id} is not in [0, --num_processes={num_processes})"
             )
+    if coordinator is not None:
+        _split_address(coordinator)
     # Only the CPU backend reads this; without it CPU computations cannot span processes.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator is not None:
-        _split_address(coordinator)
         logging.info(
             "process %s of %s: connecting to the coordinator at %s (waiting up to %d s for "
             "all processes)",
@@ -144,7 +145,13 @@ def initialize(
             coordinator, num_processes, process_id, initialization_timeout=timeout_s
         )
     except (ValueError, TypeError) as e:  # JAX's checks of missing or wrong values.
-        raise errors.ConfigError(f"cannot start multi-host JAX: {e}") from e
+        hint = (
+            ""
+            if coordinator
+            else " (--multihost found no TPU pod slice, SLURM or Open MPI job to detect: "
+            "give --coordinator, --num_processes and --process_id)"
+        )
+        raise errors.ConfigError(f"cannot start multi-host JAX: {e}{hint}") from e
     logging.info(
         "process %d of %d started: %d local devices %s, %d devices in all",
         jax.process_index(),

@@ -25,6 +25,7 @@ device collective, so a missing or diverging process ends in an error, not a han
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -260,6 +261,8 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
             "the processes run different configs; every host must run the same command "
             "with the same config file and flags: " + "; ".join(problems)
         )
+    digest = hashlib.sha256(texts[0].encode()).hexdigest()[:16]
+    logging.info("config sha256 %s: the same on all %d processes", digest, len(texts))
 
 
 def check_shared_dir(path: str, what: str, wait_s: float = 5.0) -> None:

@@ -1,13 +1,15 @@
 """A training run: set up, restore, then `loop.run` with logging, checks and checkpoints.
 
-Order of set-up and resume: config check → the latest checkpoint's saved config compared
-with this one (cheap, before anything is built) → mesh → style data and negatives (opened
-before the model: a missing data set should not wait for gigabytes of weights) → model and
-parameters → scope split → optimizer → state built under `jax.jit(out_shardings=...)` →
-batches → the step compiled once with explicit shardings and the state donated → if
+Order of set-up and resume: (many processes: every process runs the same config) →
+config check → (many processes: the workdir is one folder all share) → the latest
+checkpoint's saved config compared with this one (cheap, before anything is built) → mesh
+→ style data and negatives (opened before the model: a missing data set should not wait
+for gigabytes of weights) → model and parameters → scope split → optimizer → state built
+under `jax.jit(out_shardings=...)` → batches → the step compiled once with explicit
+shardings and the state donated (many processes: compiled here, then all meet) → if
 resuming: data and frozen-parameter fingerprints checked, then the saved state (step, RNG,
 trainable parameters, optimizer state, carried g−) restored straight into the state's
-shardings (checkpoint.py) → `loop.run`.
+shardings (checkpoint.py) → (many processes: all meet) → `loop.run`.
 """
 
 from __future__ import annotations

@@ -19,6 +19,11 @@ runs the same program on its share of the data.
   system for all), and `describe` (the one line each process logs about itself and the
   mesh). The batch and mesh sizes are checked where the mesh is made (`train.make_mesh`).
 
+- Meeting: `sync` (a barrier) and `compile_together` (compile ahead, then `sync`). On
+  CPU, gloo gives a new group of devices 30 s for every process to join its first
+  collective; processes that did unequal work before it (only process 0 finds its
+  compilations in the persistent cache) meet first.
+
 The checks talk through the coordinator's key-value store with a timeout, never through a
 device collective, so a missing or diverging process ends in an error, not a hang.
 """
@@ -44,7 +49,8 @@ from nsync_jax import errors, trees
 # How long a process waits for the coordinator, the other processes, or their answers.
 DEFAULT_TIMEOUT_S = 300
 
-_rounds = itertools.count()  # Every process runs the same checks in the same order.
+# Names each exchange and barrier: every process runs them in the same order.
+_rounds = itertools.count()
 _timeout_s = DEFAULT_TIMEOUT_S
 
 
@@ -297,7 +303,7 @@ def check_shared_dir(path: str, what: str, wait_s: float = 5.0) -> None:
         raise errors.ConfigError(
             f"{what}={path} is not one folder shared by all hosts: process(es) {blind} do "
             f"not see the file process 0 wrote there ({os.path.basename(marker)}). Every "
-            "process writes its part of the checkpoints (and reads the others' on resume): "
+            "process writes its share there and reads the others': "
             "put it on a file system every host mounts at the same path (NFS, Filestore, "
             "Lustre, GCS FUSE)"
         )

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from absl import app, flags
 from absl import logging as absl_logging
 
-from nsync_jax import errors, hosts
+from nsync_jax import errors, hosts, library_logs
 
 USER_ERROR_STATUS = 2
 INTERRUPTED_STATUS = 130
@@ -70,12 +70,12 @@ def setup_logging() -> None:
 def quiet_library_logs() -> None:
     """Only the filters of `setup_logging`, for programs that keep their own verbosity
     (the benchmarks): library modules install no filters when imported."""
-    from nsync_jax import checkpoint, models  # Heavy imports; every launch script needs them.
+    from nsync_jax import checkpoint  # A heavy import; every launch script needs it.
 
     # JAX logs at INFO every platform it tries and fails to start; the chosen one is logged
     # by us (the mesh), and a real failure to start the requested platform still raises.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    models.quiet_library_logs()
+    library_logs.drop_deprecation_notices()
     checkpoint.quiet_orbax_logs()
 
 

@@ -1,7 +1,8 @@
 """benchmarks/memory.py at a tiny size, so that the report does not rot: it compiles the
 training step ahead of time on 8 fake CPU devices and reads memory and FLOPs from it.
 
-Marked slow (`pytest -m slow tests/test_memory_report.py`). Run as a subprocess: the script sets its own device count and XLA flags before JAX starts.
+Marked slow (`pytest -m slow tests/test_memory_report.py`). Run as a subprocess: the
+script sets its own device count and XLA flags before JAX starts.
 """
 
 import json

@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.size = 0  # Side of the saved PNGs in px; 0 keeps the model resolution.
     config.sample.seed = 0  # Base seed; image j of prompt i folds in i * num_per_prompt + j.
     config.sample.batch_per_device = 4  # Images each device denoises at once.
+    config.sample.every = 0  # Training draws sample.prompts every N steps (0: never).
+    config.sample.prompts = ()  # What training draws; () a few training prompts + one unseen.
 
     config.train = ml_collections.ConfigDict()
     config.train.mode = "nsync"  # "nsync" (projected g+) or "finetune" (the baseline).

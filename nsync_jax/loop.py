@@ -18,6 +18,7 @@ import logging
 import operator
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -143,14 +144,30 @@ class CheckFinite(Hook):
 
 class LogMetrics(Hook):
     """Means of every metric over each interval, with steps/s and images/s, to a writer
-    (`metrics.MetricWriter`) and the progress bar's postfix."""
+    (`metrics.MetricWriter`) and to the progress bar's postfix or, where the bar is off
+    (output not a terminal), to one log line per interval (process 0).
 
-    def __init__(self, writer: Any, every: int, images_per_step: int, start: int, bar=None):
+    Attributes:
+      last: the latest interval's means.
+      best: for each `loss*` metric, its lowest interval mean and that interval's step.
+    """
+
+    def __init__(
+        self,
+        writer: Any,
+        every: int,
+        images_per_step: int,
+        start: int,
+        bar: ProgressBar | None = None,
+        num_steps: int = 0,
+    ):
         self.every = every
         self.writer, self.images_per_step, self.bar = writer, images_per_step, bar
+        self.num_steps = num_steps
         self.sums, self.count = None, 0
         self.tick, self.tick_step = time.perf_counter(), start
         self.last: dict[str, float] = {}
+        self.best: dict[str, tuple[float, int]] = {}
 
     def after_step(self, step: int, state: Any, metrics: Metrics) -> None:
         self.sums = metrics if self.sums is None else jax.tree.map(operator.add, self.sums, metrics)
@@ -164,8 +181,22 @@ class LogMetrics(Hook):
         steps_per_s = (step - self.tick_step) / (now - self.tick)
         means.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * self.images_per_step)
         self.writer.write(step, means)
-        if self.bar is not None:
-            self.bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss_pos", "steps_per_s")})
+        names = ("loss_pos", "loss_neg", "steps_per_s")
+        shown = {k: f"{means[k]:.4g}" for k in names if k in means}
+        if self.bar is not None and self.bar.interactive:
+            self.bar.bar.set_postfix(shown)
+        elif jax.process_index() == 0:
+            of = f"/{self.num_steps}" if self.num_steps else ""
+            logging.info(
+                "%s: step %d%s, %s",
+                self.bar.desc if self.bar is not None else "train",
+                step,
+                of,
+                ", ".join(f"{k} {v}" for k, v in shown.items()),
+            )
+        for name, value in means.items():
+            if name.startswith("loss") and (name not in self.best or value < self.best[name][0]):
+                self.best[name] = (value, step)
         self.last = means
         self.sums, self.count = None, 0
         self.tick, self.tick_step = now, step
@@ -175,11 +206,21 @@ class LogMetrics(Hook):
 
 
 class ProgressBar(Hook):
-    """A tqdm bar over the run's steps, on process 0 only."""
+    """A tqdm bar over the run's steps, on process 0 only, and only when its output
+    (stderr) is a terminal: in a log file (CI, `nohup`, a cluster's job log) a redrawn
+    bar is noise, and `LogMetrics` writes one line per interval instead.
 
-    def __init__(self, start: int, num_steps: int, desc: str = "train"):
+    Attributes:
+      interactive: whether the bar is shown.
+    """
+
+    def __init__(self, start: int, num_steps: int, desc: str = "train", interactive=None):
+        if interactive is None:
+            interactive = sys.stderr.isatty()
+        self.desc = desc
+        self.interactive = interactive and jax.process_index() == 0
         self.bar = tqdm.tqdm(
-            total=num_steps, initial=start, desc=desc, disable=jax.process_index() != 0
+            total=num_steps, initial=start, desc=desc, disable=not self.interactive
         )
 
     def after_step(self, step: int, state: Any, metrics: Metrics) -> None:

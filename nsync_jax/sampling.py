@@ -292,11 +292,14 @@ class Sampler:
         if previous is not None:
             yield previous[0], _local_rows(previous[2])[: previous[1]]
 
-    def generate(self, prompts: Sequence[str], image_seeds: Sequence[int]) -> np.ndarray:
+    def generate(
+        self, prompts: Sequence[str], image_seeds: Sequence[int], progress_bar: bool = True
+    ) -> np.ndarray:
         """uint8 [N, H, W, 3] images, one per prompt."""
         height = self.model.resolution
         out = np.zeros((len(prompts), height, height, 3), np.uint8)
-        with tqdm(total=len(prompts), desc="sampling", unit="image") as progress:
+        bar = tqdm(total=len(prompts), desc="sampling", unit="image", disable=not progress_bar)
+        with bar as progress:
             for offset, images in self.iterate(prompts, image_seeds):
                 out[offset : offset + len(images)] = to_uint8(images)
                 progress.update(len(images))
@@ -408,13 +411,16 @@ def sample_to_dir(
 
 
 def generate_all_processes(
-    sampler: Sampler, prompts: Sequence[str], image_seeds: Sequence[int]
+    sampler: Sampler,
+    prompts: Sequence[str],
+    image_seeds: Sequence[int],
+    progress_bar: bool = True,
 ) -> np.ndarray:
     """uint8 images for all `prompts`, each process generating a share; every process
-    gets them all."""
+    gets them all. The progress bar is shown on one process only."""
     processes = jax.process_count()
     if processes == 1:
-        return sampler.generate(prompts, image_seeds)
+        return sampler.generate(prompts, image_seeds, progress_bar)
     from jax.experimental import multihost_utils
 
     share = -(-len(prompts) // processes)

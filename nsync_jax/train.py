@@ -18,6 +18,8 @@ import dataclasses
 import functools
 import logging
 import os
+import shlex
+import time
 from typing import Any
 
 import jax
@@ -30,8 +32,10 @@ from nsync_jax import (
     loop,
     models,
     optim,
+    previews,
     projection,
     runs,
+    sampling,
     sharding,
     unet_memory,
 )
@@ -99,6 +103,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise errors.ConfigError(
                 f"checkpoint.{name} must be >= {low}, got {config.checkpoint[name]}"
             )
+    if config.sample.every < 0:
+        raise errors.ConfigError(f"sample.every must be >= 0, got {config.sample.every}")
+    if config.sample.every:
+        if any(not p.strip() for p in config.sample.prompts):
+            raise errors.ConfigError(f"sample.prompts has an empty prompt: {config.sample.prompts}")
+        try:  # Checked now, not when the first samples are due.
+            sampling.SamplerSettings.from_config(config.sample)
+        except ValueError as e:
+            raise errors.ConfigError(f"sample (drawn during training): {e}") from e
     if "{caption}" not in config.train.prompt_template:
         raise errors.ConfigError(
             f"train.prompt_template {config.train.prompt_template!r} has no {{caption}}"
@@ -335,12 +348,18 @@ def _resume_step(config: ml_collections.ConfigDict, workdir: str, steps: list[in
     return wanted
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step_lib.TrainState:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    devices=None,
+    config_file: str | None = None,
+) -> step_lib.TrainState:
     """Runs `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
     Saves every `checkpoint.every` steps, at the end, and on SIGTERM or Ctrl-C (then stops
     early; rerun the same command to resume). Returns the final state; after a Ctrl-C the
-    save completes and `KeyboardInterrupt` is raised. Metrics go to the workdir.
+    save completes and `KeyboardInterrupt` is raised. Metrics go to the workdir, and with
+    `sample.every` the pictures of the run (`previews.py`); it ends with `run_summary`.
 
     On many processes, every one calls this: they check first that they run the same
     config and that `workdir` is one shared folder (`hosts`).
@@ -358,10 +377,54 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step
     # every way out: a save in flight completes (or raises) before the function returns.
     manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep)
     try:
-        return _run(config, workdir, trainer, manager, resume_step, meta)
+        return _run(config, workdir, trainer, manager, resume_step, meta, config_file)
     finally:
         manager.wait_until_finished()
         manager.close()
+
+
+def run_summary(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    start: int,
+    end: int,
+    seconds: float,
+    log: loop.LogMetrics,
+    stopped_by: str | None = None,
+    config_file: str | None = None,
+) -> str:
+    """The block a run ends with: what it did, where its checkpoint is, what to run next."""
+    images = (end - start) * config.train.batch_size * (2 if config.train.mode == "nsync" else 1)
+    minutes, secs = divmod(round(seconds), 60)
+    if stopped_by:
+        how = f"stopped by {stopped_by} at step {end}: resume with the same command"
+    else:
+        how = "finished"
+    lines = [
+        f"run summary ({workdir})",
+        f"  steps      {start} -> {end} of {config.train.num_steps}, {how}",
+        f"  time       {minutes}m{secs:02d}s, {(end - start) / max(seconds, 1e-9):.3g} steps/s, "
+        f"{images / max(seconds, 1e-9):.3g} images/s",
+    ]
+    if log.last:
+        final = ", ".join(f"{k} {v:.4g}" for k, v in log.last.items() if k.startswith("loss"))
+        best = ", ".join(f"{k} {v:.4g} at step {s}" for k, (v, s) in log.best.items())
+        lines += [f"  final      {final} (the last log interval)", f"  best       {best}"]
+    lines.append(f"  checkpoint {checkpoint.step_dir(workdir, end)}")
+    if config.sample.every:
+        lines.append(f"  samples    {os.path.join(workdir, previews.SAMPLES_DIR)}")
+    lines += [
+        "  next       python launch/export.py "
+        f"--workdir {workdir} --output {os.path.join(workdir, 'export')}",
+        f"             python launch/sample.py --config {config_file or 'CONFIG'} "
+        f"--workdir {workdir} --out {os.path.join(workdir, 'final-samples')} --prompt "
+        + shlex.quote(
+            config.train.prompt_template.format(
+                caption=previews.UNSEEN_CAPTION, style=config.train.style_token
+            )
+        ),
+    ]
+    return "\n".join(lines)
 
 
 def _run(
@@ -371,6 +434,7 @@ def _run(
     manager: Any,
     resume_step: int | None,
     meta: dict[str, Any] | None,
+    config_file: str | None = None,
 ) -> step_lib.TrainState:
     """Restores (if resuming), then runs the loop until the end or a stop signal."""
     frozen_summary = checkpoint.tree_summary(trainer.state.frozen)
@@ -402,28 +466,53 @@ def _run(
         checkpoint.save(manager, state, config, frozen_summary, data)
 
     bar = loop.ProgressBar(start, config.train.num_steps)
+    writer = metrics_lib.MetricWriter(workdir, start_step=start)
+    log = loop.LogMetrics(
+        writer, config.log.every, images_per_step, start, bar=bar, num_steps=config.train.num_steps
+    )
     hooks = [
         bar,
-        loop.LogMetrics(
-            metrics_lib.MetricWriter(workdir, start_step=start),
-            config.log.every,
-            images_per_step,
-            start,
-            bar=bar.bar,
-        ),
+        log,
         loop.CheckFinite(config.log.every),
         loop.Callback(save, config.checkpoint.every, on_stop=True),
     ]
+    if config.sample.every:  # After the save: a failure to draw loses no checkpoint.
+        samples = previews.make_samples_hook(
+            config,
+            dataclasses.replace(trainer, state=state),
+            workdir,
+            writer,
+            lambda s: trainer.scope.merge(s.trainable, s.frozen),
+        )
+        hooks.append(samples)
+        if start == 0 and config.train.num_steps >= config.sample.every:
+            samples(0, state)  # The base model: where the progression starts.
     watcher = loop.PreemptionWatcher()
     hosts.sync("the first step")  # After per-process work (restore checks, compiles).
+    tick = time.perf_counter()
     with watcher:
         state = loop.run(trainer, state, config.train.num_steps, hooks, watcher)
+    end = int(jax.device_get(state.step))
     if watcher.received:
         logging.warning(
             "%s: saved step %d to %s; rerun the same command to resume",
             "interrupted" if watcher.interrupted else "preempted",
-            int(jax.device_get(state.step)),
-            checkpoint.step_dir(workdir, int(jax.device_get(state.step))),
+            end,
+            checkpoint.step_dir(workdir, end),
+        )
+    if jax.process_index() == 0:
+        logging.info(
+            "%s",
+            run_summary(
+                config,
+                workdir,
+                start,
+                end,
+                time.perf_counter() - tick,
+                log,
+                watcher.received,
+                config_file,
+            ),
         )
     if watcher.interrupted:
         manager.wait_until_finished()  # The save completes before the interrupt goes on.

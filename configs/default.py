@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.demo_count = 40  # Number of demo style images.
     config.data.demo_seed = 0  # Seed of the demo images' layouts.
     config.data.random_flip = True  # Random horizontal flips, per branch.
+    config.data.val_count = 0  # Style images held out for the validation loss (log.val_every).
     config.data.tfds_name = "cycle_gan/monet2photo"  # TFDS dataset (source="tfds").
     config.data.split = "trainA"  # TFDS split; CycleGAN's style side is trainA / testA.
     config.data.tfds_data_dir = ""  # Prepared TFDS data dir; "" means TFDS_DATA_DIR or the default.
@@ -150,4 +151,5 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.log = ml_collections.ConfigDict()
     config.log.every = 50  # Steps between metric writes (and the non-finite check).
+    config.log.val_every = 0  # Steps between validation losses (a multiple of log.every; 0 off).
     return config

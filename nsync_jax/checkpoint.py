@@ -67,6 +67,7 @@ RESUMABLE_FIELDS = (
     "train.num_steps",
     "log.",
     "checkpoint.",
+    "sample.",
     "mesh.",
     "model.attention",
     "model.remat",

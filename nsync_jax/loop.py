@@ -150,6 +150,8 @@ class LogMetrics(Hook):
     Attributes:
       last: the latest interval's means.
       best: for each `loss*` metric, its lowest interval mean and that interval's step.
+      extra: values other hooks computed for this step's row (e.g. `val_loss`); written
+        with the next row, then cleared. Hooks that set it run before this one.
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class LogMetrics(Hook):
         self.tick, self.tick_step = time.perf_counter(), start
         self.last: dict[str, float] = {}
         self.best: dict[str, tuple[float, int]] = {}
+        self.extra: dict[str, Any] = {}
 
     def after_step(self, step: int, state: Any, metrics: Metrics) -> None:
         self.sums = metrics if self.sums is None else jax.tree.map(operator.add, self.sums, metrics)
@@ -180,8 +183,10 @@ class LogMetrics(Hook):
         now = time.perf_counter()
         steps_per_s = (step - self.tick_step) / (now - self.tick)
         means.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * self.images_per_step)
+        means.update({k: float(v) for k, v in jax.device_get(self.extra).items()})
+        self.extra = {}
         self.writer.write(step, means)
-        names = ("loss_pos", "loss_neg", "steps_per_s")
+        names = ("loss_pos", "loss_neg", "val_loss", "steps_per_s")
         shown = {k: f"{means[k]:.4g}" for k in names if k in means}
         if self.bar is not None and self.bar.interactive:
             self.bar.bar.set_postfix(shown)
@@ -195,7 +200,8 @@ class LogMetrics(Hook):
                 ", ".join(f"{k} {v}" for k, v in shown.items()),
             )
         for name, value in means.items():
-            if name.startswith("loss") and (name not in self.best or value < self.best[name][0]):
+            lower = name not in self.best or value < self.best[name][0]
+            if (name.startswith("loss") or name == "val_loss") and lower:
                 self.best[name] = (value, step)
         self.last = means
         self.sums, self.count = None, 0

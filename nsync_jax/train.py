@@ -38,6 +38,7 @@ from nsync_jax import (
     sampling,
     sharding,
     unet_memory,
+    validation,
 )
 from nsync_jax import metrics as metrics_lib
 from nsync_jax import scope as scope_lib
@@ -103,6 +104,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise errors.ConfigError(
                 f"checkpoint.{name} must be >= {low}, got {config.checkpoint[name]}"
             )
+    validation.validate_config(config)
     if config.sample.every < 0:
         raise errors.ConfigError(f"sample.every must be >= 0, got {config.sample.every}")
     if config.sample.every:
@@ -153,6 +155,7 @@ class Trainer:
     state_sharding: Any
     batches: pipeline.PairedBatches
     step_fn: Any
+    val_batches: pipeline.PairedBatches | None = None  # Held-out images (`validation.py`).
 
     def batch(self, step: int) -> Any:
         return sharding.global_batch(self.mesh, self.batches.batch(step))
@@ -279,6 +282,11 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     mesh = make_mesh(config, devices)
     logging.info("%s", hosts.describe(mesh))
     positives = sources.load_positives(config.data, config.model.resolution)
+    held_out = None
+    if config.data.val_count:
+        positives, held_out = validation.split_validation(
+            positives, config.data.val_count, config.seed
+        )
     negatives = None
     if config.train.mode == "nsync":
         negatives = sources.load_negatives(config.negatives, config.data, config.model.resolution)
@@ -289,17 +297,21 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     del params
     model, scope, state = built.model, built.scope, built.state
 
-    batches = pipeline.PairedBatches(
-        positives,
-        negatives,
-        tokenize=model.tokenize,
-        prompt_template=config.train.prompt_template,
-        style_token=config.train.style_token,
-        global_batch_size=config.train.batch_size,
-        seed=config.seed,
-        random_flip=config.data.random_flip,
-        on_bad_image=config.data.on_bad_image,
-    )
+    def paired(positives, negatives, random_flip):
+        return pipeline.PairedBatches(
+            positives,
+            negatives,
+            tokenize=model.tokenize,
+            prompt_template=config.train.prompt_template,
+            style_token=config.train.style_token,
+            global_batch_size=config.train.batch_size,
+            seed=config.seed,
+            random_flip=random_flip,
+            on_bad_image=config.data.on_bad_image,
+        )
+
+    batches = paired(positives, negatives, config.data.random_flip)
+    val_batches = None if held_out is None else paired(held_out, None, False)
     if config.data.cache_latents:
         # The VAE is frozen in every scope, so its posterior moments never change.
         if model.identity_vae:
@@ -312,11 +324,13 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             )
         vae_params = state.frozen["vae"]
         moments = jax.jit(functools.partial(step_lib.posterior_moments, model))
-        batches.cache_latents(
-            lambda px: moments(vae_params, px),
-            config.data.latent_batch_size,
-            config.model.resolution,
-        )
+        for cached in (batches, val_batches):
+            if cached is not None:
+                cached.cache_latents(
+                    lambda px: moments(vae_params, px),
+                    config.data.latent_batch_size,
+                    config.model.resolution,
+                )
     step_fn = make_step_fn(config, mesh, built)
     if jax.process_count() > 1:
         # Compiled here, and every process waits for the others: the first step's
@@ -324,7 +338,9 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
         step_fn = hosts.compile_together(
             step_fn, state, sharding.global_batch(mesh, batches.batch(0))
         )
-    return Trainer(config, mesh, model, scope, state, built.state_sharding, batches, step_fn)
+    return Trainer(
+        config, mesh, model, scope, state, built.state_sharding, batches, step_fn, val_batches
+    )
 
 
 def _resume_step(config: ml_collections.ConfigDict, workdir: str, steps: list[int]) -> int | None:
@@ -407,11 +423,12 @@ def run_summary(
         f"{images / max(seconds, 1e-9):.3g} images/s",
     ]
     if log.last:
-        final = ", ".join(f"{k} {v:.4g}" for k, v in log.last.items() if k.startswith("loss"))
+        losses = [k for k in log.last if k.startswith("loss") or k == "val_loss"]
+        final = ", ".join(f"{k} {log.last[k]:.4g}" for k in losses)
         best = ", ".join(f"{k} {v:.4g} at step {s}" for k, (v, s) in log.best.items())
         lines += [f"  final      {final} (the last log interval)", f"  best       {best}"]
     lines.append(f"  checkpoint {checkpoint.step_dir(workdir, end)}")
-    if config.sample.every:
+    if os.path.isdir(os.path.join(workdir, previews.SAMPLES_DIR)):
         lines.append(f"  samples    {os.path.join(workdir, previews.SAMPLES_DIR)}")
     lines += [
         "  next       python launch/export.py "
@@ -449,12 +466,13 @@ def _run(
         )
     start = int(jax.device_get(state.step))
     logging.info(
-        "training %s (%s scope) for %d steps on mesh %s; %d style images",
+        "training %s (%s scope) for %d steps on mesh %s; %d style images%s",
         config.train.mode,
         config.train.scope,
         config.train.num_steps,
         dict(trainer.mesh.shape),
         len(trainer.batches),
+        f" ({len(trainer.val_batches)} more held out)" if trainer.val_batches else "",
     )
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -470,8 +488,20 @@ def _run(
     log = loop.LogMetrics(
         writer, config.log.every, images_per_step, start, bar=bar, num_steps=config.train.num_steps
     )
-    hooks = [
-        bar,
+    hooks = [bar]
+    if trainer.val_batches is not None:  # Before `log`: val_loss goes in its row.
+        hooks.append(
+            validation.Validation(
+                trainer.val_batches,
+                trainer.mesh,
+                trainer.model,
+                trainer.scope,
+                config.seed,
+                config.log.val_every,
+                log,
+            )
+        )
+    hooks += [
         log,
         loop.CheckFinite(config.log.every),
         loop.Callback(save, config.checkpoint.every, on_stop=True),

@@ -3,8 +3,12 @@
 Both steps are compiled once, then timed in alternating rounds (so machine noise hits both
 alike); the figures are medians over rounds. The projection's share is the time of the
 jitted projection alone on gradient trees of the UNet's shapes, over the NSYNC step time.
+With `--ema_decay`, the NSYNC step with an EMA of the weights (`train.ema_decay`) is
+timed in the same rounds too, and the jitted EMA update alone on the UNet's parameters
+(which, unlike the difference of two step times, is not lost in the machine's noise).
 
     python benchmarks/step_time.py --output benchmarks/results/step_time.json
+    python benchmarks/step_time.py --ema_decay 0.9999 --output benchmarks/results/step_time_ema.json
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import demo  # noqa: E402
 from nsync_jax import cli, loop, projection, train  # noqa: E402
+from nsync_jax import step as step_lib  # noqa: E402
 
 
 def _time(fn, repeats: int) -> float:
@@ -35,9 +40,10 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _stepper(mode: str, scope: str, batch_size: int):
+def _stepper(mode: str, scope: str, batch_size: int, ema_decay: float = 0.0):
     config = demo.get_config()
     config.train.mode, config.train.scope, config.train.batch_size = mode, scope, batch_size
+    config.train.ema_decay = ema_decay
     trainer = train.setup(config, jax.devices()[:1])
     fixed = loop.FixedBatch(trainer.step_fn, trainer.batch(0))
     holder = {"state": trainer.state, "steps": 0}
@@ -58,12 +64,16 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="per branch")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
+    parser.add_argument("--ema_decay", type=float, default=0.0, help="also time NSYNC + EMA")
     parser.add_argument("--output", default="benchmarks/results/step_time.json")
     args = parser.parse_args()
     cli.quiet_library_logs()
 
     finetune, _ = _stepper("finetune", args.scope, args.batch_size)
     nsync, trainer = _stepper("nsync", args.scope, args.batch_size)
+    nsync_ema = None
+    if args.ema_decay:
+        nsync_ema, _ = _stepper("nsync", args.scope, args.batch_size, args.ema_decay)
     g = jax.tree.map(
         lambda x: np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype),
         trainer.state.trainable,
@@ -71,11 +81,19 @@ def main() -> None:
     g_neg = jax.tree.map(lambda x: x * 0.5 + 0.1, g)
     project = jax.jit(lambda p, n: projection.project(p, n)[0])
     jax.block_until_ready(project(g, g_neg))
+    decay = step_lib.ema_decay_at(args.ema_decay, jax.numpy.int32(10**6))
+    ema_update = jax.jit(lambda e, p: step_lib.ema_update(e, p, decay))
+    jax.block_until_ready(ema_update(g_neg, g))
 
     times = {"finetune": [], "nsync": [], "projection": []}
+    if nsync_ema is not None:
+        times["nsync_ema"], times["ema_update"] = [], []
     for _ in range(args.rounds):
         times["finetune"].append(_time(finetune, args.steps))
         times["nsync"].append(_time(nsync, args.steps))
+        if nsync_ema is not None:
+            times["nsync_ema"].append(_time(nsync_ema, args.steps))
+            times["ema_update"].append(_time(lambda: ema_update(g_neg, g), args.steps * 4))
         times["projection"].append(_time(lambda: project(g, g_neg), args.steps * 4))
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
@@ -93,6 +111,7 @@ def main() -> None:
             "trainable_params": int(sum(x.size for x in jax.tree.leaves(g))),
             "rounds": args.rounds,
             "steps_per_round": args.steps,
+            "ema_decay": args.ema_decay,
             "device": str(jax.devices()[0]),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
@@ -106,6 +125,19 @@ def main() -> None:
         f"projection       {med['projection'] * 1e3:8.2f} ms = "
         f"{100 * result['projection_share_of_nsync_step']:.2f}% of the NSYNC step (target <= 2%)"
     )
+    if nsync_ema is not None:
+        result["nsync_ema_step_s"] = med["nsync_ema"]
+        result["nsync_ema_over_nsync"] = med["nsync_ema"] / med["nsync"]
+        result["ema_update_s"] = med["ema_update"]
+        result["ema_update_share_of_nsync_step"] = med["ema_update"] / med["nsync"]
+        print(
+            f"NSYNC step + EMA {med['nsync_ema'] * 1e3:8.1f} ms = "
+            f"{result['nsync_ema_over_nsync']:.3f} x the NSYNC step"
+        )
+        print(
+            f"EMA update alone {med['ema_update'] * 1e3:8.2f} ms = "
+            f"{100 * result['ema_update_share_of_nsync_step']:.2f}% of the NSYNC step"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)

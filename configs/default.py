@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.architecture = "sd15"  # source="random": "sd15", "sd2_base" or "tiny" weights.
     config.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Folder or hub id.
     config.model.revision = ""  # Hub revision; "" for the default branch.
-    config.model.init_from = ""  # Workdir of a trained run whose newest params are the base.
+    config.model.init_from = ""  # Trained run's workdir; newest params (EMA if kept) are the base.
     config.model.variant = ""  # Weight file variant ("fp16" reads *.fp16.safetensors); "" none.
     config.model.resolution = 512  # Training image side in pixels.
     config.model.param_dtype = "float32"  # Dtype the parameters are held in.
@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.demo_seed = 0  # Seed of the demo images' layouts.
     config.data.random_flip = True  # Random horizontal flips, per branch.
     config.data.val_count = 0  # Style images held out for the validation loss (log.val_every).
+    config.data.caption_dropout = 0.0  # Chance a row's prompt is "" (per branch; for CFG); 0 = off.
     config.data.tfds_name = "cycle_gan/monet2photo"  # TFDS dataset (source="tfds").
     config.data.split = "trainA"  # TFDS split; CycleGAN's style side is trainA / testA.
     config.data.tfds_data_dir = ""  # Prepared TFDS data dir; "" means TFDS_DATA_DIR or the default.
@@ -96,6 +97,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.style_token = "<s*>"  # The style's word; a new token for textual inversion.
     config.train.initializer_token = "painting"  # Word the new token's embedding starts from.
     config.train.prompt_template = "{caption} in the style of {style}"  # Both branches' prompt.
+    config.train.ema_decay = 0.0  # EMA decay of the trained weights (e.g. 0.9999); 0 = off.
+    config.train.min_snr_gamma = 0.0  # Min-SNR-γ loss weight per example (5 is usual); 0 = off.
+    config.train.noise_offset = 0.0  # Noise += this·N(0,1) per example and channel; 0 = off.
+    config.train.timestep_min = 0  # Training timesteps are uniform in [timestep_min, timestep_max).
+    config.train.timestep_max = -1  # Exclusive upper end; -1 = the noise schedule's T (1000).
 
     config.lora = ml_collections.ConfigDict()  # Read by train.scope "lora" and "lora_ti".
     config.lora.rank = 8  # r of every adapter.
@@ -117,13 +123,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.nsync.negative_every = 1  # Fresh g− every k steps, reused in between (1: always).
 
     config.optim = ml_collections.ConfigDict()
-    config.optim.learning_rate = 1e-3  # AdamW peak learning rate (reference: 1e-3).
-    config.optim.schedule = "constant"  # Learning-rate schedule (reference: constant).
-    config.optim.warmup_steps = 0  # Linear warm-up steps before the schedule.
-    config.optim.b1 = 0.9  # Adam β1.
-    config.optim.b2 = 0.999  # Adam β2.
+    config.optim.name = "adamw"  # "adamw" (reference), "adafactor", "lion" or "sgd" (optax's).
+    config.optim.learning_rate = 1e-3  # Peak learning rate (reference: 1e-3).
+    config.optim.schedule = "constant"  # The reference; or "linear", "cosine", "warmup_cosine".
+    config.optim.warmup_steps = 0  # Linear warm-up steps from 0 before the schedule.
+    config.optim.final_lr_fraction = 0.0  # linear/cosine: LR at train.num_steps, as peak fraction.
+    config.optim.b1 = 0.9  # Adam/Lion β1; SGD momentum (0: none); unused by adafactor.
+    config.optim.b2 = 0.999  # Adam/Lion β2 (Lion's own default is 0.99).
     config.optim.eps = 1e-8  # Adam ε.
-    config.optim.weight_decay = 1e-2  # Decoupled weight decay (reference: 1e-2).
+    config.optim.weight_decay = 1e-2  # Weight decay, decoupled (SGD: L2); reference 1e-2.
     config.optim.clip_norm = 0.0  # Global-norm clipping after the projection; 0 disables.
 
     config.eval = ml_collections.ConfigDict()

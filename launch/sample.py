@@ -11,7 +11,8 @@ captions of that data split through sample.prompt_template, the evaluation proto
         --prompt "a red circle in the style of <s*>"
 
 With --workdir the model is the run's (its saved config, scope and trained parameters at
---step, the newest by default); --config then supplies only the `sample` settings.
+--step, the newest by default; their EMA if the run kept one, unless --weights=raw);
+--config then supplies only the `sample` settings.
 """
 
 from absl import app, flags, logging
@@ -27,6 +28,9 @@ _SPLIT = flags.DEFINE_string("split", None, "Use this data split's captions as p
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run to sample from.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir; newest if unset.")
+_WEIGHTS = flags.DEFINE_enum(
+    "weights", None, ["ema", "raw"], "--workdir's EMA or raw weights; default: ema if it has one."
+)
 flags.mark_flags_as_required(["config", "out"])
 
 
@@ -42,9 +46,15 @@ def main(argv):
         raise app.UsageError("give --prompt, --prompts_file or --split")
     model_and_params = None
     if _WORKDIR.value:
-        run = runs.load_trained(_WORKDIR.value, _STEP.value)
+        ema = None if _WEIGHTS.value is None else _WEIGHTS.value == "ema"
+        run = runs.load_trained(_WORKDIR.value, _STEP.value, ema=ema)
         model_and_params = (run.model, run.params)
-        logging.info("sampling step %d of %s", run.step, _WORKDIR.value)
+        logging.info(
+            "sampling step %d of %s (%s weights)",
+            run.step,
+            _WORKDIR.value,
+            "EMA" if run.ema else "raw",
+        )
     paths = sampling.sample_to_dir(
         _CONFIG.value, prompts, _OUT.value, _NUM_PER_PROMPT.value, model_and_params
     )

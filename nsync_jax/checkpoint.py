@@ -3,25 +3,29 @@
 A checkpoint lives in `<workdir>/checkpoints/<step>/` and holds two orbax items:
 
 - `state`: the train state minus the frozen parameters (`step.TrainState.saved()`: step,
-  RNG, trainable parameters, optimizer state, any carried g−, and whatever field a later
-  feature adds), one pytree saved with its shardings (OCDBT/Zarr). A new state field needs
-  no code here.
+  RNG, trainable parameters, optimizer state, any carried g− and EMA, and whatever field a
+  later feature adds), one pytree saved with its shardings (OCDBT/Zarr). A new state field
+  needs no code here; a field that is None (no EMA, no carried g−) has no leaves, so the
+  same format holds runs with and without it.
 - `meta` (JSON): the format version, the step, the run's config, the data's fingerprint,
   a fingerprint of the frozen parameters (which are not saved: they are rebuilt from the
   model source), and checksums of the saved arrays.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoint intact. A resume checks, in order: the saved
-config against the current one (fields in `RESUMABLE_FIELDS` may change), the data and the
+config against the current one (fields in `RESUMABLE_FIELDS` may change; an older config
+lacking one of `ADDED_FIELDS` reads as its value from before the field), the data and the
 frozen parameters against their fingerprints, the saved shapes against the live state's,
 then restores straight into the live state's shardings and verifies the checksums. Any
 failure is a `CheckpointError` (or `ValueError` for a changed config) naming the checkpoint;
 nothing falls back to a fresh start or an older step. Export and sampling read only the
-trainable parameters (an orbax partial restore: the optimizer state is not read).
+trainable parameters or their EMA (an orbax partial restore: the optimizer state is not
+read).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -74,6 +78,25 @@ RESUMABLE_FIELDS = (
     "model.remat_policy",
     "train.grad_accum",
 )
+
+# Config fields added after checkpoint format 2, each with the value that reproduces how
+# runs behaved before it existed (not necessarily today's default): a checkpoint whose
+# saved config lacks one was trained that way, so it resumes, exports and samples as if
+# it had saved that value. A field added later goes here with its "before" value.
+ADDED_FIELDS = {
+    "train.ema_decay": 0.0,
+    "train.min_snr_gamma": 0.0,
+    "train.noise_offset": 0.0,
+    "train.timestep_min": 0,
+    "train.timestep_max": -1,
+    "data.caption_dropout": 0.0,
+    "optim.name": "adamw",
+    "optim.final_lr_fraction": 0.0,
+    "data.val_count": 0,
+    "log.val_every": 0,
+    "sample.every": 0,
+    "sample.prompts": (),
+}
 
 # Checksums are float32 sums; a resume on another mesh may sum in another order.
 _CHECKSUM_RTOL = 1e-4
@@ -272,14 +295,30 @@ def _resumable(name: str) -> bool:
 def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
     """Dotted names of fields that differ between a saved config and `config`.
 
-    Fields in `RESUMABLE_FIELDS` are ignored; a field present on one side only counts.
+    Fields in `RESUMABLE_FIELDS` are ignored, except `train.num_steps` under a decaying
+    learning-rate schedule: the schedule spans it, so another length would change the rate
+    of every remaining step. A field present on one side only counts.
     """
     old, new = trees.flatten_names(saved), trees.flatten_names(config_to_json(config))
+    fixed = {"train.num_steps"} if new.get("optim.schedule") != "constant" else set()
     return sorted(
         name
         for name in set(old) | set(new)
-        if not _resumable(name) and old.get(name, "<absent>") != new.get(name, "<absent>")
+        if (name in fixed or not _resumable(name))
+        and old.get(name, "<absent>") != new.get(name, "<absent>")
     )
+
+
+def _with_added_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with each of `ADDED_FIELDS` it lacks set to its "before" value."""
+    saved = copy.deepcopy(saved)
+    for name, value in ADDED_FIELDS.items():
+        *groups, field = name.split(".")
+        group = saved
+        for key in groups:
+            group = group.setdefault(key, {})
+        group.setdefault(field, value)
+    return saved
 
 
 def _to_config(value: Any) -> Any:
@@ -307,7 +346,8 @@ def _restore(manager: ocp.CheckpointManager, workdir: str, step: int, **items: A
 
 
 def load_metadata(workdir: str, step: int | None = None) -> dict[str, Any]:
-    """The `meta` JSON of checkpoint `step` (newest if None) in `workdir`."""
+    """The `meta` JSON of checkpoint `step` (newest if None) in `workdir`, its config
+    completed with the `ADDED_FIELDS` it predates."""
     step = _pick_step(workdir, step)
     with make_manager(workdir, read_only=True) as manager:
         meta = _restore(manager, workdir, step, **{META: ocp.args.JsonRestore()})[META]
@@ -323,7 +363,7 @@ def load_metadata(workdir: str, step: int | None = None) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {step_dir(workdir, step)} has no metadata of format {FORMAT_VERSION}"
         )
-    return meta
+    return {**meta, "config": _with_added_fields(meta["config"])}
 
 
 def load_run_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
@@ -408,8 +448,12 @@ def _restore_args(abstract: Any) -> Any:
     )
 
 
+# The state fields that hold parameters of the trainable tree's form (`restore_trainable`).
+PARAMETER_FIELDS = ("trainable", "ema")
+
+
 def restore_trainable(
-    workdir: str, abstract_trainable: Any, step: int | None = None
+    workdir: str, abstract_trainable: Any, step: int | None = None, field: str = "trainable"
 ) -> tuple[Any, int]:
     """Restores only the trainable parameters of checkpoint `step` (newest if None).
 
@@ -421,19 +465,24 @@ def restore_trainable(
         to restore into, e.g. `abstract_like(trainable)` of the tree that
         `scope.split(runs.build_model(load_run_config(workdir).model, rng)[1])` gives.
       step: which checkpoint; None for the newest.
+      field: `"trainable"` for the trained parameters, `"ema"` for their moving average
+        (saved when the run had `train.ema_decay > 0`).
 
     Returns:
-      (trainable, step). Arrays land directly in the requested shardings.
+      (parameters, step). Arrays land directly in the requested shardings.
 
     Raises:
       FileNotFoundError: no checkpoint (or not that step) in `workdir`.
-      CheckpointError: the checkpoint is damaged or its shapes differ from the target's.
+      CheckpointError: the checkpoint is damaged, its shapes differ from the target's, or
+        it holds no `field`.
     """
+    if field not in PARAMETER_FIELDS:
+        raise ValueError(f"field={field!r}: expected one of {PARAMETER_FIELDS}")
     step = _pick_step(workdir, step)
     meta = load_metadata(workdir, step)
-    target = {"trainable": abstract_trainable}
+    target = {field: abstract_trainable}
     with make_manager(workdir, read_only=True) as manager:
-        _check_shapes(manager, workdir, step, target, "trainable parameters")
+        _check_shapes(manager, workdir, step, target, f"{field} parameters")
         restored = _restore(
             manager,
             workdir,
@@ -445,7 +494,7 @@ def restore_trainable(
             },
         )[STATE]
     _verify_checksums(workdir, step, meta, restored)
-    return restored["trainable"], step
+    return restored[field], step
 
 
 # --- The training loop's side -----------------------------------------------------------------

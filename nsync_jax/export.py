@@ -343,17 +343,19 @@ def export_run(
     step: int | None = None,
     config: ml_collections.ConfigDict | None = None,
     torch_dtype: str = "float32",
+    ema: bool | None = None,
 ) -> str:
     """Exports checkpoint `step` (newest if None) of the run in `workdir`.
 
     Rebuilds the model and scope from the run's saved config (or `config`) as
     `train.setup` does, checks the rebuilt frozen parameters against the fingerprint the
-    checkpoint holds (they are rebuilt, not saved), restores the trainable parameters and
-    exports their merge, copying untouched components from the pretrained folder.
+    checkpoint holds (they are rebuilt, not saved), restores the trainable parameters (or
+    their EMA: `ema` as in `runs.load_trained`, by default the EMA when the run kept one)
+    and exports their merge, copying untouched components from the pretrained folder.
     """
     from nsync_jax import runs  # The exporter itself does not need orbax.
 
-    run = runs.load_trained(workdir, step, config)
+    run = runs.load_trained(workdir, step, config, ema=ema)
     if jax.process_count() > 1:
         # Every process takes part in gathering the arrays (a collective); one writes.
         trainable, frozen = jax.tree.map(to_numpy, (run.trainable, run.frozen))
@@ -362,7 +364,12 @@ def export_run(
             return output_dir
     config, model, scope = run.config, run.model, run.scope
     logging.info(
-        "exporting step %d of %s (%s scope) to %s", run.step, workdir, scope.name, output_dir
+        "exporting step %d of %s (%s scope, %s weights) to %s",
+        run.step,
+        workdir,
+        scope.name,
+        "EMA" if run.ema else "raw",
+        output_dir,
     )
     base_dir = None
     if config.model.source == "pretrained":

@@ -3,8 +3,8 @@
 `run(trainer, state, num_steps, hooks, watcher)` steps `trainer.step_fn` from `state.step`
 to `num_steps` on the global batch of each step (`trainer.batch(step)`). Everything else
 a run does at intervals is a `Hook`: writing metrics, the non-finite check, checkpoints,
-the progress bar, and what later features add (samples, validation, EMA). `train.py`, the
-tests and every benchmark call this same loop.
+the progress bar, and what later features add (samples, validation; the EMA, updated at
+every step, lives in the step). `train.py`, the tests and every benchmark call this loop.
 
 A hook sees every step's metrics (`after_step`, which must not wait for the device) and
 runs (`__call__`) when due: every `every` steps, at the last step, and, if `on_stop`, also

@@ -1,11 +1,12 @@
 """Samples during training: what the model draws as it learns, at fixed prompts and seeds.
 
 Every `sample.every` steps, from step 0 (the base) of a fresh run on, the current weights
-draw `sample.prompts` (default: `default_prompts`, a few training prompts
-plus one caption the run never trains on), image j with image seed j under `sample.seed`:
-the same noise at every step, so the grids form a progression. Each grid goes to
-`WORKDIR/samples/<step>.png` (labelled tiles), to TensorBoard as an image, and a line to
-`WORKDIR/samples/index.jsonl` (step, file, prompts, seconds taken).
+(their EMA when `train.ema_decay > 0`) draw `sample.prompts` (default: `default_prompts`,
+a few training prompts plus one caption the run never trains on), image j with image
+seed j under `sample.seed`: the same noise at every step, so the grids form a
+progression. Each grid goes to `WORKDIR/samples/<step>.png` (labelled tiles), to
+TensorBoard as an image, and a line to `WORKDIR/samples/index.jsonl` (step, file,
+prompts, seconds taken).
 
 The sampler is compiled once, on the training mesh, beside the train step (which is not
 recompiled); its parameters are swapped in at each call (`Sampler.set_params`, the same

@@ -54,7 +54,8 @@ def build_base(
     """The frozen base model and its parameters, as `train.setup` builds them.
 
     With `model.init_from` set, the base is that trained run (its model and merged
-    parameters, checked against its checkpoint), e.g. a model pretrained by this trainer.
+    parameters, the EMA ones if it kept an EMA, checked against its checkpoint), e.g. a
+    model pretrained by this trainer.
     """
     if config.model.init_from:
         base = load_trained(config.model.init_from)
@@ -78,7 +79,10 @@ def frozen_for_training(config: ml_collections.ConfigDict, frozen: Params) -> Pa
 
 @dataclasses.dataclass(frozen=True)
 class TrainedRun:
-    """A checkpointed run: its config, model (scope applied), and parameters."""
+    """A checkpointed run: its config, model (scope applied), and parameters.
+
+    `trainable` holds the trained parameters or, if `ema`, their moving average.
+    """
 
     config: ml_collections.ConfigDict
     model: models.StableDiffusion
@@ -86,6 +90,7 @@ class TrainedRun:
     trainable: Any
     frozen: Params
     step: int
+    ema: bool = False
 
     @property
     def params(self) -> Params:
@@ -93,23 +98,42 @@ class TrainedRun:
 
 
 def load_trained(
-    workdir: str, step: int | None = None, config: ml_collections.ConfigDict | None = None
+    workdir: str,
+    step: int | None = None,
+    config: ml_collections.ConfigDict | None = None,
+    ema: bool | None = None,
 ) -> TrainedRun:
     """Rebuilds the run in `workdir` at checkpoint `step` (the newest if None).
 
     The frozen parameters are rebuilt, not saved, so they are checked against the
     fingerprint the checkpoint holds; a different base model or seed is an error.
+
+    Args:
+      workdir: the training run's directory.
+      step: which checkpoint; None for the newest.
+      config: the run's config; None reads the one saved with the checkpoint.
+      ema: True for the EMA of the trained parameters (an error if the run kept none),
+        False for the trained parameters themselves, None for the EMA when the run kept
+        one (`train.ema_decay > 0`).
     """
     from nsync_jax import checkpoint  # Only trained runs need orbax.
 
     if config is None:
         config = checkpoint.load_run_config(workdir, step)
+    kept_ema = config.train.ema_decay > 0
+    if ema is None:
+        ema = kept_ema
+    if ema and not kept_ema:
+        raise errors.ConfigError(
+            f"the run in {workdir} kept no EMA of its weights (train.ema_decay=0): ask for "
+            "its raw weights instead"
+        )
     model, params = build_base(config)
     hosts.sync("the base model built")  # Orbax's reads below use collectives (CPU: gloo).
     scope, model, params = scope_lib.make_scope(config.train, model, params, config.lora)
     trainable, frozen = scope.split(params)
     trainable, step = checkpoint.restore_trainable(
-        workdir, checkpoint.abstract_like(trainable), step
+        workdir, checkpoint.abstract_like(trainable), step, field="ema" if ema else "trainable"
     )
     saved_frozen = checkpoint.load_metadata(workdir, step)["frozen"]
     # Training held the frozen parts as `frozen_for_training` makes them; the returned
@@ -121,4 +145,4 @@ def load_trained(
             f"the rebuilt frozen parameters differ from those that trained step {step} in "
             f"{workdir} (model source or seed changed?): {problems[:5]}"
         )
-    return TrainedRun(config, model, scope, trainable, frozen, step)
+    return TrainedRun(config, model, scope, trainable, frozen, step, ema)

@@ -7,8 +7,8 @@ the loop with explicit shardings and the state donated. It is the composition of
   (`"positive"`: g+, `"negative"`: g− in `nsync` mode, `"unprojected"`: auxiliary losses
   that bypass the projection), accumulated over `grad_accum` micro-batches by a `lax.scan`;
 - `apply(state, grads, metrics) -> (state, metrics)`: the optimizer update
-  (`optim.make_optimizer`: the NSYNC projection of g+ against g−, clipping, AdamW), the
-  carried g−, and the non-finite record.
+  (`optim.make_optimizer`: the NSYNC projection of g+ against g−, clipping, the
+  optimizer), the EMA of the parameters, the carried g−, and the non-finite record.
 
 The RNG lives in the state: step s draws from `fold_in(state.rng, s)`, so a restored
 state continues the same random stream and a checkpoint needs no separate key.
@@ -57,6 +57,9 @@ class TrainState:
         amortized (`nsync.negative_every > 1`), else None. `grad` has the structure and
         shardings of `trainable`; checkpoints save it, so a resume mid-period reuses the
         same g− an uninterrupted run would.
+      ema: the exponential moving average of `trainable` (`ema_update`) when
+        `train.ema_decay > 0`, else None (no leaves: nothing saved, nothing sharded).
+        Same structure, dtypes and shardings as `trainable`; checkpoints save it.
     """
 
     step: jax.Array
@@ -66,6 +69,7 @@ class TrainState:
     opt_state: optax.OptState
     nonfinite_step: jax.Array
     negative: Any = None
+    ema: Any = None
 
     def saved(self) -> TrainState:
         """What a checkpoint holds: everything but the frozen parameters."""
@@ -82,6 +86,7 @@ def init_state(
     tx: optax.GradientTransformation,
     rng: jax.Array,
     carry_negative: bool = False,
+    ema: bool = False,
 ) -> TrainState:
     """The state before step 0.
 
@@ -90,6 +95,7 @@ def init_state(
       tx: the optimizer.
       rng: the run's step key (`runs.run_keys(seed)[1]`); a typed key or raw key data.
       carry_negative: add the (zero) amortized g− slot.
+      ema: keep an EMA of `trainable`, starting from a copy of it.
     """
     negative = None
     if carry_negative:
@@ -107,6 +113,23 @@ def init_state(
         opt_state=tx.init(trainable),
         nonfinite_step=jnp.full((), -1, jnp.int32),
         negative=negative,
+        ema=jax.tree.map(jnp.copy, trainable) if ema else None,
+    )
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """The decay of the EMA update after update `step` (0 for the first):
+    min(decay, (1 + t) / (10 + t)), the warm-up of diffusers' `EMAModel` (its default,
+    without `use_ema_warmup`): 0.1 at the first update, 0.5 at t = 8, 0.9 at t = 80, so
+    the average is not pinned to the initial weights for the first ~1/(1 − decay) steps."""
+    t = step.astype(jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+
+
+def ema_update(ema: Any, trainable: Any, decay: jax.Array) -> Any:
+    """decay · ema + (1 − decay) · trainable, leaf by leaf, in each EMA leaf's dtype."""
+    return jax.tree.map(
+        lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, trainable
     )
 
 
@@ -157,18 +180,22 @@ def _latent_shape_nchw(model: models.StableDiffusion, branch: dict[str, jax.Arra
 
 
 def make_draws(
-    model: models.StableDiffusion, schedule: diffusion.NoiseSchedule
+    model: models.StableDiffusion,
+    schedule: diffusion.NoiseSchedule,
+    options: diffusion.LossOptions = diffusion.PLAIN,
 ) -> Callable[[dict, jax.Array, jax.Array], dict]:
     """`draws(branch, posterior_rng, noise_rng)`: every random number one branch needs.
 
     `posterior_rng` draws the VAE posterior sample ε (NHWC, as diffusers' `sample` draws
-    it), `noise_rng` the diffusion noise and timesteps, so two branches can share noise by
-    sharing `noise_rng`. Drawn for the whole batch, split with it into micro-batches.
+    it), `noise_rng` the diffusion noise (with `options.noise_offset`) and the timesteps
+    (in `options`' range), so two branches can share noise by sharing `noise_rng`. Drawn
+    for the whole batch, split with it into micro-batches.
     """
+    options.timestep_range(schedule)  # A range the schedule cannot draw fails here.
 
     def draws(branch, posterior_rng, noise_rng):
         shape = _latent_shape_nchw(model, branch)
-        noise, timesteps = diffusion.sample_noise(schedule, noise_rng, shape)
+        noise, timesteps = diffusion.sample_noise(schedule, noise_rng, shape, options)
         out = {"noise": noise, "timesteps": timesteps}
         if "latents" not in branch and not model.identity_vae:
             b, c, h, w = shape
@@ -179,14 +206,18 @@ def make_draws(
 
 
 def make_branch_forward(
-    model: models.StableDiffusion, scope: Scope, schedule: diffusion.NoiseSchedule
+    model: models.StableDiffusion,
+    scope: Scope,
+    schedule: diffusion.NoiseSchedule,
+    options: diffusion.LossOptions = diffusion.PLAIN,
 ):
     """`forward(trainable, frozen, branch, draws) -> (loss, outputs)` on one batch.
 
     A branch holds `input_ids` and one of: `pixels` (encoded here), `latent_mean` and
     `latent_std` (cached posterior moments, `data/latents.py`), or `latents` (fixed).
-    `loss` is the ε/v MSE; `outputs` (`latents`, `noisy`, `timesteps`, `prediction`,
-    `target`, `context`) are what an auxiliary loss may read.
+    `loss` is the ε/v MSE, each example weighted by min-SNR-γ if `options` ask for it;
+    `outputs` (`latents`, `noisy`, `timesteps`, `prediction`, `target`, `context`) are
+    what an auxiliary loss may read.
     """
 
     def forward(trainable, frozen, branch, draws):
@@ -207,7 +238,10 @@ def make_branch_forward(
         timesteps = draws["timesteps"]
         noised = diffusion.add_noise(schedule, latents, draws["noise"], timesteps)
         prediction = model.predict_noise(params["unet"], noised.noisy, timesteps, context)
-        loss = diffusion.mse(prediction, noised.target)
+        weights = None
+        if options.min_snr_gamma > 0:
+            weights = diffusion.min_snr_weights(schedule, timesteps, options.min_snr_gamma)
+        loss = diffusion.mse(prediction, noised.target, weights)
         outputs = {
             "latents": latents,
             "noisy": noised.noisy,
@@ -304,7 +338,8 @@ def make_gradients(
     Args:
       model: the Stable Diffusion parts.
       scope: splits and merges trainable and frozen parameters.
-      train_config: `config.train` (`mode`, `share_noise`).
+      train_config: `config.train` (`mode`, `share_noise`, and the `diffusion.LossOptions`
+        fields: timestep range, noise offset, min-SNR-γ), the same for both branches.
       trainable_shardings: if given, gradients are constrained to these shardings so they
         stay FSDP-sharded like the parameters.
       negative_every: in `nsync` mode, compute g− only at steps divisible by this and
@@ -326,8 +361,9 @@ def make_gradients(
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     schedule = diffusion.make_schedule(model.scheduler_config)
-    forward = make_branch_forward(model, scope, schedule)
-    draws_fn = make_draws(model, schedule)
+    options = diffusion.LossOptions.from_config(train_config)
+    forward = make_branch_forward(model, scope, schedule, options)
+    draws_fn = make_draws(model, schedule, options)
     nsync = train_config.mode == "nsync"
 
     def constrain(grads):
@@ -415,17 +451,27 @@ def make_gradients(
 # --- apply -------------------------------------------------------------------------------------
 
 
-def make_apply(tx: optax.GradientTransformationExtraArgs, nsync: bool):
+def make_apply(tx: optax.GradientTransformationExtraArgs, nsync: bool, ema_decay: float = 0.0):
     """`apply(state, grads, metrics) -> (state, metrics)`: one optimizer update.
 
     In nsync mode `tx.update` gets g− as `negative_updates=` (the projection comes first
     in `tx`) and an unprojected auxiliary gradient as `unprojected_updates=`, which the
     projection adds after projecting. Adds the norms, the projection's cosine and
     coefficient to `metrics`, records the first non-finite step, and carries g− when the
-    state has a slot for it.
+    state has a slot for it. With `ema_decay` > 0 the state's EMA (made by
+    `init_state(..., ema=True)`) moves toward the updated parameters by `ema_decay_at`.
+    It lives in the step, not in a hook: updated in place in the donated state, it costs
+    no extra copy of the parameters and no extra dispatch.
     """
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"train.ema_decay must be in [0, 1), got {ema_decay}")
 
     def apply(state: TrainState, grads: Grads, metrics: Metrics) -> tuple[TrainState, Metrics]:
+        if (state.ema is None) != (ema_decay == 0):
+            raise ValueError(
+                f"ema_decay={ema_decay} but the state has {'no' if state.ema is None else 'an'} "
+                "EMA: make it with init_state(..., ema=ema_decay > 0)"
+            )
         g_pos = grads["positive"]
         metrics = dict(metrics, grad_norm_pos=optax.tree.norm(g_pos))
         extra = {}
@@ -441,6 +487,9 @@ def make_apply(tx: optax.GradientTransformationExtraArgs, nsync: bool):
             g_pos = jax.tree.map(jnp.add, g_pos, grads["unprojected"])
         updates, opt_state = tx.update(g_pos, state.opt_state, state.trainable, **extra)
         trainable = optax.apply_updates(state.trainable, updates)
+        ema = state.ema
+        if ema_decay > 0:
+            ema = ema_update(ema, trainable, ema_decay_at(ema_decay, state.step))
         metrics["update_norm"] = optax.tree.norm(updates)
         if nsync:
             metrics["cosine"] = optax.tree.get(opt_state, "cosine")
@@ -455,6 +504,7 @@ def make_apply(tx: optax.GradientTransformationExtraArgs, nsync: bool):
             opt_state=opt_state,
             nonfinite_step=nonfinite_step,
             negative=negative,
+            ema=ema,
         )
         return new_state, metrics
 
@@ -470,11 +520,12 @@ def make_train_step(
     negative_every: int = 1,
     grad_accum: int = 1,
     auxiliary: tuple[AuxiliaryLoss, ...] = (),
+    ema_decay: float = 0.0,
 ):
     """The pure step `(state, batch) -> (state, metrics)`: `gradients` then `apply`.
 
     Arguments as `make_gradients`; `tx` is the optimizer (in nsync mode it takes
-    `negative_updates=`).
+    `negative_updates=`); `ema_decay` as `make_apply`.
     """
     gradients = make_gradients(
         model,
@@ -485,7 +536,7 @@ def make_train_step(
         grad_accum=grad_accum,
         auxiliary=auxiliary,
     )
-    apply = make_apply(tx, nsync=train_config.mode == "nsync")
+    apply = make_apply(tx, nsync=train_config.mode == "nsync", ema_decay=ema_decay)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         grads, metrics = gradients(state, batch, state.step_key())

@@ -8,8 +8,8 @@ for gigabytes of weights) → model and parameters → scope split → optimizer
 under `jax.jit(out_shardings=...)` → batches → the step compiled once with explicit
 shardings and the state donated (many processes: compiled here, then all meet) → if
 resuming: data and frozen-parameter fingerprints checked, then the saved state (step, RNG,
-trainable parameters, optimizer state, carried g−) restored straight into the state's
-shardings (checkpoint.py) → (many processes: all meet) → `loop.run`.
+trainable parameters, optimizer state, carried g−, EMA) restored straight into the
+state's shardings (checkpoint.py) → (many processes: all meet) → `loop.run`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import ml_collections
 
 from nsync_jax import (
     checkpoint,
+    diffusion,
     errors,
     hosts,
     loop,
@@ -104,6 +105,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise errors.ConfigError(
                 f"checkpoint.{name} must be >= {low}, got {config.checkpoint[name]}"
             )
+    if not 0 <= config.train.ema_decay < 1:
+        raise errors.ConfigError(
+            f"train.ema_decay must be in [0, 1) (0 = no EMA), got {config.train.ema_decay}"
+        )
+    if not 0 <= config.data.caption_dropout < 1:
+        raise errors.ConfigError(
+            f"data.caption_dropout must be in [0, 1), got {config.data.caption_dropout}"
+        )
     validation.validate_config(config)
     if config.sample.every < 0:
         raise errors.ConfigError(f"sample.every must be >= 0, got {config.sample.every}")
@@ -121,6 +130,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.train.mode == "nsync":
         _validate_negatives(config)
     unet_memory.MemoryOptions.from_config(config.model)  # Attention and remat names.
+    diffusion.LossOptions.from_config(config.train)  # Timestep range, offset, min-SNR-γ.
+    optim.check_config(config)  # Optimizer and schedule names, warm-up, final fraction.
     if config.model.frozen_dtype and config.model.frozen_dtype not in models.DTYPES:
         raise errors.ConfigError(
             f"model.frozen_dtype={config.model.frozen_dtype!r} is not one of {('', *models.DTYPES)}"
@@ -238,7 +249,12 @@ def build_state(
 
     def init(trainable, frozen):
         return step_lib.init_state(
-            trainable, frozen, tx, step_rng, carry_negative=negative_every > 1
+            trainable,
+            frozen,
+            tx,
+            step_rng,
+            carry_negative=negative_every > 1,
+            ema=config.train.ema_decay > 0,
         )
 
     state_shapes = jax.eval_shape(init, trainable, frozen)
@@ -264,6 +280,7 @@ def make_step_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, bui
         trainable_shardings=built.state_sharding.trainable,
         negative_every=step_lib.negative_every(config),
         grad_accum=config.train.grad_accum,
+        ema_decay=config.train.ema_decay,
     )
     return jax.jit(
         step,
@@ -296,8 +313,11 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     built = build_state(config, mesh, model, params)
     del params
     model, scope, state = built.model, built.scope, built.state
+    # Built (not compiled: jit is lazy) before any latent caching, so a setting the model
+    # cannot take, such as a timestep range past its schedule, fails first.
+    step_fn = make_step_fn(config, mesh, built)
 
-    def paired(positives, negatives, random_flip):
+    def paired(positives, negatives, random_flip, caption_dropout):
         return pipeline.PairedBatches(
             positives,
             negatives,
@@ -308,10 +328,12 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             seed=config.seed,
             random_flip=random_flip,
             on_bad_image=config.data.on_bad_image,
+            caption_dropout=caption_dropout,
         )
 
-    batches = paired(positives, negatives, config.data.random_flip)
-    val_batches = None if held_out is None else paired(held_out, None, False)
+    batches = paired(positives, negatives, config.data.random_flip, config.data.caption_dropout)
+    # Validation scores fixed inputs: no flips, no dropped captions.
+    val_batches = None if held_out is None else paired(held_out, None, False, 0.0)
     if config.data.cache_latents:
         # The VAE is frozen in every scope, so its posterior moments never change.
         if model.identity_vae:
@@ -331,7 +353,6 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
                     config.data.latent_batch_size,
                     config.model.resolution,
                 )
-    step_fn = make_step_fn(config, mesh, built)
     if jax.process_count() > 1:
         # Compiled here, and every process waits for the others: the first step's
         # collectives must start together on CPU (`hosts.sync`).
@@ -512,7 +533,8 @@ def _run(
             dataclasses.replace(trainer, state=state),
             workdir,
             writer,
-            lambda s: trainer.scope.merge(s.trainable, s.frozen),
+            # The EMA when the run keeps one: what an export gives by default.
+            lambda s: trainer.scope.merge(s.trainable if s.ema is None else s.ema, s.frozen),
         )
         hooks.append(samples)
         if start == 0 and config.train.num_steps >= config.sample.every:

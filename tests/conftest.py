@@ -44,11 +44,12 @@ def tiny_sd():
     return runs.build_base(demo.get_config())
 
 
-def _save_run(workdir, config, trainable, frozen):
+def _save_run(workdir, config, trainable, frozen, ema=None):
     """Writes a step-0 checkpoint of a run with these parameters, as the loop would.
 
-    Only the trainable params matter to readers of a run (export, sampling, evaluation):
-    a one-counter optimizer state keeps the checkpoint cheap.
+    Only the trainable params (and their EMA, if given: then `config.train.ema_decay`
+    should be > 0) matter to readers of a run (export, sampling, evaluation): a
+    one-counter optimizer state keeps the checkpoint cheap.
     """
     import jax.numpy as jnp
     import optax
@@ -58,6 +59,8 @@ def _save_run(workdir, config, trainable, frozen):
 
     counter = optax.GradientTransformation(lambda _: {"count": jnp.zeros((), jnp.int32)}, None)
     state = step_lib.init_state(trainable, frozen, counter, jax.random.key(0))
+    if ema is not None:
+        state = state.replace(ema=ema)
     with checkpoint.make_manager(workdir) as manager:
         checkpoint.save(manager, state, config, checkpoint.tree_summary(frozen), {})
         manager.wait_until_finished()
@@ -65,5 +68,5 @@ def _save_run(workdir, config, trainable, frozen):
 
 @pytest.fixture
 def save_run():
-    """`save_run(workdir, config, trainable, frozen)`: a cheap checkpoint of a run."""
+    """`save_run(workdir, config, trainable, frozen, ema=None)`: a cheap checkpoint of a run."""
     return _save_run

@@ -6,6 +6,7 @@ train the tiny demo model a few steps; those that run `launch/train.py` in subpr
 """
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -234,6 +235,20 @@ def test_config_differences_name_the_fields_that_matter(tmp_path):
         checkpoint.check_resumable(tmp_path, 2, changed)
 
 
+def test_a_decaying_schedule_fixes_the_number_of_steps():
+    # The schedule spans train.num_steps: another length changes every remaining rate.
+    config = _config()
+    config.optim.update(schedule="cosine", warmup_steps=10)
+    longer = _config()
+    longer.optim.update(schedule="cosine", warmup_steps=10)
+    longer.train.num_steps += 100
+    saved = checkpoint.config_to_json(config)
+    assert checkpoint.config_differences(saved, longer) == ["train.num_steps"]
+    constant = _config()
+    constant.train.num_steps += 100
+    assert checkpoint.config_differences(checkpoint.config_to_json(_config()), constant) == []
+
+
 def test_load_run_config_and_restore_trainable_for_export(tmp_path):
     config = _config()
     state = _make_state(config)
@@ -367,6 +382,77 @@ def test_loop_resumes_amortized_negatives_exactly_mid_period(tmp_path):
     )
     # Without the saved g− the resume would start from zeros: the checkpoint must hold it.
     assert float(jnp.abs(reference.negative["grad"]["token_embedding"]).sum()) > 0
+
+
+# Every training option of the `train`, `data` and `optim` groups on at once.
+_OPTIONS = {
+    "train.ema_decay": 0.9,
+    "train.min_snr_gamma": 5.0,
+    "train.noise_offset": 0.1,
+    "train.timestep_min": 100,
+    "train.timestep_max": 900,
+    "data.caption_dropout": 0.5,
+    "optim.name": "lion",
+    "optim.schedule": "warmup_cosine",
+    "optim.warmup_steps": 2,
+    "optim.final_lr_fraction": 0.1,
+    "mesh.fsdp": 4,
+}
+
+
+def test_loop_with_ema_and_every_option_resumes_exactly(tmp_path):
+    reference = train_lib.train(_demo_config(**_OPTIONS), str(tmp_path / "ref"))
+    workdir = tmp_path / "run"
+    shutil.copytree(tmp_path / "ref", workdir)
+    shutil.rmtree(checkpoint.step_dir(workdir, 5))
+    assert any(
+        name.startswith("ema.") for name in checkpoint.load_metadata(str(workdir))["checksums"]
+    )
+    resumed = train_lib.train(_demo_config(**_OPTIONS), str(workdir))
+    _assert_trees_equal(
+        _host((resumed.trainable, resumed.opt_state, resumed.ema)),
+        _host((reference.trainable, reference.opt_state, reference.ema)),
+    )
+    # The EMA is sharded as the parameters, and lags behind them.
+    assert jax.tree.map(lambda x: x.sharding, resumed.ema) == jax.tree.map(
+        lambda x: x.sharding, resumed.trainable
+    )
+    assert "fsdp" in resumed.ema["conv_in"]["kernel"].sharding.spec
+    kernel, ema_kernel = (
+        np.asarray(t["conv_in"]["kernel"]) for t in (resumed.trainable, resumed.ema)
+    )
+    assert not np.array_equal(kernel, ema_kernel)
+
+
+def _edit_meta(workdir, step, edit):
+    """Rewrites checkpoint `step`'s metadata JSON with `edit(meta)` (as an older version
+    of nsync_jax would have written it)."""
+    meta_file = os.path.join(checkpoint.step_dir(workdir, step), "meta", "metadata")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    edit(meta)
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+
+
+def test_a_checkpoint_from_before_the_training_options_resumes_without_them(tmp_path):
+    # Its saved config lacks every field of ADDED_FIELDS: it was trained as they are off.
+    config = _config()
+    _save(tmp_path, _make_state(config), config)
+
+    def drop_added_fields(meta):
+        for name in checkpoint.ADDED_FIELDS:
+            group, field = name.split(".")
+            del meta["config"][group][field]
+
+    _edit_meta(tmp_path, 2, drop_added_fields)
+    state = _restore(tmp_path, _make_state(config, seed=1), config)
+    assert int(state.step) == 2 and state.ema is None
+    assert checkpoint.load_run_config(tmp_path).train.ema_decay == 0.0
+    with_ema = _config()
+    with_ema.train.ema_decay = 0.99
+    with pytest.raises(ValueError, match=r"\['train\.ema_decay'\]"):
+        checkpoint.check_resumable(str(tmp_path), 2, with_ema)
 
 
 def test_loop_refuses_a_changed_config(finetune_reference):
@@ -585,16 +671,9 @@ def test_loop_on_a_folder_resumes_and_refuses_changed_files(tmp_path, caplog):
 def test_a_checkpoint_of_the_old_format_is_refused_clearly(tmp_path):
     # Format 1 saved `trainable` and `opt_state` as separate items and the RNG in the
     # metadata; this version reads the whole state as one item.
-    import json
-
     config = _config()
     _save(tmp_path, _make_state(config), config)
-    meta_file = os.path.join(checkpoint.step_dir(tmp_path, 2), "meta", "metadata")
-    with open(meta_file) as f:
-        meta = json.load(f)
-    meta["format"] = 1
-    with open(meta_file, "w") as f:
-        json.dump(meta, f)
+    _edit_meta(tmp_path, 2, lambda meta: meta.update(format=1))
     for read in (
         lambda: checkpoint.check_resumable(str(tmp_path), 2, config),
         lambda: checkpoint.restore_trainable(tmp_path, checkpoint.abstract_like({})),

@@ -132,6 +132,63 @@ def test_flips_are_deterministic_and_per_branch():
     assert pixels.min() >= -1 and pixels.max() <= 1
 
 
+def _dropout_batches(batch=64, seed=0, index=0, count=1, dropout=0.3):
+    pos, _ = _lazy(10, prefix="p")
+    neg, _ = _lazy(10, prefix="n")
+
+    def tokenize(prompts):  # The empty prompt is -1; every other one its example's number.
+        return np.asarray([[int(p.split()[1]) if p else -1] for p in prompts], np.int32)
+
+    return pipeline.PairedBatches(
+        pos,
+        neg,
+        tokenize,
+        "{caption}",
+        "<s>",
+        batch,
+        seed,
+        True,
+        index,
+        count,
+        caption_dropout=dropout,
+    )
+
+
+def _empty(batch):
+    return {name: branch["input_ids"][:, 0] == -1 for name, branch in batch.items()}
+
+
+def test_caption_dropout_rate_per_branch_and_rows_kept_intact():
+    batches = _dropout_batches()
+    steps = [batches.batch(s) for s in range(50)]
+    for name in ("positive", "negative"):
+        dropped = np.concatenate([_empty(b)[name] for b in steps])
+        assert abs(dropped.mean() - 0.3) < 0.03, (name, dropped.mean())  # 3200 rows: ~4σ.
+    both = np.concatenate([_empty(b)["positive"] & _empty(b)["negative"] for b in steps])
+    assert abs(both.mean() - 0.09) < 0.025  # The branches draw independently.
+    rows = batches._stream(0, 64)  # Kept rows carry their own caption.
+    kept = ~_empty(steps[0])["positive"]
+    np.testing.assert_array_equal(steps[0]["positive"]["input_ids"][kept, 0], rows[kept])
+    assert not any(_empty(_dropout_batches(dropout=0.0).batch(0))["positive"])
+
+
+def test_caption_dropout_is_a_pure_function_of_seed_and_step_whatever_the_processes():
+    one = _dropout_batches(batch=8)
+    again = _dropout_batches(batch=8)
+    for step in (5, 0, 3):  # In any order, as a resumed run asks.
+        expected = _empty(one.batch(step))
+        got = _empty(again.batch(step))
+        hosts = [_empty(_dropout_batches(batch=8, index=i, count=2).batch(step)) for i in (0, 1)]
+        for name in ("positive", "negative"):
+            np.testing.assert_array_equal(got[name], expected[name])
+            np.testing.assert_array_equal(np.concatenate([h[name] for h in hosts]), expected[name])
+    other_seed = _dropout_batches(batch=8, seed=1)
+    assert any(
+        (_empty(other_seed.batch(s))["positive"] != _empty(one.batch(s))["positive"]).any()
+        for s in range(5)
+    )
+
+
 def test_negatives_pair_by_id():
     pos, _ = _lazy(6, prefix="p")
     neg_full, _ = _lazy(6, prefix="n")

@@ -228,6 +228,24 @@ def test_export_run_restores_the_trained_params_of_a_checkpoint(tiny, tmp_path, 
         export.export_run(workdir, str(tmp_path / "out2"), config=other_seed)
 
 
+def test_export_run_writes_the_ema_unless_raw_weights_are_asked_for(tiny, tmp_path, save_run):
+    config = demo.get_config()
+    config.train.scope, config.train.ema_decay = "textual_inversion", 0.999
+    scope, model, params = scope_lib.make_scope(config.train, *tiny)
+    trainable, frozen = scope.split(params)
+    ema = _perturb(trainable, 6)
+    workdir = str(tmp_path / "run")
+    save_run(workdir, config, trainable, frozen, ema=ema)
+
+    def learned(output):
+        return next(iter(load_file(os.path.join(output, torch_files.EMBEDS_FILE)).values()))
+
+    default = export.export_run(workdir, str(tmp_path / "default"))
+    np.testing.assert_array_equal(learned(default), ema["token_embedding"])
+    raw = export.export_run(workdir, str(tmp_path / "raw"), ema=False)
+    np.testing.assert_array_equal(learned(raw), trainable["token_embedding"])
+
+
 def test_export_of_a_transformers5_base_loads_in_transformers4(tmp_path):
     """A base saved by transformers 5 (tokenizer.json, keys without `text_model.`) exports
     in the layout transformers 4 reads: its frozen text encoder and tokenizer are written,

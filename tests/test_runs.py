@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from nsync_jax import runs
+from nsync_jax import errors, runs
 from nsync_jax import scope as scope_lib
 
 
@@ -22,13 +22,21 @@ def test_unknown_model_source_is_an_error():
         runs.build_model(config, jax.random.key(0))
 
 
-def test_load_trained_textual_inversion_run(tmp_path, tiny_sd, save_run):
+def _textual_inversion(tiny_sd):
+    """The demo config with the textual-inversion scope, and its (trainable, frozen)."""
     config = demo.get_config()
     config.train.scope = "textual_inversion"
-    scope, model, params = scope_lib.make_scope(config.train, *tiny_sd)
-    trainable, frozen = scope.split(params)
-    learned = {"token_embedding": jnp.full_like(trainable["token_embedding"], 0.5)}
-    save_run(str(tmp_path), config, learned, frozen)
+    scope, _, params = scope_lib.make_scope(config.train, *tiny_sd)
+    return config, *scope.split(params)
+
+
+def _row(trainable, value):
+    return {"token_embedding": jnp.full_like(trainable["token_embedding"], value)}
+
+
+def test_load_trained_textual_inversion_run(tmp_path, tiny_sd, save_run):
+    config, trainable, frozen = _textual_inversion(tiny_sd)
+    save_run(str(tmp_path), config, _row(trainable, 0.5), frozen)
 
     run = runs.load_trained(str(tmp_path))
     assert run.step == 0 and run.config.train.scope == "textual_inversion"
@@ -42,6 +50,28 @@ def test_load_trained_textual_inversion_run(tmp_path, tiny_sd, save_run):
     other_seed.train.scope, other_seed.seed = "textual_inversion", 1
     with pytest.raises(ValueError, match="frozen parameters differ"):
         runs.load_trained(str(tmp_path), config=other_seed)
+
+
+def test_load_trained_gives_the_ema_when_the_run_kept_one(tmp_path, tiny_sd, save_run):
+    config, trainable, frozen = _textual_inversion(tiny_sd)
+    plain_dir, ema_dir = str(tmp_path / "plain"), str(tmp_path / "ema")
+    save_run(plain_dir, config, _row(trainable, 0.5), frozen)
+    config.train.ema_decay = 0.99
+    save_run(ema_dir, config, _row(trainable, 0.5), frozen, ema=_row(trainable, 0.25))
+
+    def row(run):
+        return float(run.trainable["token_embedding"][0, 0])
+
+    assert [row(runs.load_trained(ema_dir, ema=e)) for e in (None, True, False)] == [
+        0.25,
+        0.25,
+        0.5,
+    ]
+    assert runs.load_trained(ema_dir).ema and not runs.load_trained(ema_dir, ema=False).ema
+    plain = runs.load_trained(plain_dir)
+    assert row(plain) == 0.5 and not plain.ema
+    with pytest.raises(errors.ConfigError, match="kept no EMA.*train.ema_decay=0"):
+        runs.load_trained(plain_dir, ema=True)
 
 
 def test_init_from_makes_a_trained_run_the_base(tmp_path, tiny_sd, save_run):

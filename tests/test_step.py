@@ -210,6 +210,73 @@ def test_grad_accumulation_must_split_the_batch_over_the_devices():
         train.setup(config, jax.devices()[:8])
 
 
+def test_loss_options_apply_to_both_branches():
+    model, s, config, tx, state, batch = _gradients_setup("nsync")
+    config.train.update(min_snr_gamma=1.0, noise_offset=0.1, timestep_min=100, timestep_max=200)
+    rng = jax.random.key(11)
+    _, metrics = jax.jit(step.make_gradients(model, s, config.train))(state, batch, rng)
+
+    # The same loss by hand: the options' draws, the plain MSE of each example, weighted.
+    schedule = step.diffusion.make_schedule(model.scheduler_config)
+    options = step.diffusion.LossOptions(100, 200, noise_offset=0.1, min_snr_gamma=1.0)
+    draws_fn = step.make_draws(model, schedule, options)
+    forward = jax.jit(step.make_branch_forward(model, s, schedule))  # Unweighted.
+    pos_post, pos_noise, neg_post, neg_noise = jax.random.split(rng, 4)
+    for name, keys, metric in (
+        ("positive", (pos_post, pos_noise), "loss_pos"),
+        ("negative", (neg_post, neg_noise), "loss_neg"),
+    ):
+        draws = draws_fn(batch[name], *keys)
+        assert bool(jnp.all((draws["timesteps"] >= 100) & (draws["timesteps"] < 200)))
+        out = forward(state.trainable, state.frozen, batch[name], draws)[1]
+        errors = jnp.mean(jnp.square(out["prediction"] - out["target"]), axis=(1, 2, 3))
+        snr = step.diffusion.snr(schedule, draws["timesteps"])
+        weights = jnp.minimum(snr, 1.0) / snr
+        assert float(weights.max()) < 0.5  # Low-noise timesteps: the weighting matters here.
+        np.testing.assert_allclose(metrics[metric], jnp.mean(weights * errors), rtol=1e-5)
+
+
+def test_ema_is_the_closed_form_over_steps():
+    decay, lr, steps = 0.2, 0.5, 6
+    theta0 = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array(0.5)}
+    g = {"w": jnp.array([0.3, 0.1, -0.2]), "b": jnp.array(1.0)}
+    tx = optim.optax.sgd(lr)  # θ_n = θ_0 − n·lr·g exactly (up to float32).
+    state = step.init_state(theta0, {}, tx, jax.random.key(0), ema=True)
+    apply = jax.jit(step.make_apply(tx, nsync=False, ema_decay=decay))
+    for _ in range(steps):
+        state, _ = apply(state, {"positive": g}, {})
+
+    # ema_n = Π_{k<n} d_k·θ_0 + Σ_{j=1..n} (1 − d_{j−1})·Π_{j≤k<n} d_k·θ_j, with the
+    # warm-up d_t = min(decay, (1 + t)/(10 + t)): 0.1, 0.18, then capped at 0.2.
+    d = [min(decay, (1 + t) / (10 + t)) for t in range(steps)]
+    assert d[:3] == [0.1, 2 / 11, 0.2]
+    for name in theta0:
+        theta = [np.float64(theta0[name]) - j * lr * np.float64(g[name]) for j in range(steps + 1)]
+        expected = np.prod(d) * theta[0] + sum(
+            (1 - d[j - 1]) * np.prod(d[j:]) * theta[j] for j in range(1, steps + 1)
+        )
+        np.testing.assert_allclose(state.ema[name], expected, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(state.trainable[name], theta[-1], rtol=1e-6, atol=1e-7)
+    assert jax.tree.map(lambda x: x.dtype, state.ema) == jax.tree.map(
+        lambda x: x.dtype, state.trainable
+    )
+
+
+def test_without_ema_the_state_has_none_and_saves_none():
+    tx = optim.optax.sgd(0.1)
+    plain = step.init_state({"w": jnp.ones(3)}, {}, tx, jax.random.key(0))
+    assert plain.ema is None
+    assert not any("ema" in str(path) for path, _ in jax.tree.flatten_with_path(plain.saved())[0])
+    with_ema = step.init_state({"w": jnp.ones(3)}, {}, tx, jax.random.key(0), ema=True)
+    grads = {"positive": {"w": jnp.ones(3)}}
+    with pytest.raises(ValueError, match="the state has no EMA"):
+        step.make_apply(tx, nsync=False, ema_decay=0.9)(plain, grads, {})
+    with pytest.raises(ValueError, match="the state has an EMA"):
+        step.make_apply(tx, nsync=False)(with_ema, grads, {})
+    with pytest.raises(ValueError, match="ema_decay"):
+        step.make_apply(tx, nsync=False, ema_decay=1.0)
+
+
 def _prediction_energy(params, branch, outputs):
     return jnp.mean(jnp.square(outputs["prediction"].astype(jnp.float32)))
 

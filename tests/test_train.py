@@ -5,10 +5,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import demo, monet
-from nsync_jax import loop, metrics, step, train
+from nsync_jax import errors, loop, metrics, step, train
 
 
 def test_demo_run_writes_metrics_and_tensorboard(tmp_path):
@@ -58,17 +59,75 @@ def test_nonfinite_state_stops_with_the_step():
         ("nsync.granularity", "per_leaf", "nsync.granularity"),
         ("train.batch_size", 0, "train.batch_size"),
         ("train.prompt_template", "in the style of {style}", "prompt_template"),
+        ("train.ema_decay", 1.0, "train.ema_decay"),
+        ("train.min_snr_gamma", -1.0, "train.min_snr_gamma"),
+        ("train.noise_offset", -0.1, "train.noise_offset"),
+        ("train.timestep_min", -1, "train.timestep_min"),
+        ("train.timestep_max", 0, "train.timestep_max"),
+        ("data.caption_dropout", 1.0, "data.caption_dropout"),
+        ("optim.name", "adam", "optim.name"),  # Every optim field: tests/test_optim.py.
     ],
 )
 def test_bad_config_is_rejected_before_building(field, value, match):
     config = demo.get_config()
     group, name = field.split(".")
     config[group][name] = value
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(errors.ConfigError, match=match):
         train.setup(config)
 
 
-def test_batch_must_divide_over_devices():
+def test_a_timestep_range_past_the_models_schedule_fails_at_setup():
+    config = demo.get_config()
+    config.train.timestep_max = config.model.tiny.num_train_timesteps + 1
+    with pytest.raises(errors.ConfigError, match="schedule has 1000 timesteps"):
+        train.setup(config, jax.devices()[:8])
+
+
+@pytest.mark.parametrize(
+    "scope, mode, optimizer, schedule",
+    [
+        ("textual_inversion", "nsync", "adafactor", "cosine"),
+        ("lora", "finetune", "sgd", "linear"),
+        ("lora_ti", "nsync", "adamw", "warmup_cosine"),
+    ],
+)
+def test_training_options_in_every_scope(scope, mode, optimizer, schedule):
+    # The unet scope runs with every option in test_checkpoint's exact-resume test.
+    config = demo.get_config()
+    config.train.update(
+        scope=scope,
+        mode=mode,
+        num_steps=2,
+        ema_decay=0.5,
+        min_snr_gamma=5.0,
+        noise_offset=0.1,
+        timestep_min=10,
+        timestep_max=990,
+    )
+    config.data.update(demo_count=8, caption_dropout=0.5)
+    config.optim.update(name=optimizer, schedule=schedule, warmup_steps=1, final_lr_fraction=0.1)
+    config.mesh.fsdp = 2
+    trainer = train.setup(config, jax.devices()[:8])
+    before = jax.device_get(trainer.state.trainable)
+    timer = loop.StepTimer()  # Keeps the last step's metrics.
+    state = loop.run(trainer, trainer.state, 2, [timer])
+    assert int(state.nonfinite_step) == -1 and all(np.isfinite(list(timer.metrics.values())))
+    assert jax.tree.map(lambda x: x.sharding, state.ema) == jax.tree.map(
+        lambda x: x.sharding, state.trainable
+    )
+    # The EMA (its values: tests/test_step.py) moved from the start, but lags the weights.
+    moved = 0
+    for start, ema, now in zip(
+        jax.tree.leaves(before),
+        jax.tree.leaves(jax.device_get(state.ema)),
+        jax.tree.leaves(jax.device_get(state.trainable)),
+        strict=True,
+    ):
+        if not np.array_equal(start, now):
+            moved += 1
+            assert not np.array_equal(ema, now) and not np.array_equal(ema, start)
+    assert moved
+
     config = demo.get_config()
     config.train.batch_size = 6  # 8 fake devices.
     with pytest.raises(ValueError, match="does not divide"):

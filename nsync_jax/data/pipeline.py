@@ -5,7 +5,9 @@ of per-epoch permutations, step s takes stream positions [s·B, (s+1)·B), and e
 keeps its contiguous slice of those rows. So the iterator's whole position is the step
 number, which the checkpoint already holds, a resumed run reads exactly the batches an
 uninterrupted one would, and the batches do not depend on how many hosts share them.
-Negatives are paired with positives by example id.
+Negatives are paired with positives by example id. Caption dropout gives a row of a
+branch the empty prompt "" (what classifier-free guidance needs), drawn per branch from
+(seed, step) for the whole global batch, so it too is part of the pure function.
 
 Images are read lazily: a host decodes only the rows of its slice (sets from `folder.py`
 and `tfds_source.py` cache each decoded image after its first read). With cached latents
@@ -36,6 +38,8 @@ from nsync_jax.data.examples import BadImageError, ExampleSet, sha256_json, to_p
 from nsync_jax.data.latents import LatentCache, MomentsFn, build_latent_cache
 
 ON_BAD_IMAGE = ("error", "skip")
+# First word of the caption-dropout draws' seed after the run's seed (flips use 1 and 2).
+_CAPTION_DROPOUT_STREAM = 3
 
 
 class PairedBatches:
@@ -52,6 +56,8 @@ class PairedBatches:
       random_flip: horizontal flips, drawn independently per branch.
       process_index, process_count: this host's slice; default jax's.
       on_bad_image: "error" or "skip" (see the module docstring).
+      caption_dropout: probability that a row's prompt is the empty prompt "" instead,
+        drawn per branch and row (see `_dropped`).
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class PairedBatches:
         process_index: int | None = None,
         process_count: int | None = None,
         on_bad_image: str = "error",
+        caption_dropout: float = 0.0,
     ):
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
@@ -78,6 +85,8 @@ class PairedBatches:
             raise ValueError(f"data.on_bad_image={on_bad_image!r} is not one of {ON_BAD_IMAGE}")
         if len(positives) == 0:
             raise ValueError("the style set is empty")
+        if not 0 <= caption_dropout < 1:
+            raise ValueError(f"data.caption_dropout must be in [0, 1), got {caption_dropout}")
         self.positives = positives
         self.negatives = None if negatives is None else negatives.select(positives.ids)
         self.global_batch_size = global_batch_size
@@ -90,6 +99,9 @@ class PairedBatches:
         prompts = [prompt_template.format(caption=c, style=style_token) for c in positives.captions]
         self.prompts = tuple(prompts)
         self.input_ids = np.asarray(tokenize(prompts), np.int32)
+        self.caption_dropout = caption_dropout
+        if caption_dropout:
+            self.empty_ids = np.asarray(tokenize([""]), np.int32)[0]
 
     def __len__(self) -> int:
         return len(self.positives)
@@ -158,6 +170,17 @@ class PairedBatches:
         offset = self.process_index * self.local_batch_size
         return (rng.random(self.global_batch_size) < 0.5)[offset : offset + self.local_batch_size]
 
+    def _dropped(self, step: int, branch: int) -> np.ndarray:
+        """Which of this process's rows of `step` get the empty prompt on `branch`.
+
+        Drawn for the whole global batch from (seed, branch, step), then sliced, so a row's
+        draw depends neither on how many processes share the batch nor on what ran before.
+        """
+        rng = np.random.default_rng([self.seed, _CAPTION_DROPOUT_STREAM + branch, step])
+        offset = self.process_index * self.local_batch_size
+        dropped = rng.random(self.global_batch_size) < self.caption_dropout
+        return dropped[offset : offset + self.local_batch_size]
+
     def _mark_bad(self, index: int, error: BadImageError) -> None:
         if self.on_bad_image == "error":
             raise error
@@ -201,7 +224,11 @@ class PairedBatches:
             else:
                 images = np.stack([images[name] for _, images in served])
                 out[name] = {"pixels": to_pixels(images, flips)}
-            out[name]["input_ids"] = self.input_ids[rows]
+            input_ids = self.input_ids[rows]
+            if self.caption_dropout:
+                dropped = self._dropped(step, branch)
+                input_ids = np.where(dropped[:, None], self.empty_ids, input_ids)
+            out[name]["input_ids"] = input_ids
         return out
 
     def cache_latents(self, moments_fn: MomentsFn, batch_size: int, resolution: int) -> None:

@@ -223,6 +223,7 @@ def load_model(
             "scope": run.config.train.scope,
             "model_source": run.config.model.source,
             "pretrained": run.config.model.pretrained,
+            "weights": "ema" if run.ema else "raw",  # The EMA when the run kept one.
         }
         return ModelUnderTest(run.model, run.params, run.config.train.style_token, run.step, source)
     if step is not None:

@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.demo_count = 40  # Number of demo style images.
     config.data.demo_seed = 0  # Seed of the demo images' layouts.
     config.data.random_flip = True  # Random horizontal flips, per branch.
+    config.data.val_count = 0  # Style images held out for the validation loss (log.val_every).
     config.data.caption_dropout = 0.0  # Chance a row's prompt is "" (per branch; for CFG); 0 = off.
     config.data.tfds_name = "cycle_gan/monet2photo"  # TFDS dataset (source="tfds").
     config.data.split = "trainA"  # TFDS split; CycleGAN's style side is trainA / testA.
@@ -83,6 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.size = 0  # Side of the saved PNGs in px; 0 keeps the model resolution.
     config.sample.seed = 0  # Base seed; image j of prompt i folds in i * num_per_prompt + j.
     config.sample.batch_per_device = 4  # Images each device denoises at once.
+    config.sample.every = 0  # Training draws sample.prompts every N steps (0: never).
+    config.sample.prompts = ()  # What training draws; () a few training prompts + one unseen.
 
     config.train = ml_collections.ConfigDict()
     config.train.mode = "nsync"  # "nsync" (projected g+) or "finetune" (the baseline).
@@ -156,4 +159,5 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.log = ml_collections.ConfigDict()
     config.log.every = 50  # Steps between metric writes (and the non-finite check).
+    config.log.val_every = 0  # Steps between validation losses (a multiple of log.every; 0 off).
     return config

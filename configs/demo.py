@@ -17,4 +17,5 @@ def get_config():
     config.train.num_steps = 300
     config.train.batch_size = 8
     config.log.every = 25
+    config.sample.every = 100  # Pictures of the run while it learns: WORKDIR/samples/.
     return config

@@ -16,7 +16,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    train.train(_CONFIG.value, _WORKDIR.value)
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    train.train(_CONFIG.value, _WORKDIR.value, config_file=config_file)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ RESUMABLE_FIELDS = (
     "train.num_steps",
     "log.",
     "checkpoint.",
+    "sample.",
     "mesh.",
     "model.attention",
     "model.remat",
@@ -91,6 +92,10 @@ ADDED_FIELDS = {
     "data.caption_dropout": 0.0,
     "optim.name": "adamw",
     "optim.final_lr_fraction": 0.0,
+    "data.val_count": 0,
+    "log.val_every": 0,
+    "sample.every": 0,
+    "sample.prompts": (),
 }
 
 # Checksums are float32 sums; a resume on another mesh may sum in another order.

@@ -7,6 +7,11 @@
     if __name__ == "__main__":
         cli.run(main)
 
+- Many hosts: `hosts.initialize` runs first, from the flags below (or
+  `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`); a single process
+  passes none and nothing starts. `--multihost` uses JAX's auto-detection (TPU pod
+  slices, SLURM, Open MPI); `--coordinator=HOST:PORT --num_processes=N --process_id=I`
+  names everything (GPU nodes without a cluster manager). README "Many hosts".
 - Logging: absl at INFO, with other libraries' noise dropped: JAX's INFO line for each
   backend it probes and cannot start ("Unable to initialize backend 'tpu'"), the
   diffusers/transformers Flax deprecation notices, orbax's per-save INFO lines.
@@ -26,13 +31,34 @@ import os
 import sys
 from collections.abc import Callable
 
-from absl import app
+from absl import app, flags
 from absl import logging as absl_logging
 
-from nsync_jax import errors
+from nsync_jax import errors, hosts, library_logs
 
 USER_ERROR_STATUS = 2
 INTERRUPTED_STATUS = 130
+
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Start JAX on many hosts with its cluster auto-detection (TPU pod slices, SLURM, "
+    "Open MPI); run the same command on every host.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "HOST:PORT of process 0 (many hosts without a cluster manager)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "How many processes in all (with --coordinator)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0 to num_processes - 1 (with --coordinator)."
+)
+_COORDINATOR_TIMEOUT = flags.DEFINE_integer(
+    "coordinator_timeout",
+    hosts.DEFAULT_TIMEOUT_S,
+    "Seconds to wait for the coordinator, every process, and their start-up checks.",
+)
 
 
 def setup_logging() -> None:
@@ -44,12 +70,12 @@ def setup_logging() -> None:
 def quiet_library_logs() -> None:
     """Only the filters of `setup_logging`, for programs that keep their own verbosity
     (the benchmarks): library modules install no filters when imported."""
-    from nsync_jax import checkpoint, models  # Heavy imports; every launch script needs them.
+    from nsync_jax import checkpoint  # A heavy import; every launch script needs it.
 
     # JAX logs at INFO every platform it tries and fails to start; the chosen one is logged
     # by us (the mesh), and a real failure to start the requested platform still raises.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    models.quiet_library_logs()
+    library_logs.drop_deprecation_notices()
     checkpoint.quiet_orbax_logs()
 
 
@@ -97,6 +123,13 @@ def run(main: Callable[[list[str]], None]) -> None:
     def wrapped(argv: list[str]) -> None:
         setup_logging()
         try:
+            hosts.initialize(
+                _COORDINATOR.value,
+                _NUM_PROCESSES.value,
+                _PROCESS_ID.value,
+                auto=_MULTIHOST.value,
+                timeout_s=_COORDINATOR_TIMEOUT.value,
+            )
             main(argv)
         except errors.UserError as e:
             if _show_tracebacks():

@@ -17,6 +17,10 @@
   read). A transformers-5 tokenizer (`tokenizer.json` only) is written as `vocab.json` +
   `merges.txt`, which transformers 4 and 5 both read.
 
+On many processes (`launch/export.py` run on every host) each process restores and
+gathers the arrays, and process 0 alone writes the folder. A checkpoint written by many
+processes exports the same from one.
+
 Every converted state dict is checked key by key and shape by shape against what the
 PyTorch class expects: the base's weight files where there are some (in their own key
 names), else the PyTorch class built on torch's meta device when torch is installed.
@@ -25,6 +29,7 @@ names), else the PyTorch class built on torch's meta device when torch is instal
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +37,7 @@ import shutil
 from typing import Any
 
 import diffusers
+import jax
 import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict
@@ -350,6 +356,12 @@ def export_run(
     from nsync_jax import runs  # The exporter itself does not need orbax.
 
     run = runs.load_trained(workdir, step, config, ema=ema)
+    if jax.process_count() > 1:
+        # Every process takes part in gathering the arrays (a collective); one writes.
+        trainable, frozen = jax.tree.map(to_numpy, (run.trainable, run.frozen))
+        run = dataclasses.replace(run, trainable=trainable, frozen=frozen)
+        if jax.process_index() != 0:
+            return output_dir
     config, model, scope = run.config, run.model, run.scope
     logging.info(
         "exporting step %d of %s (%s scope, %s weights) to %s",

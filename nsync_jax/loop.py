@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -142,14 +144,33 @@ class CheckFinite(Hook):
 
 class LogMetrics(Hook):
     """Means of every metric over each interval, with steps/s and images/s, to a writer
-    (`metrics.MetricWriter`) and the progress bar's postfix."""
+    (`metrics.MetricWriter`) and to the progress bar's postfix or, where the bar is off
+    (output not a terminal), to one log line per interval (process 0).
 
-    def __init__(self, writer: Any, every: int, images_per_step: int, start: int, bar=None):
+    Attributes:
+      last: the latest interval's means.
+      best: for each `loss*` metric, its lowest interval mean and that interval's step.
+      extra: values other hooks computed for this step's row (e.g. `val_loss`); written
+        with the next row, then cleared. Hooks that set it run before this one.
+    """
+
+    def __init__(
+        self,
+        writer: Any,
+        every: int,
+        images_per_step: int,
+        start: int,
+        bar: ProgressBar | None = None,
+        num_steps: int = 0,
+    ):
         self.every = every
         self.writer, self.images_per_step, self.bar = writer, images_per_step, bar
+        self.num_steps = num_steps
         self.sums, self.count = None, 0
         self.tick, self.tick_step = time.perf_counter(), start
         self.last: dict[str, float] = {}
+        self.best: dict[str, tuple[float, int]] = {}
+        self.extra: dict[str, Any] = {}
 
     def after_step(self, step: int, state: Any, metrics: Metrics) -> None:
         self.sums = metrics if self.sums is None else jax.tree.map(operator.add, self.sums, metrics)
@@ -162,9 +183,26 @@ class LogMetrics(Hook):
         now = time.perf_counter()
         steps_per_s = (step - self.tick_step) / (now - self.tick)
         means.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * self.images_per_step)
+        means.update({k: float(v) for k, v in jax.device_get(self.extra).items()})
+        self.extra = {}
         self.writer.write(step, means)
-        if self.bar is not None:
-            self.bar.set_postfix({k: f"{means[k]:.4g}" for k in ("loss_pos", "steps_per_s")})
+        names = ("loss_pos", "loss_neg", "val_loss", "steps_per_s")
+        shown = {k: f"{means[k]:.4g}" for k in names if k in means}
+        if self.bar is not None and self.bar.interactive:
+            self.bar.bar.set_postfix(shown)
+        elif jax.process_index() == 0:
+            of = f"/{self.num_steps}" if self.num_steps else ""
+            logging.info(
+                "%s: step %d%s, %s",
+                self.bar.desc if self.bar is not None else "train",
+                step,
+                of,
+                ", ".join(f"{k} {v}" for k, v in shown.items()),
+            )
+        for name, value in means.items():
+            lower = name not in self.best or value < self.best[name][0]
+            if (name.startswith("loss") or name == "val_loss") and lower:
+                self.best[name] = (value, step)
         self.last = means
         self.sums, self.count = None, 0
         self.tick, self.tick_step = now, step
@@ -174,11 +212,21 @@ class LogMetrics(Hook):
 
 
 class ProgressBar(Hook):
-    """A tqdm bar over the run's steps, on process 0 only."""
+    """A tqdm bar over the run's steps, on process 0 only, and only when its output
+    (stderr) is a terminal: in a log file (CI, `nohup`, a cluster's job log) a redrawn
+    bar is noise, and `LogMetrics` writes one line per interval instead.
 
-    def __init__(self, start: int, num_steps: int, desc: str = "train"):
+    Attributes:
+      interactive: whether the bar is shown.
+    """
+
+    def __init__(self, start: int, num_steps: int, desc: str = "train", interactive=None):
+        if interactive is None:
+            interactive = sys.stderr.isatty()
+        self.desc = desc
+        self.interactive = interactive and jax.process_index() == 0
         self.bar = tqdm.tqdm(
-            total=num_steps, initial=start, desc=desc, disable=jax.process_index() != 0
+            total=num_steps, initial=start, desc=desc, disable=not self.interactive
         )
 
     def after_step(self, step: int, state: Any, metrics: Metrics) -> None:
@@ -255,9 +303,11 @@ class PreemptionWatcher:
     (KeyboardInterrupt at once, no save) for a user who does not want to wait for the save.
     On one process the flag is the decision. With many processes each host's flag could flip
     at a different step, so the decision comes from JAX's preemption sync manager instead
-    (`ocp.multihost.reached_preemption`, the same step on every host; it needs
-    `jax.distributed.initialize()` and handles SIGTERM itself), and no Python handler is
-    installed: a Ctrl-C seen by one host only could not stop every host at the same step.
+    (`ocp.multihost.reached_preemption`: the coordination service agrees on one step for
+    every host; it needs `jax.distributed.initialize()`, catches SIGTERM itself in C++, and
+    works on CPU too). No Python SIGTERM handler is installed then (it would replace
+    JAX's); a Ctrl-C is passed on to it as a SIGTERM to this process, so it also stops every
+    host at one step (this host then ends as interrupted, the others as preempted).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -273,14 +323,12 @@ class PreemptionWatcher:
         return self.received == "SIGINT"
 
     def install(self) -> None:
-        """Installs the handlers (single process, main thread only)."""
-        if self._multihost:
-            return
+        """Installs the handlers (main thread only; many processes: Ctrl-C only)."""
         if threading.current_thread() is not threading.main_thread():
             # Python only lets the main thread install handlers; SIGTERM then just kills.
             logging.warning("not on the main thread: SIGTERM will not save a checkpoint")
             return
-        for signum in self.SIGNALS:
+        for signum in (signal.SIGINT,) if self._multihost else self.SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
@@ -300,6 +348,8 @@ class PreemptionWatcher:
         del frame
         if self.received is None:
             self.received = signal.Signals(signum).name
+        if self._multihost:
+            os.kill(os.getpid(), signal.SIGTERM)  # To JAX's preemption notifier.
         if signum == signal.SIGINT:
             # The next Ctrl-C interrupts at once (Python's default handler).
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -307,7 +357,11 @@ class PreemptionWatcher:
     def should_stop(self, step: int) -> bool:
         """True once a stop is signalled; the same `step` on every host."""
         if self._multihost:
-            return ocp.multihost.reached_preemption(step)
+            if not ocp.multihost.reached_preemption(step):
+                return False
+            self.received = self.received or "SIGTERM"
+            logging.warning("preemption on some host: every host saves step %d", step)
+            return True
         if self.received:
             how = "Ctrl-C again stops without saving" if self.interrupted else "then exiting"
             logging.warning("%s received: saving step %d (%s)", self.received, step, how)

@@ -76,6 +76,12 @@ class MetricWriter:
             self._tb.add_scalar(name, value, int(step))
         self._tb.flush()
 
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        """An HWC uint8 image to TensorBoard (not to `metrics.jsonl`)."""
+        if self.enabled:
+            self._tb.add_image(name, image, int(step), dataformats="HWC")
+            self._tb.flush()
+
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()

@@ -8,14 +8,13 @@ these modules by `weights.py` (`export.py` writes one back for PyTorch); `runs.b
 picks between the two by `model.source`.
 
 diffusers 0.39 is the last release with Flax models and transformers 4.57 the last with
-`FlaxCLIPTextModel`; both log deprecation notices on every construction, which we filter.
+`FlaxCLIPTextModel`; both log deprecation notices, which we drop (`library_logs.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import tempfile
@@ -26,46 +25,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nsync_jax import errors, unet_memory
+from nsync_jax import errors, library_logs, unet_memory
 
-_DEPRECATION_MARKERS = (
-    "Flax classes are deprecated",
-    "TensorFlow and JAX classes are deprecated",
-)
-
-
-class _DropDeprecationNotices(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(marker in message for marker in _DEPRECATION_MARKERS)
-
-
-def quiet_library_logs() -> None:
-    """Drops the Flax deprecation notices diffusers/transformers log on every construction.
-
-    Their loggers propagate to a library root logger with its own handler, so the filter
-    goes on that handler (a filter on a logger sees only records logged on that logger).
-    Other warnings from these libraries still show.
-    """
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    for library_logging in (diffusers_logging, transformers_logging):
-        root = library_logging.get_logger()  # Configures the library root logger once.
-        for handler in root.handlers:
-            if not any(isinstance(f, _DropDeprecationNotices) for f in handler.filters):
-                handler.addFilter(_DropDeprecationNotices())
-
-
-# Importing these classes logs nothing; constructing them logs the notices. Whoever runs
-# the program installs the filter first: `cli.setup_logging` (launch scripts, benchmarks),
-# `tests/conftest.py`.
-from diffusers import (  # noqa: E402
-    FlaxAutoencoderKL,
-    FlaxDDPMScheduler,
-    FlaxUNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
+with library_logs.quiet_import():  # Some of diffusers' Flax modules log on import.
+    from diffusers import (
+        FlaxAutoencoderKL,
+        FlaxDDPMScheduler,
+        FlaxUNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
 Params = dict[str, Any]
 

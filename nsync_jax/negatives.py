@@ -29,10 +29,13 @@ with "skip" drops the example like any bad image, while an id with no line at al
 error (an unfinished store). A rerun decodes such positives again and makes their
 negatives if they have been fixed.
 
-In multi-host runs every process reads the (shared) store and decodes the positives still
-to do, takes its share of the work and appends to its own `manifest-<process>.jsonl`;
-readers take all manifests. Reading a store is `data/negatives_store.py`, which imports no
-model code; this module is generation only.
+In multi-host runs every process runs the same command: they check that they share the
+config and the store folder (`hosts`), every process reads the store and decodes the
+positives still to do, takes a contiguous share of the work (all run the same number of
+batches) and appends to its own manifest (`manifest.jsonl` on process 0,
+`manifest-<process>.jsonl` on the others); readers take all manifests. Each image is made
+by exactly one process, with the same seed as on one process. Reading a store is
+`data/negatives_store.py`, which imports no model code; this module is generation only.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import ml_collections
 import tqdm
 from PIL import Image
 
-from nsync_jax import errors, models, runs, sampling, trees
+from nsync_jax import errors, hosts, models, runs, sampling, trees
 from nsync_jax.data import sources
 from nsync_jax.data.examples import BadImageError, ExampleSet
 from nsync_jax.data.negatives_store import IMAGES, SETTINGS, image_name, read_manifest
@@ -211,11 +214,13 @@ def generate_store(
         other captions.
       BadImageError: a positive cannot be decoded and `data.on_bad_image="error"`.
     """
+    hosts.check_same_config(config)
     _validate(config)
     neg = config.negatives
     path = neg.path
     settings = store_settings(config)
     process, processes = jax.process_index(), jax.process_count()
+    hosts.check_shared_dir(path, "negatives.path")
     if os.path.exists(os.path.join(path, SETTINGS)):
         check_settings(path, settings)
     os.makedirs(os.path.join(path, IMAGES), exist_ok=True)
@@ -295,6 +300,7 @@ def generate_store(
     )
     model, params = model_and_params or runs.build_base(config)
     sampler = sampling.make_sampler(config, neg, model, params, devices)
+    logging.info("%s", hosts.describe(sampler.mesh))
     start_writing()  # The model is built: these settings will make images.
     manifest = open(os.path.join(path, _manifest_name(process)), "a")
     bar = tqdm.tqdm(total=len(mine), unit="img", desc="negatives", disable=process != 0)
@@ -328,4 +334,5 @@ def generate_store(
     finally:
         bar.close()
         manifest.close()
+    hosts.sync("negatives written")  # Every process's images and lines are in place.
     return result(generated)

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from nsync_jax import errors, models, weights
+from nsync_jax import errors, hosts, models, weights
 from nsync_jax import scope as scope_lib
 
 Params = dict[str, Any]
@@ -129,6 +129,7 @@ def load_trained(
             "its raw weights instead"
         )
     model, params = build_base(config)
+    hosts.sync("the base model built")  # Orbax's reads below use collectives (CPU: gloo).
     scope, model, params = scope_lib.make_scope(config.train, model, params, config.lora)
     trainable, frozen = scope.split(params)
     trainable, step = checkpoint.restore_trainable(

@@ -38,7 +38,7 @@ from diffusers import (
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from nsync_jax import models, runs, sharding
+from nsync_jax import hosts, models, runs, sharding
 
 Params = dict[str, Any]
 
@@ -215,28 +215,45 @@ class Sampler:
         self.model = model
         self.mesh = mesh
         self.settings = settings
-        self.seed = np.uint32(seed)
+        self.seed = seed
         local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
         self.local_batch = batch_per_device * len(local_devices)
         self.global_batch = batch_per_device * mesh.devices.size
         params = {k: params[k] for k in ("unet", "vae", "text_encoder")}
         param_shardings = sharding.tree_shardings(mesh, params)
         self._param_shardings = param_shardings
-        self.params = jax.device_put(params, param_shardings)
-        self.uncond_ids = np.asarray(model.tokenize([settings.negative_prompt]), np.int32)
+        self.params = sharding.place(params, param_shardings)
         batch_sharding = sharding.batch_sharding(mesh)
         replicated = sharding.replicated(mesh)
+        # Host copies fill the padding rows; device copies go to every call.
+        self._uncond_tokens = np.asarray(model.tokenize([settings.negative_prompt]), np.int32)
+        self._uncond_ids, self._seed = sharding.place(
+            (self._uncond_tokens, np.uint32(seed)), (replicated, replicated)
+        )
         self._generate = jax.jit(
             make_generate_fn(model, settings),
             in_shardings=(param_shardings, batch_sharding, replicated, batch_sharding, replicated),
             out_shardings=batch_sharding,
         )
+        if jax.process_count() > 1:
+            # The first batch's collectives must start on every process together (CPU).
+            batch = (self.global_batch,)
+            self._generate = hosts.compile_together(
+                self._generate,
+                self.params,
+                jax.ShapeDtypeStruct(
+                    batch + self._uncond_tokens.shape[1:], np.int32, sharding=batch_sharding
+                ),
+                self._uncond_ids,
+                jax.ShapeDtypeStruct(batch, np.uint32, sharding=batch_sharding),
+                self._seed,
+            )
 
     def set_params(self, params: Params) -> None:
         """Swaps in other parameters of the same shapes (e.g. a run's later step), reusing
         the compiled sampler."""
         params = {k: params[k] for k in ("unet", "vae", "text_encoder")}
-        self.params = jax.device_put(params, self._param_shardings)
+        self.params = sharding.place(params, self._param_shardings)
 
     def iterate(
         self, prompts: Sequence[str], image_seeds: Sequence[int], pad_to: int | None = None
@@ -259,14 +276,14 @@ class Sampler:
         previous = None
         for offset in range(0, total, self.local_batch):
             count = max(0, min(self.local_batch, len(prompts) - offset))
-            ids = np.zeros((self.local_batch, len(self.uncond_ids[0])), np.int32)
-            ids[:] = self.uncond_ids[0]  # Padding rows: the negative prompt, seed 0.
+            ids = np.zeros((self.local_batch, self._uncond_tokens.shape[1]), np.int32)
+            ids[:] = self._uncond_tokens[0]  # Padding rows: the negative prompt, seed 0.
             batch_seeds = np.zeros(self.local_batch, np.uint32)
             if count:
                 ids[:count] = input_ids[offset : offset + count]
                 batch_seeds[:count] = seeds[offset : offset + count]
             ids, batch_seeds = sharding.global_batch(self.mesh, (ids, batch_seeds))
-            images = self._generate(self.params, ids, self.uncond_ids, batch_seeds, self.seed)
+            images = self._generate(self.params, ids, self._uncond_ids, batch_seeds, self._seed)
             # Dispatch is asynchronous: fetch the previous batch only now, so the device
             # denoises this one while the caller writes the last one out.
             if previous is not None:
@@ -275,11 +292,14 @@ class Sampler:
         if previous is not None:
             yield previous[0], _local_rows(previous[2])[: previous[1]]
 
-    def generate(self, prompts: Sequence[str], image_seeds: Sequence[int]) -> np.ndarray:
+    def generate(
+        self, prompts: Sequence[str], image_seeds: Sequence[int], progress_bar: bool = True
+    ) -> np.ndarray:
         """uint8 [N, H, W, 3] images, one per prompt."""
         height = self.model.resolution
         out = np.zeros((len(prompts), height, height, 3), np.uint8)
-        with tqdm(total=len(prompts), desc="sampling", unit="image") as progress:
+        bar = tqdm(total=len(prompts), desc="sampling", unit="image", disable=not progress_bar)
+        with bar as progress:
             for offset, images in self.iterate(prompts, image_seeds):
                 out[offset : offset + len(images)] = to_uint8(images)
                 progress.update(len(images))
@@ -391,13 +411,16 @@ def sample_to_dir(
 
 
 def generate_all_processes(
-    sampler: Sampler, prompts: Sequence[str], image_seeds: Sequence[int]
+    sampler: Sampler,
+    prompts: Sequence[str],
+    image_seeds: Sequence[int],
+    progress_bar: bool = True,
 ) -> np.ndarray:
     """uint8 images for all `prompts`, each process generating a share; every process
-    gets them all."""
+    gets them all. The progress bar is shown on one process only."""
     processes = jax.process_count()
     if processes == 1:
-        return sampler.generate(prompts, image_seeds)
+        return sampler.generate(prompts, image_seeds, progress_bar)
     from jax.experimental import multihost_utils
 
     share = -(-len(prompts) // processes)

@@ -21,8 +21,13 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (all by default); -1 takes what is left."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A (data, fsdp) mesh over `devices` (all by default); -1 takes what is left.
+
+    Devices are grouped by process (stably), so on many hosts each process's devices hold
+    one contiguous block of the batch, process p the p-th: the rows `global_batch`
+    expects each process to bring.
+    """
+    devices = sorted(jax.devices() if devices is None else devices, key=lambda d: d.process_index)
     data, fsdp = mesh_config.data, mesh_config.fsdp
     if data == -1 and fsdp == -1:
         raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
@@ -79,3 +84,20 @@ def global_batch(mesh: Mesh, local_batch: Any) -> Any:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Each leaf of `tree` in its sharding of `shardings` (a tree of the same structure).
+
+    On one process this is `jax.device_put`. On many, a leaf this process holds whole (a
+    NumPy array, or a JAX array on its own devices, with the same value on every process)
+    is cut into the shards of its target, since `jax.device_put` refuses targets on other
+    processes' devices; a global array is resharded.
+    """
+
+    def one(x, target):
+        if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, target)
+        return jax.make_array_from_callback(np.shape(x), target, lambda index: x[index])
+
+    return jax.tree.map(one, tree, shardings)

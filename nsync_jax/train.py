@@ -1,13 +1,15 @@
 """A training run: set up, restore, then `loop.run` with logging, checks and checkpoints.
 
-Order of set-up and resume: config check → the latest checkpoint's saved config compared
-with this one (cheap, before anything is built) → mesh → style data and negatives (opened
-before the model: a missing data set should not wait for gigabytes of weights) → model and
-parameters → scope split → optimizer → state built under `jax.jit(out_shardings=...)` →
-batches → the step compiled once with explicit shardings and the state donated → if
+Order of set-up and resume: (many processes: every process runs the same config) →
+config check → (many processes: the workdir is one folder all share) → the latest
+checkpoint's saved config compared with this one (cheap, before anything is built) → mesh
+→ style data and negatives (opened before the model: a missing data set should not wait
+for gigabytes of weights) → model and parameters → scope split → optimizer → state built
+under `jax.jit(out_shardings=...)` → batches → the step compiled once with explicit
+shardings and the state donated (many processes: compiled here, then all meet) → if
 resuming: data and frozen-parameter fingerprints checked, then the saved state (step, RNG,
-trainable parameters, optimizer state, carried g−, EMA) restored straight into the state's
-shardings (checkpoint.py) → `loop.run`.
+trainable parameters, optimizer state, carried g−, EMA) restored straight into the
+state's shardings (checkpoint.py) → (many processes: all meet) → `loop.run`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import dataclasses
 import functools
 import logging
 import os
+import shlex
+import time
 from typing import Any
 
 import jax
@@ -25,13 +29,17 @@ from nsync_jax import (
     checkpoint,
     diffusion,
     errors,
+    hosts,
     loop,
     models,
     optim,
+    previews,
     projection,
     runs,
+    sampling,
     sharding,
     unet_memory,
+    validation,
 )
 from nsync_jax import metrics as metrics_lib
 from nsync_jax import scope as scope_lib
@@ -105,6 +113,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise errors.ConfigError(
             f"data.caption_dropout must be in [0, 1), got {config.data.caption_dropout}"
         )
+    validation.validate_config(config)
+    if config.sample.every < 0:
+        raise errors.ConfigError(f"sample.every must be >= 0, got {config.sample.every}")
+    if config.sample.every:
+        if any(not p.strip() for p in config.sample.prompts):
+            raise errors.ConfigError(f"sample.prompts has an empty prompt: {config.sample.prompts}")
+        try:  # Checked now, not when the first samples are due.
+            sampling.SamplerSettings.from_config(config.sample)
+        except ValueError as e:
+            raise errors.ConfigError(f"sample (drawn during training): {e}") from e
     if "{caption}" not in config.train.prompt_template:
         raise errors.ConfigError(
             f"train.prompt_template {config.train.prompt_template!r} has no {{caption}}"
@@ -148,6 +166,7 @@ class Trainer:
     state_sharding: Any
     batches: pipeline.PairedBatches
     step_fn: Any
+    val_batches: pipeline.PairedBatches | None = None  # Held-out images (`validation.py`).
 
     def batch(self, step: int) -> Any:
         return sharding.global_batch(self.mesh, self.batches.batch(step))
@@ -162,18 +181,29 @@ class Trainer:
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
     """The run's mesh, checked against the batch size and the micro-batches."""
-    mesh = sharding.make_mesh(config.mesh, devices)
+    devices = list(jax.devices() if devices is None else devices)
+    # Named in every message: on many hosts, how the devices come about is the question.
+    where = (
+        f"{len(devices)} devices ({jax.process_count()} processes x "
+        f"{jax.local_device_count()} local devices)"
+        if jax.process_count() > 1
+        else f"{len(devices)} devices"
+    )
+    try:
+        mesh = sharding.make_mesh(config.mesh, devices)
+    except ValueError as e:
+        raise errors.ConfigError(f"{e} ({where}); set mesh.data and mesh.fsdp to fit") from e
     divisor = sharding.batch_divisor(mesh)
     if config.train.batch_size % divisor:
         raise errors.ConfigError(
             f"train.batch_size={config.train.batch_size} does not divide over the "
-            f"{divisor} devices of mesh {dict(mesh.shape)}"
+            f"{where} of mesh {dict(mesh.shape)}"
         )
     if config.train.batch_size % (divisor * config.train.grad_accum):
         raise errors.ConfigError(
             f"train.batch_size={config.train.batch_size} does not split into "
             f"train.grad_accum={config.train.grad_accum} micro-batches that each divide over "
-            f"the {divisor} devices of mesh {dict(mesh.shape)}"
+            f"the {where} of mesh {dict(mesh.shape)}"
         )
     return mesh
 
@@ -267,7 +297,13 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     """
     validate_config(config)
     mesh = make_mesh(config, devices)
+    logging.info("%s", hosts.describe(mesh))
     positives = sources.load_positives(config.data, config.model.resolution)
+    held_out = None
+    if config.data.val_count:
+        positives, held_out = validation.split_validation(
+            positives, config.data.val_count, config.seed
+        )
     negatives = None
     if config.train.mode == "nsync":
         negatives = sources.load_negatives(config.negatives, config.data, config.model.resolution)
@@ -281,18 +317,23 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     # cannot take, such as a timestep range past its schedule, fails first.
     step_fn = make_step_fn(config, mesh, built)
 
-    batches = pipeline.PairedBatches(
-        positives,
-        negatives,
-        tokenize=model.tokenize,
-        prompt_template=config.train.prompt_template,
-        style_token=config.train.style_token,
-        global_batch_size=config.train.batch_size,
-        seed=config.seed,
-        random_flip=config.data.random_flip,
-        on_bad_image=config.data.on_bad_image,
-        caption_dropout=config.data.caption_dropout,
-    )
+    def paired(positives, negatives, random_flip, caption_dropout):
+        return pipeline.PairedBatches(
+            positives,
+            negatives,
+            tokenize=model.tokenize,
+            prompt_template=config.train.prompt_template,
+            style_token=config.train.style_token,
+            global_batch_size=config.train.batch_size,
+            seed=config.seed,
+            random_flip=random_flip,
+            on_bad_image=config.data.on_bad_image,
+            caption_dropout=caption_dropout,
+        )
+
+    batches = paired(positives, negatives, config.data.random_flip, config.data.caption_dropout)
+    # Validation scores fixed inputs: no flips, no dropped captions.
+    val_batches = None if held_out is None else paired(held_out, None, False, 0.0)
     if config.data.cache_latents:
         # The VAE is frozen in every scope, so its posterior moments never change.
         if model.identity_vae:
@@ -305,12 +346,22 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             )
         vae_params = state.frozen["vae"]
         moments = jax.jit(functools.partial(step_lib.posterior_moments, model))
-        batches.cache_latents(
-            lambda px: moments(vae_params, px),
-            config.data.latent_batch_size,
-            config.model.resolution,
+        for cached in (batches, val_batches):
+            if cached is not None:
+                cached.cache_latents(
+                    lambda px: moments(vae_params, px),
+                    config.data.latent_batch_size,
+                    config.model.resolution,
+                )
+    if jax.process_count() > 1:
+        # Compiled here, and every process waits for the others: the first step's
+        # collectives must start together on CPU (`hosts.sync`).
+        step_fn = hosts.compile_together(
+            step_fn, state, sharding.global_batch(mesh, batches.batch(0))
         )
-    return Trainer(config, mesh, model, scope, state, built.state_sharding, batches, step_fn)
+    return Trainer(
+        config, mesh, model, scope, state, built.state_sharding, batches, step_fn, val_batches
+    )
 
 
 def _resume_step(config: ml_collections.ConfigDict, workdir: str, steps: list[int]) -> int | None:
@@ -334,14 +385,25 @@ def _resume_step(config: ml_collections.ConfigDict, workdir: str, steps: list[in
     return wanted
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step_lib.TrainState:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    devices=None,
+    config_file: str | None = None,
+) -> step_lib.TrainState:
     """Runs `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
     Saves every `checkpoint.every` steps, at the end, and on SIGTERM or Ctrl-C (then stops
     early; rerun the same command to resume). Returns the final state; after a Ctrl-C the
-    save completes and `KeyboardInterrupt` is raised. Metrics go to the workdir.
+    save completes and `KeyboardInterrupt` is raised. Metrics go to the workdir, and with
+    `sample.every` the pictures of the run (`previews.py`); it ends with `run_summary`.
+
+    On many processes, every one calls this: they check first that they run the same
+    config and that `workdir` is one shared folder (`hosts`).
     """
+    hosts.check_same_config(config)
     validate_config(config)
+    hosts.check_shared_dir(workdir, "--workdir")
     resume_step = _resume_step(config, workdir, checkpoint.saved_steps(workdir))
     meta = None
     if resume_step is not None:  # A changed config stops here, before anything is built.
@@ -352,10 +414,55 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> step
     # every way out: a save in flight completes (or raises) before the function returns.
     manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep)
     try:
-        return _run(config, workdir, trainer, manager, resume_step, meta)
+        return _run(config, workdir, trainer, manager, resume_step, meta, config_file)
     finally:
         manager.wait_until_finished()
         manager.close()
+
+
+def run_summary(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    start: int,
+    end: int,
+    seconds: float,
+    log: loop.LogMetrics,
+    stopped_by: str | None = None,
+    config_file: str | None = None,
+) -> str:
+    """The block a run ends with: what it did, where its checkpoint is, what to run next."""
+    images = (end - start) * config.train.batch_size * (2 if config.train.mode == "nsync" else 1)
+    minutes, secs = divmod(round(seconds), 60)
+    if stopped_by:
+        how = f"stopped by {stopped_by} at step {end}: resume with the same command"
+    else:
+        how = "finished"
+    lines = [
+        f"run summary ({workdir})",
+        f"  steps      {start} -> {end} of {config.train.num_steps}, {how}",
+        f"  time       {minutes}m{secs:02d}s, {(end - start) / max(seconds, 1e-9):.3g} steps/s, "
+        f"{images / max(seconds, 1e-9):.3g} images/s",
+    ]
+    if log.last:
+        losses = [k for k in log.last if k.startswith("loss") or k == "val_loss"]
+        final = ", ".join(f"{k} {log.last[k]:.4g}" for k in losses)
+        best = ", ".join(f"{k} {v:.4g} at step {s}" for k, (v, s) in log.best.items())
+        lines += [f"  final      {final} (the last log interval)", f"  best       {best}"]
+    lines.append(f"  checkpoint {checkpoint.step_dir(workdir, end)}")
+    if os.path.isdir(os.path.join(workdir, previews.SAMPLES_DIR)):
+        lines.append(f"  samples    {os.path.join(workdir, previews.SAMPLES_DIR)}")
+    lines += [
+        "  next       python launch/export.py "
+        f"--workdir {workdir} --output {os.path.join(workdir, 'export')}",
+        f"             python launch/sample.py --config {config_file or 'CONFIG'} "
+        f"--workdir {workdir} --out {os.path.join(workdir, 'final-samples')} --prompt "
+        + shlex.quote(
+            config.train.prompt_template.format(
+                caption=previews.UNSEEN_CAPTION, style=config.train.style_token
+            )
+        ),
+    ]
+    return "\n".join(lines)
 
 
 def _run(
@@ -365,6 +472,7 @@ def _run(
     manager: Any,
     resume_step: int | None,
     meta: dict[str, Any] | None,
+    config_file: str | None = None,
 ) -> step_lib.TrainState:
     """Restores (if resuming), then runs the loop until the end or a stop signal."""
     frozen_summary = checkpoint.tree_summary(trainer.state.frozen)
@@ -379,12 +487,13 @@ def _run(
         )
     start = int(jax.device_get(state.step))
     logging.info(
-        "training %s (%s scope) for %d steps on mesh %s; %d style images",
+        "training %s (%s scope) for %d steps on mesh %s; %d style images%s",
         config.train.mode,
         config.train.scope,
         config.train.num_steps,
         dict(trainer.mesh.shape),
         len(trainer.batches),
+        f" ({len(trainer.val_batches)} more held out)" if trainer.val_batches else "",
     )
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -396,27 +505,66 @@ def _run(
         checkpoint.save(manager, state, config, frozen_summary, data)
 
     bar = loop.ProgressBar(start, config.train.num_steps)
-    hooks = [
-        bar,
-        loop.LogMetrics(
-            metrics_lib.MetricWriter(workdir, start_step=start),
-            config.log.every,
-            images_per_step,
-            start,
-            bar=bar.bar,
-        ),
+    writer = metrics_lib.MetricWriter(workdir, start_step=start)
+    log = loop.LogMetrics(
+        writer, config.log.every, images_per_step, start, bar=bar, num_steps=config.train.num_steps
+    )
+    hooks = [bar]
+    if trainer.val_batches is not None:  # Before `log`: val_loss goes in its row.
+        hooks.append(
+            validation.Validation(
+                trainer.val_batches,
+                trainer.mesh,
+                trainer.model,
+                trainer.scope,
+                config.seed,
+                config.log.val_every,
+                log,
+            )
+        )
+    hooks += [
+        log,
         loop.CheckFinite(config.log.every),
         loop.Callback(save, config.checkpoint.every, on_stop=True),
     ]
+    if config.sample.every:  # After the save: a failure to draw loses no checkpoint.
+        samples = previews.make_samples_hook(
+            config,
+            dataclasses.replace(trainer, state=state),
+            workdir,
+            writer,
+            # The EMA when the run keeps one: what an export gives by default.
+            lambda s: trainer.scope.merge(s.trainable if s.ema is None else s.ema, s.frozen),
+        )
+        hooks.append(samples)
+        if start == 0 and config.train.num_steps >= config.sample.every:
+            samples(0, state)  # The base model: where the progression starts.
     watcher = loop.PreemptionWatcher()
+    hosts.sync("the first step")  # After per-process work (restore checks, compiles).
+    tick = time.perf_counter()
     with watcher:
         state = loop.run(trainer, state, config.train.num_steps, hooks, watcher)
+    end = int(jax.device_get(state.step))
     if watcher.received:
         logging.warning(
             "%s: saved step %d to %s; rerun the same command to resume",
             "interrupted" if watcher.interrupted else "preempted",
-            int(jax.device_get(state.step)),
-            checkpoint.step_dir(workdir, int(jax.device_get(state.step))),
+            end,
+            checkpoint.step_dir(workdir, end),
+        )
+    if jax.process_index() == 0:
+        logging.info(
+            "%s",
+            run_summary(
+                config,
+                workdir,
+                start,
+                end,
+                time.perf_counter() - tick,
+                log,
+                watcher.received,
+                config_file,
+            ),
         )
     if watcher.interrupted:
         manager.wait_until_finished()  # The save completes before the interrupt goes on.

@@ -62,10 +62,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from diffusers.models.attention_flax import FlaxAttention
-from diffusers.models.unets import unet_2d_blocks_flax
 
-from nsync_jax import errors
+from nsync_jax import errors, library_logs
+
+with library_logs.quiet_import():  # Some of diffusers' Flax modules log on import.
+    from diffusers.models.attention_flax import FlaxAttention
+    from diffusers.models.unets import unet_2d_blocks_flax
 
 ATTENTIONS = ("xla", "dot_product", "chunked", "splash")
 REMATS = ("none", "blocks", "full")

@@ -93,13 +93,37 @@ def test_two_hosts_partition_each_global_batch_and_read_only_their_rows():
             assert not reads[0] & reads[1]
 
 
+def test_two_hosts_flip_the_rows_of_the_single_host_batch_alike():
+    # Images that a flip changes: each row's flip must not depend on the host count.
+    def read(i):
+        image = np.zeros((8, 8, 3), np.uint8)
+        image[:, : i % 8 + 1] = 255
+        return image
+
+    def examples():
+        ids = [f"id-{i}" for i in range(12)]
+        return LazyExamples(
+            ids, [f"p {i}" for i in range(12)], ids, read, 8, True, identify=lambda rows: {}
+        )
+
+    whole = _batches(examples(), batch=8)
+    for step in range(3):
+        parts = [_batches(examples(), batch=8, index=h, count=2).batch(step) for h in range(2)]
+        full = whole.batch(step)["positive"]["pixels"]
+        np.testing.assert_array_equal(
+            np.concatenate([p["positive"]["pixels"] for p in parts]), full
+        )
+    flipped = [np.any(row != row[..., ::-1]) for row in full]  # NCHW: flip W.
+    assert any(flipped)
+
+
 def test_flips_are_deterministic_and_per_branch():
     pos, neg = demo.demo_pair(6, 8, 0)
     batches = pipeline.PairedBatches(
         pos, neg, lambda p: np.zeros((len(p), 2)), "{caption}", "s", 64, 3, True, 0, 1
     )
-    flips_pos = batches._flips(0, 64, 0)
-    assert 10 < flips_pos.sum() < 54 and (flips_pos != batches._flips(0, 64, 1)).any()
+    flips_pos = batches._flips(0, 0)  # Step 0, positive branch.
+    assert 10 < flips_pos.sum() < 54 and (flips_pos != batches._flips(0, 1)).any()
     rows = batches._stream(0, 64)
     pixels = batches.batch(0)["positive"]["pixels"]
     expected = pos.images[rows][:, :, ::-1][flips_pos]
@@ -216,7 +240,7 @@ def test_latents_replace_pixels_with_flip_selected_moments():
     out = batches.batch(2)["positive"]
     assert set(out) == {"latent_mean", "latent_std", "input_ids"} and calls == []
     rows = out["input_ids"][:, 0]
-    flips = batches._flips(8, 4, 0)
+    flips = batches._flips(2, 0)
     np.testing.assert_array_equal(out["latent_mean"][:, 0], rows * 2 + flips)
     np.testing.assert_array_equal(out["latent_std"], out["latent_mean"] + 100)
 

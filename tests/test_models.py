@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from nsync_jax import errors, models
+from nsync_jax import errors, library_logs, models
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_unknown_dtype_is_an_error():  # An unknown model.source: test_runs.py.
 def test_deprecation_notices_are_filtered():
     import diffusers.utils.logging as dlog
 
-    models.quiet_library_logs()  # What `cli.setup_logging` (and conftest.py) installs.
+    library_logs.drop_deprecation_notices()  # What `cli.setup_logging` (and conftest) install.
     handler = dlog.get_logger().handlers[0]  # The library's own stderr handler.
     buffer = io.StringIO()
     old = handler.setStream(buffer)

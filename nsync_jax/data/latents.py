@@ -24,6 +24,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from nsync_jax import hosts
 from nsync_jax.data.examples import BadImageError, ExampleSet, to_pixels
 
 MomentsFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -131,6 +132,9 @@ def assemble(shards: LatentCache, count: int) -> LatentCache:
 def _process_allgather(shard: LatentCache) -> LatentCache:
     from jax.experimental import multihost_utils
 
+    # Encoding took each process its own time (only process 0 finds its compilations
+    # cached): meet first, or gloo (CPU) may give up on the gather (`hosts.sync`).
+    hosts.sync("latents encoded")
     return LatentCache(*multihost_utils.process_allgather(shard.parts(), tiled=False))
 
 

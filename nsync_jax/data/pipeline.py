@@ -161,11 +161,14 @@ class PairedBatches:
             out[here] = order[positions[here] % n]
         return out
 
-    def _flips(self, start: int, count: int, branch: int) -> np.ndarray:
+    def _flips(self, step: int, branch: int) -> np.ndarray:
+        """This process's flips of `step`: drawn for the whole global batch, then sliced,
+        so a row's flip does not depend on how many processes share the batch."""
         if not self.random_flip:
-            return np.zeros(count, bool)
-        rng = np.random.default_rng([self.seed, 1 + branch, start])
-        return rng.random(count) < 0.5
+            return np.zeros(self.local_batch_size, bool)
+        rng = np.random.default_rng([self.seed, 1 + branch, step * self.global_batch_size])
+        offset = self.process_index * self.local_batch_size
+        return (rng.random(self.global_batch_size) < 0.5)[offset : offset + self.local_batch_size]
 
     def _dropped(self, step: int, branch: int) -> np.ndarray:
         """Which of this process's rows of `step` get the empty prompt on `branch`.
@@ -214,7 +217,7 @@ class PairedBatches:
         rows = np.asarray([r for r, _ in served])
         out = {}
         for branch, name in enumerate(self.branches):
-            flips = self._flips(first, self.local_batch_size, branch)
+            flips = self._flips(step, branch)
             if self.latents is not None:
                 mean, std = self.latents[name].moments(rows, flips)
                 out[name] = {"latent_mean": mean, "latent_std": std}

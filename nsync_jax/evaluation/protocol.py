@@ -142,7 +142,10 @@ def evaluate(
         if config.eval.real_dir
         else ImageSequence(examples)
     )
-    mesh = sharding.make_mesh(config.mesh, jax.local_devices())
+    mesh_config = config.mesh
+    if jax.process_count() > 1:  # config.mesh counts every process's devices.
+        mesh_config = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    mesh = sharding.make_mesh(mesh_config, jax.local_devices())
     report = compare.compare(real, generated, config.eval, mesh, embedders)
     report.update(
         split=split,

@@ -31,8 +31,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise errors.ConfigError(f"optim.name={optim.name!r}: expected one of {OPTIMIZERS}")
     if optim.schedule not in SCHEDULES:
         raise errors.ConfigError(f"optim.schedule={optim.schedule!r}: expected one of {SCHEDULES}")
-    if optim.learning_rate <= 0:
-        raise errors.ConfigError(f"optim.learning_rate must be > 0, got {optim.learning_rate}")
+    if optim.learning_rate < 0:
+        raise errors.ConfigError(f"optim.learning_rate must be >= 0, got {optim.learning_rate}")
     if optim.warmup_steps < 0:
         raise errors.ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
     if not 0 <= optim.final_lr_fraction <= 1:
@@ -77,7 +77,9 @@ def learning_rate(optim_config: ml_collections.ConfigDict, num_steps: int) -> op
     elif name == "linear":
         body = optax.linear_schedule(peak, final, num_steps - warmup)
     else:
-        body = optax.cosine_decay_schedule(peak, num_steps - warmup, alpha=final / peak)
+        body = optax.cosine_decay_schedule(
+            peak, num_steps - warmup, alpha=optim_config.final_lr_fraction
+        )
     if warmup == 0:
         return body
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), body], [warmup])

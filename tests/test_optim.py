@@ -42,7 +42,7 @@ def test_finetune_chain_has_no_projection():
         ("train.mode", "sgd", "train.mode"),
         ("optim.name", "adam", "optim.name"),
         ("optim.schedule", "exponential", "optim.schedule"),
-        ("optim.learning_rate", 0.0, "optim.learning_rate"),
+        ("optim.learning_rate", -1e-3, "optim.learning_rate"),
         ("optim.warmup_steps", -1, "optim.warmup_steps"),
         ("optim.final_lr_fraction", 1.5, "optim.final_lr_fraction"),
         ("optim.final_lr_fraction", 0.1, "no effect with optim.schedule='constant'"),
@@ -66,6 +66,9 @@ def test_decaying_schedules_need_steps_after_the_warm_up():
         optim.check_config(config)
     config.optim.update(schedule="constant", warmup_steps=config.train.num_steps)
     optim.check_config(config)  # A constant rate may warm up for the whole run.
+    config.optim.update(schedule="cosine", warmup_steps=0, learning_rate=0.0)
+    optim.check_config(config)  # A rate of 0 trains nothing, but is no mistake.
+    assert float(optim.learning_rate(config.optim, 10)(5)) == 0.0
 
 
 def _schedule(name, warmup=0, final=0.0, lr=1.0, num_steps=100):

@@ -31,8 +31,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise errors.ConfigError(f"optim.name={optim.name!r}: expected one of {OPTIMIZERS}")
     if optim.schedule not in SCHEDULES:
         raise errors.ConfigError(f"optim.schedule={optim.schedule!r}: expected one of {SCHEDULES}")
-    if optim.learning_rate <= 0:
-        raise errors.ConfigError(f"optim.learning_rate must be > 0, got {optim.learning_rate}")
+    if optim.learning_rate < 0:
+        raise errors.ConfigError(f"optim.learning_rate must be >= 0, got {optim.learning_rate}")
     if optim.warmup_steps < 0:
         raise errors.ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
     if not 0 <= optim.final_lr_fraction <= 1:
@@ -77,7 +77,9 @@ def learning_rate(optim_config: ml_collections.ConfigDict, num_steps: int) -> op
     elif name == "linear":
         body = optax.linear_schedule(peak, final, num_steps - warmup)
     else:
-        body = optax.cosine_decay_schedule(peak, num_steps - warmup, alpha=final / peak)
+        body = optax.cosine_decay_schedule(
+            peak, num_steps - warmup, alpha=optim_config.final_lr_fraction
+        )
     if warmup == 0:
         return body
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), body], [warmup])
@@ -89,10 +91,16 @@ def base_optimizer(
     """The optimizer named by `optim.name`, stepping by `schedule`.
 
     What each reads of `optim`: `adamw` b1, b2, eps, weight_decay (decoupled); `lion` b1,
-    b2, weight_decay (decoupled); `adafactor` weight_decay (decoupled), with an explicit
-    learning rate and no parameter scaling (kohya's `relative_step=False,
-    scale_parameter=False`); `sgd` b1 as momentum (0: none) and weight_decay as an L2 term
-    added to the gradient, as `torch.optim.SGD` does.
+    b2, weight_decay (decoupled); `adafactor` weight_decay (decoupled); `sgd` b1 as
+    momentum (0: none) and weight_decay as an L2 term added to the gradient, as
+    `torch.optim.SGD` does. Decoupled decay moves each weight by −lr·weight_decay·w.
+
+    `adafactor` is `optax.adafactor(schedule, multiply_by_parameter_scale=False)` (an
+    explicit learning rate, no parameter scaling: kohya's `relative_step=False,
+    scale_parameter=False`) with its weight decay placed as in `optax.adamw`, before the
+    learning rate: `optax.adafactor`'s own `weight_decay_rate` comes after it, so it would
+    move each weight by −weight_decay·w per step, 1/lr times more than every other
+    optimizer here (and than transformers' Adafactor, which kohya uses).
     """
     o = optim_config
     if o.name == "adamw":
@@ -100,10 +108,11 @@ def base_optimizer(
     if o.name == "lion":
         return optax.lion(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
     if o.name == "adafactor":
-        return optax.adafactor(
-            schedule,
-            multiply_by_parameter_scale=False,
-            weight_decay_rate=o.weight_decay or None,
+        return optax.chain(
+            optax.scale_by_factored_rms(),  # optax.adafactor's defaults, as its parts.
+            optax.clip_by_block_rms(1.0),
+            optax.add_decayed_weights(o.weight_decay),
+            optax.scale_by_learning_rate(schedule),
         )
     if o.name == "sgd":
         return optax.chain(

@@ -95,6 +95,11 @@ def test_mistakes_end_in_one_line_naming_the_thing(tmp_path, changed_config_work
             {**demo_run, "config": "configs/nope.py"},
             "configs/nope.py",
         ),
+        "EMA weights of a run that kept none": (
+            "export",
+            {"workdir": changed_config_workdir, "output": tmp_path / "ema", "weights": "ema"},
+            "kept no EMA",
+        ),
         "export without a checkpoint": (
             "export",
             {"workdir": tmp_path / "empty", "output": tmp_path / "export"},

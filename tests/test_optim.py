@@ -42,7 +42,7 @@ def test_finetune_chain_has_no_projection():
         ("train.mode", "sgd", "train.mode"),
         ("optim.name", "adam", "optim.name"),
         ("optim.schedule", "exponential", "optim.schedule"),
-        ("optim.learning_rate", 0.0, "optim.learning_rate"),
+        ("optim.learning_rate", -1e-3, "optim.learning_rate"),
         ("optim.warmup_steps", -1, "optim.warmup_steps"),
         ("optim.final_lr_fraction", 1.5, "optim.final_lr_fraction"),
         ("optim.final_lr_fraction", 0.1, "no effect with optim.schedule='constant'"),
@@ -66,6 +66,9 @@ def test_decaying_schedules_need_steps_after_the_warm_up():
         optim.check_config(config)
     config.optim.update(schedule="constant", warmup_steps=config.train.num_steps)
     optim.check_config(config)  # A constant rate may warm up for the whole run.
+    config.optim.update(schedule="cosine", warmup_steps=0, learning_rate=0.0)
+    optim.check_config(config)  # A rate of 0 trains nothing, but is no mistake.
+    assert float(optim.learning_rate(config.optim, 10)(5)) == 0.0
 
 
 def _schedule(name, warmup=0, final=0.0, lr=1.0, num_steps=100):
@@ -117,6 +120,25 @@ def test_the_chain_steps_by_the_schedule():
         updates, state = tx.update({"w": jnp.ones(())}, state, params)
         steps.append(float(-updates["w"]))
     np.testing.assert_allclose(steps, [1e-3, 0.75e-3, 0.5e-3, 0.25e-3], rtol=1e-6)
+
+
+def test_adafactor_is_optax_adafactor_with_decay_scaled_by_the_learning_rate():
+    config = demo.get_config()
+    config.train.mode = "finetune"
+    config.optim.update(name="adafactor", learning_rate=0.01, weight_decay=0.1)
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.asarray(rng.standard_normal((256, 130)), jnp.float32)}
+    grads = {"w": jnp.asarray(rng.standard_normal((256, 130)), jnp.float32)}
+    ours, reference = (
+        optim.make_optimizer(config),
+        optax.adafactor(0.01, multiply_by_parameter_scale=False),
+    )
+    ours_state, ref_state = ours.init(params), reference.init(params)
+    for _ in range(3):
+        update, ours_state = ours.update(grads, ours_state, params)
+        expected, ref_state = reference.update(grads, ref_state, params)
+        expected = jax.tree.map(lambda e, p: e - 0.01 * 0.1 * p, expected, params)
+        np.testing.assert_allclose(update["w"], expected["w"], rtol=1e-5, atol=1e-8)
 
 
 def _apply_one_step(name, mode):

@@ -42,7 +42,7 @@ def _grids(workdir):
 
 
 def test_samples_at_fixed_steps_follow_the_weights(tmp_path, caplog):
-    # A learning rate of 1e-30 (0 is refused): no weight moves by more than 1e-30, which
+    # A learning rate of 1e-30 (0 would do too): no weight moves by more than 1e-30, which
     # float32 activations of order 1 cannot show, so neither do the pictures.
     frozen = str(tmp_path / "frozen")
     with caplog.at_level(logging.INFO):

@@ -161,25 +161,24 @@ class PairedBatches:
             out[here] = order[positions[here] % n]
         return out
 
+    def _uniforms(self, seed_words: list[int]) -> np.ndarray:
+        """This process's rows of a uniform draw for every row of the global batch, from
+        `default_rng(seed_words)`: drawn whole, then sliced, so a row's draw depends neither
+        on how many processes share the batch nor on what was drawn before."""
+        offset = self.process_index * self.local_batch_size
+        draw = np.random.default_rng(seed_words).random(self.global_batch_size)
+        return draw[offset : offset + self.local_batch_size]
+
     def _flips(self, step: int, branch: int) -> np.ndarray:
-        """This process's flips of `step`: drawn for the whole global batch, then sliced,
-        so a row's flip does not depend on how many processes share the batch."""
+        """This process's flips of `step` on `branch`."""
         if not self.random_flip:
             return np.zeros(self.local_batch_size, bool)
-        rng = np.random.default_rng([self.seed, 1 + branch, step * self.global_batch_size])
-        offset = self.process_index * self.local_batch_size
-        return (rng.random(self.global_batch_size) < 0.5)[offset : offset + self.local_batch_size]
+        return self._uniforms([self.seed, 1 + branch, step * self.global_batch_size]) < 0.5
 
     def _dropped(self, step: int, branch: int) -> np.ndarray:
-        """Which of this process's rows of `step` get the empty prompt on `branch`.
-
-        Drawn for the whole global batch from (seed, branch, step), then sliced, so a row's
-        draw depends neither on how many processes share the batch nor on what ran before.
-        """
-        rng = np.random.default_rng([self.seed, _CAPTION_DROPOUT_STREAM + branch, step])
-        offset = self.process_index * self.local_batch_size
-        dropped = rng.random(self.global_batch_size) < self.caption_dropout
-        return dropped[offset : offset + self.local_batch_size]
+        """Which of this process's rows of `step` get the empty prompt on `branch`."""
+        words = [self.seed, _CAPTION_DROPOUT_STREAM + branch, step]
+        return self._uniforms(words) < self.caption_dropout
 
     def _mark_bad(self, index: int, error: BadImageError) -> None:
         if self.on_bad_image == "error":

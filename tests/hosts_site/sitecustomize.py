@@ -27,5 +27,16 @@ def _cache_write(cache_key, compile_time_secs, module_name, backend, executable,
     )
 
 
-if compiler is not None and hasattr(compiler, "_cache_write"):
+def _same_signature() -> bool:
+    import inspect
+
+    original = getattr(compiler, "_cache_write", None)
+    if original is None:
+        return False
+    return list(inspect.signature(original).parameters) == list(
+        inspect.signature(_cache_write).parameters
+    )
+
+
+if compiler is not None and _same_signature():  # Another JAX: leave it as it is.
     compiler._cache_write = _cache_write

@@ -431,7 +431,7 @@ def run_summary(
     config_file: str | None = None,
 ) -> str:
     """The block a run ends with: what it did, where its checkpoint is, what to run next."""
-    images = (end - start) * config.train.batch_size * (2 if config.train.mode == "nsync" else 1)
+    images = (end - start) * log.images_per_step
     minutes, secs = divmod(round(seconds), 60)
     if stopped_by:
         how = f"stopped by {stopped_by} at step {end}: resume with the same command"

@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.demo_count = 40  # Number of demo style images.
     config.data.demo_seed = 0  # Seed of the demo images' layouts.
     config.data.random_flip = True  # Random horizontal flips, per branch.
+    # Aspect-ratio buckets (docs/data.md): () off (square), "auto", or ((height, width), ...);
+    # typed `object`, so "auto" may replace the default ().
+    config.data.buckets = ml_collections.FieldReference((), field_type=object)
     config.data.val_count = 0  # Style images held out for the validation loss (log.val_every).
     config.data.caption_dropout = 0.0  # Chance a row's prompt is "" (per branch; for CFG); 0 = off.
     config.data.tfds_name = "cycle_gan/monet2photo"  # TFDS dataset (source="tfds").

@@ -96,6 +96,7 @@ ADDED_FIELDS = {
     "log.val_every": 0,
     "sample.every": 0,
     "sample.prompts": (),
+    "data.buckets": (),
 }
 
 # Checksums are float32 sums; a resume on another mesh may sum in another order.
@@ -310,14 +311,15 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict)
 
 
 def _with_added_fields(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config with each of `ADDED_FIELDS` it lacks set to its "before" value."""
+    """A saved config with each of `ADDED_FIELDS` it lacks set to its "before" value (as
+    JSON gives it back: a tuple as a list, so it compares equal to a saved one)."""
     saved = copy.deepcopy(saved)
     for name, value in ADDED_FIELDS.items():
         *groups, field = name.split(".")
         group = saved
         for key in groups:
             group = group.setdefault(key, {})
-        group.setdefault(field, value)
+        group.setdefault(field, json.loads(json.dumps(value)))
     return saved
 
 

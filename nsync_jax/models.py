@@ -40,6 +40,12 @@ Params = dict[str, Any]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def side_multiple(unet: FlaxUNet2DConditionModel, vae: FlaxAutoencoderKL) -> int:
+    """What every image side must be a multiple of: the product of the VAE's and the UNet's
+    halvings (see `check_resolution`); 64 for SD 1.x and 2.x."""
+    return 2 ** (len(vae.block_out_channels) - 1 + len(unet.down_block_types) - 1)
+
+
 def check_resolution(
     resolution: int, unet: FlaxUNet2DConditionModel, vae: FlaxAutoencoderKL
 ) -> None:
@@ -55,7 +61,7 @@ def check_resolution(
     """
     vae_halvings = len(vae.block_out_channels) - 1
     unet_halvings = len(unet.down_block_types) - 1
-    multiple = 2 ** (vae_halvings + unet_halvings)
+    multiple = side_multiple(unet, vae)
     if resolution > 0 and resolution % multiple == 0:
         return
     below = resolution // multiple * multiple

@@ -176,7 +176,10 @@ def _latent_shape_nchw(model: models.StableDiffusion, branch: dict[str, jax.Arra
     if "latent_mean" in branch:
         b, h, w, c = branch["latent_mean"].shape
         return (b, c, h, w)
-    return (branch["pixels"].shape[0], *model.latent_shape)
+    # From the pixels' own shape: with aspect-ratio buckets it is not the model's square.
+    b, _, height, width = branch["pixels"].shape
+    factor = model.vae_scale_factor
+    return (b, model.latent_shape[0], height // factor, width // factor)
 
 
 def make_draws(

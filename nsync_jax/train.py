@@ -6,7 +6,8 @@ checkpoint's saved config compared with this one (cheap, before anything is buil
 → style data and negatives (opened before the model: a missing data set should not wait
 for gigabytes of weights) → model and parameters → scope split → optimizer → state built
 under `jax.jit(out_shardings=...)` → batches → the step compiled once with explicit
-shardings and the state donated (many processes: compiled here, then all meet) → if
+shardings and the state donated (many processes: compiled here, then all meet; with
+aspect-ratio buckets: compiled once per bucket when its first batch comes) → if
 resuming: data and frozen-parameter fingerprints checked, then the saved state (step, RNG,
 trainable parameters, optimizer state, carried g−, EMA) restored straight into the
 state's shardings (checkpoint.py) → (many processes: all meet) → `loop.run`.
@@ -44,6 +45,7 @@ from nsync_jax import (
 from nsync_jax import metrics as metrics_lib
 from nsync_jax import scope as scope_lib
 from nsync_jax import step as step_lib
+from nsync_jax.data import buckets as buckets_lib
 from nsync_jax.data import pipeline, sources
 
 
@@ -114,6 +116,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"data.caption_dropout must be in [0, 1), got {config.data.caption_dropout}"
         )
     validation.validate_config(config)
+    buckets = buckets_lib.resolve(config.data.buckets, config.model.resolution)
+    if buckets and config.data.cache_latents:
+        raise errors.ConfigError(
+            "data.cache_latents does not combine with data.buckets: the latent cache holds "
+            "square images at model.resolution; turn one of them off"
+        )
     if config.sample.every < 0:
         raise errors.ConfigError(f"sample.every must be >= 0, got {config.sample.every}")
     if config.sample.every:
@@ -177,6 +185,42 @@ class Trainer:
         rng = jax.random.key_data(runs.run_keys(seed)[1])
         state = state.replace(rng=jax.device_put(rng, state.rng.sharding))
         return dataclasses.replace(self, batches=self.batches.with_seed(seed)), state
+
+
+class StepPerBucket:
+    """The jitted step compiled ahead of time once per batch image shape, that is once per
+    aspect-ratio bucket (`data.buckets`), each compile logged and counted.
+
+    Compiled where a shape is first met, on every process at the same step (the bucket of
+    step s is a pure function of (seed, s)), then `hosts.compile_together` makes them meet.
+
+    Args:
+      jitted: `make_step_fn`'s step.
+      expected: how many bucket shapes the batches can take (for the log line).
+    """
+
+    def __init__(self, jitted: Any, expected: int):
+        self.jitted = jitted
+        self.expected = expected
+        self.compiled: dict[tuple[int, int], Any] = {}
+
+    @property
+    def compiles(self) -> int:
+        return len(self.compiled)
+
+    def __call__(self, state: step_lib.TrainState, batch: Any) -> Any:
+        shape = tuple(batch["positive"]["pixels"].shape[-2:])
+        step = self.compiled.get(shape)
+        if step is None:
+            step = hosts.compile_together(self.jitted, state, batch)
+            self.compiled[shape] = step
+            logging.info(
+                "compiled step for bucket %s (%d of %d)",
+                buckets_lib.name(shape),
+                self.compiles,
+                self.expected,
+            )
+        return step(state, batch)
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
@@ -316,8 +360,13 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     # Built (not compiled: jit is lazy) before any latent caching, so a setting the model
     # cannot take, such as a timestep range past its schedule, fails first.
     step_fn = make_step_fn(config, mesh, built)
+    buckets = buckets_lib.resolve(config.data.buckets, config.model.resolution)
+    multiple = models.side_multiple(model.unet, model.vae)
+    buckets_lib.check_multiple(
+        buckets, multiple, f"the VAE and the UNet halve each side {multiple.bit_length() - 1} times"
+    )
 
-    def paired(positives, negatives, random_flip, caption_dropout):
+    def paired(positives, negatives, random_flip, caption_dropout, buckets=()):
         return pipeline.PairedBatches(
             positives,
             negatives,
@@ -329,10 +378,13 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             random_flip=random_flip,
             on_bad_image=config.data.on_bad_image,
             caption_dropout=caption_dropout,
+            buckets=buckets,
         )
 
-    batches = paired(positives, negatives, config.data.random_flip, config.data.caption_dropout)
-    # Validation scores fixed inputs: no flips, no dropped captions.
+    batches = paired(
+        positives, negatives, config.data.random_flip, config.data.caption_dropout, buckets
+    )
+    # Validation scores fixed inputs: no flips, no dropped captions, square images.
     val_batches = None if held_out is None else paired(held_out, None, False, 0.0)
     if config.data.cache_latents:
         # The VAE is frozen in every scope, so its posterior moments never change.
@@ -353,7 +405,9 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
                     config.data.latent_batch_size,
                     config.model.resolution,
                 )
-    if jax.process_count() > 1:
+    if buckets:
+        step_fn = StepPerBucket(step_fn, len(batches.bucket_shapes))
+    elif jax.process_count() > 1:
         # Compiled here, and every process waits for the others: the first step's
         # collectives must start together on CPU (`hosts.sync`).
         step_fn = hosts.compile_together(

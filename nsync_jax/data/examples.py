@@ -2,9 +2,11 @@
 (`LazyExamples`), and the shared preprocessing.
 
 Both kinds answer the same questions: `ids`, `captions`, `len()`, `image(i)` (uint8 HWC at
-training resolution), `name(i)` (what to print when image i is bad), `select(ids)` and
-`fingerprint()`. The batch iterator (`pipeline.PairedBatches`) only ever asks for the rows a
-host needs, so a lazy set decodes only those images.
+training resolution, or `image(i, size=(h, w))` resized and cropped to an aspect-ratio
+bucket), `size(i)` (the stored image's (height, width), read from the file's header
+without decoding it where the source can), `name(i)` (what to print when image i is bad),
+`select(ids)` and `fingerprint()`. The batch iterator (`pipeline.PairedBatches`) only ever
+asks for the rows a host needs, so a lazy set decodes only those images.
 
 `fingerprint()` identifies a set without decoding it, for checkpoints to refuse a resume on
 other data: an in-memory set hashes its arrays (they are in memory already); a lazy set
@@ -50,8 +52,13 @@ class ExampleSet(Protocol):
 
     def __len__(self) -> int: ...
 
-    def image(self, index: int) -> np.ndarray:
-        """uint8 [R, R, 3] of example `index`; raises `BadImageError` naming it."""
+    def image(self, index: int, size: tuple[int, int] | None = None) -> np.ndarray:
+        """uint8 [R, R, 3] of example `index`, or [h, w, 3] for `size=(h, w)` (resized to
+        cover it, centre-cropped); raises `BadImageError` naming it."""
+
+    def size(self, index: int) -> tuple[int, int]:
+        """(height, width) of example `index` as stored, for bucketing; decodes no pixels
+        where the source can avoid it."""
 
     def name(self, index: int) -> str:
         """Where example `index` comes from (a file, a TFDS record), for messages."""
@@ -108,8 +115,14 @@ class Examples:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def image(self, index: int) -> np.ndarray:
-        return self.images[index]
+    def image(self, index: int, size: tuple[int, int] | None = None) -> np.ndarray:
+        image = self.images[index]
+        if size is None or tuple(size) == image.shape[:2]:
+            return image
+        return resize_and_crop(Image.fromarray(image), size)
+
+    def size(self, index: int) -> tuple[int, int]:
+        return self.images.shape[1], self.images.shape[2]
 
     def name(self, index: int) -> str:
         return f"in-memory example {self.ids[index]}"
@@ -138,11 +151,14 @@ class LazyExamples:
       names: what to call example i in messages (file path, TFDS split and index).
       read: index -> decoded image (PIL image or uint8 HWC array) at any size; may raise
         any of `DECODE_ERRORS` (reported as `BadImageError`).
-      resolution: output side; images are resized and centre-cropped to it.
+      resolution: output side; images are resized and centre-cropped to it (unless
+        `image` is asked for a bucket's size).
       cache: keep each decoded, resized image in memory after its first read
-        (N·R²·3 bytes at most: 840 MB for 1072 images at 512 px).
+        (N·R²·3 bytes at most: 840 MB for 1072 images at 512 px), per size asked for.
       identify: `read`'s indices -> JSON values identifying those images without decoding
         them (file sizes and CRC32s, a dataset version); the source part of `fingerprint`.
+      read_size: `read`'s index -> (height, width) of the stored image, without decoding
+        its pixels (a file's header); None: `size` decodes the image to learn it.
       rows: which of `read`'s indices this set holds (a `select` view); all by default.
     """
 
@@ -156,8 +172,9 @@ class LazyExamples:
         cache: bool,
         *,
         identify: Callable[[tuple[int, ...]], dict[str, Any]],
+        read_size: Callable[[int], tuple[int, int]] | None = None,
         rows: Sequence[int] | None = None,
-        _store: dict[int, np.ndarray] | None = None,
+        _store: dict[tuple[int, tuple[int, int]], np.ndarray] | None = None,
     ):
         self.ids = tuple(ids)
         self.captions = tuple(captions)
@@ -167,10 +184,12 @@ class LazyExamples:
             raise ValueError(f"{len(self.ids)} ids and {len(self.names)} names differ")
         self._read = read
         self._identify = identify
+        self._read_size = read_size
         self.resolution = resolution
         self.cache = cache
         self._rows = tuple(range(len(self.ids))) if rows is None else tuple(rows)
-        # Keyed by the underlying reader's index, so `select` views share one cache.
+        # Keyed by the underlying reader's index and the output size, so `select` views
+        # share one cache.
         self._store = {} if _store is None else _store
         self.reads = 0  # Images decoded so far (tests check hosts decode only their rows).
 
@@ -180,22 +199,38 @@ class LazyExamples:
     def name(self, index: int) -> str:
         return self.names[index]
 
-    def image(self, index: int) -> np.ndarray:
-        row = self._rows[index]
-        cached = self._store.get(row)
+    def _decoded(self, index: int) -> Image.Image:
+        decoded = self._read(self._rows[index])
+        if isinstance(decoded, np.ndarray):
+            decoded = Image.fromarray(_as_rgb_uint8(decoded))
+        return decoded
+
+    def image(self, index: int, size: tuple[int, int] | None = None) -> np.ndarray:
+        size = (self.resolution, self.resolution) if size is None else tuple(size)
+        key = (self._rows[index], size)
+        cached = self._store.get(key)
         if cached is not None:
             return cached
         try:
-            decoded = self._read(row)
-            if isinstance(decoded, np.ndarray):
-                decoded = Image.fromarray(_as_rgb_uint8(decoded))
-            pixels = resize_and_crop(decoded, self.resolution)
+            pixels = resize_and_crop(self._decoded(index), size)
         except DECODE_ERRORS as e:
             raise BadImageError(self.ids[index], self.names[index], e) from e
         self.reads += 1
         if self.cache:
-            self._store[row] = pixels
+            self._store[key] = pixels
         return pixels
+
+    def size(self, index: int) -> tuple[int, int]:
+        """(height, width) as stored: from `read_size` (a header) if the source has one,
+        else by decoding the image (counted in `reads`)."""
+        try:
+            if self._read_size is not None:
+                return self._read_size(self._rows[index])
+            self.reads += 1
+            decoded = self._decoded(index)
+            return decoded.height, decoded.width
+        except DECODE_ERRORS as e:
+            raise BadImageError(self.ids[index], self.names[index], e) from e
 
     def select(self, ids: Sequence[str]) -> LazyExamples:
         picked = _rows_of(self.ids, ids)
@@ -207,6 +242,7 @@ class LazyExamples:
             resolution=self.resolution,
             cache=self.cache,
             identify=self._identify,
+            read_size=self._read_size,
             rows=[self._rows[r] for r in picked],
             _store=self._store,
         )
@@ -282,16 +318,25 @@ def _as_rgb_uint8(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array[..., :3])
 
 
-def resize_and_crop(image: Image.Image, resolution: int) -> np.ndarray:
-    """Bicubic resize of the shorter side to `resolution`, then a centre crop; uint8 HWC."""
+def header_size(path: str) -> tuple[int, int]:
+    """(height, width) of the image file at `path` from its header; no pixel is decoded
+    (PIL's `open` is lazy: it reads the header, `load` would decode)."""
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
+def resize_and_crop(image: Image.Image, size: int | tuple[int, int]) -> np.ndarray:
+    """Bicubic resize to cover `size` (a side, or (height, width)), then a centre crop;
+    uint8 HWC. For a square `size` the shorter side is resized to it."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
     image = image.convert("RGB")
     width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    left = (size[0] - resolution) // 2
-    top = (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    scale = max(out_h / height, out_w / width)
+    resized = (max(out_w, round(width * scale)), max(out_h, round(height * scale)))
+    image = image.resize(resized, Image.Resampling.BICUBIC)
+    left = (resized[0] - out_w) // 2
+    top = (resized[1] - out_h) // 2
+    image = image.crop((left, top, left + out_w, top + out_h))
     return np.asarray(image, dtype=np.uint8)
 
 

@@ -9,7 +9,8 @@ An example's id is its `file_name` (relative to `<path>`). A folder without
 `metadata.jsonl` is an error (most likely forgotten) unless `data.captions_file` captions
 its images or `data.caption_fallback=True` asks for `data.caption_template`: then every
 image under `<path>` is an example, ids sorted, and a warning says how to caption them. Only
-the listing happens at start; images are decoded when a host first needs them. The set's
+the listing happens at start; images are decoded when a host first needs them. An image's
+size (for aspect-ratio buckets) is read from its file's header, without decoding it. The set's
 fingerprint is the files' names, sizes and CRC32s of their bytes (`examples.file_stats`).
 """
 
@@ -23,7 +24,7 @@ from PIL import Image
 
 from nsync_jax import errors
 from nsync_jax.data import captions as captions_lib
-from nsync_jax.data.examples import LazyExamples, file_stats
+from nsync_jax.data.examples import LazyExamples, file_stats, header_size
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
@@ -134,4 +135,5 @@ def folder_examples(data_config: ml_collections.ConfigDict, resolution: int) -> 
             "kind": "folder",
             **file_stats([ids[r] for r in rows], [paths[r] for r in rows]),
         },
+        read_size=lambda i: header_size(paths[i]),
     )

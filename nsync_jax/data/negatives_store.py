@@ -117,7 +117,8 @@ def load_store(
 
     Image (id, k) becomes example `id`, so `PairedBatches` pairs it with positive `id`.
     Only the manifest is read here; PNGs are decoded when first asked for and resized and
-    centre-cropped to `resolution` as positives are. The set's fingerprint is the manifest
+    centre-cropped to `resolution` as positives are (with aspect-ratio buckets, to the
+    bucket of the positive they pair with). The set's fingerprint is the manifest
     entries it uses, the settings' hash, and the PNGs' sizes and CRC32s.
 
     Args:

@@ -9,18 +9,24 @@ Negatives are paired with positives by example id. Caption dropout gives a row o
 branch the empty prompt "" (what classifier-free guidance needs), drawn per branch from
 (seed, step) for the whole global batch, so it too is part of the pure function.
 
+With aspect-ratio buckets (`data/buckets.py`) each global batch is drawn from one bucket
+instead, by `BucketPlan`, again a pure function of (seed, s); each image (and the negative
+paired with it) is resized and cropped to its batch's bucket.
+
 Images are read lazily: a host decodes only the rows of its slice (sets from `folder.py`
 and `tfds_source.py` cache each decoded image after its first read). With cached latents
 (`data/latents.py`) a branch yields its VAE posterior moments instead of pixels.
 
 A bad image (unreadable, corrupt) raises `BadImageError` naming it; with
 `on_bad_image="skip"` its example is replaced, wherever the stream draws it, by the next
-readable example in id order. That rule depends only on the data, so every host makes the
-same substitution without talking to the others and the purity in (seed, s) holds.
+readable example in id order (with buckets, resized to the batch's bucket whatever its
+own). That rule depends only on the data, so every host makes the same substitution
+without talking to the others and the purity in (seed, s) holds.
 
 `fingerprint()` is what a checkpoint records of the data (and refuses a resume on other
 data with): each branch's own fingerprint (file sizes and times, dataset versions, never
-decoded pixels), the ids and prompts, the global batch size, seed and flipping.
+decoded pixels), the ids and prompts, the global batch size, seed and flipping, and the
+buckets when there are any (a fingerprint without buckets is as before they existed).
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from nsync_jax.data import buckets as buckets_lib
 from nsync_jax.data.examples import BadImageError, ExampleSet, sha256_json, to_pixels
 from nsync_jax.data.latents import LatentCache, MomentsFn, build_latent_cache
 
@@ -58,6 +65,9 @@ class PairedBatches:
       on_bad_image: "error" or "skip" (see the module docstring).
       caption_dropout: probability that a row's prompt is the empty prompt "" instead,
         drawn per branch and row (see `_dropped`).
+      buckets: (height, width) aspect-ratio buckets (`data/buckets.py`); () serves square
+        images at the sets' resolution, in the plain stream. Sizes are read at start
+        (`ExampleSet.size`: file headers, no decoding).
     """
 
     def __init__(
@@ -74,6 +84,7 @@ class PairedBatches:
         process_count: int | None = None,
         on_bad_image: str = "error",
         caption_dropout: float = 0.0,
+        buckets: Sequence[buckets_lib.Bucket] = (),
     ):
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
@@ -102,6 +113,54 @@ class PairedBatches:
         self.caption_dropout = caption_dropout
         if caption_dropout:
             self.empty_ids = np.asarray(tokenize([""]), np.int32)[0]
+        self.buckets = tuple(tuple(b) for b in buckets)
+        self.plan = None
+        if self.buckets:
+            self.plan = buckets_lib.BucketPlan(
+                self._assign(), len(self.buckets), global_batch_size, seed
+            )
+            self._log_buckets()
+
+    def _assign(self) -> np.ndarray:
+        """The nearest bucket of every positive, from its stored size (no pixel decoded
+        where the source reads headers). An image whose size cannot be read is bad; it is
+        counted in the first bucket but never served (`_row` substitutes a readable one)."""
+        assignment = np.zeros(len(self.positives), np.int64)
+        for i in range(len(self.positives)):
+            try:
+                height, width = self.positives.size(i)
+            except BadImageError as e:
+                self._mark_bad(i, e)
+                continue
+            assignment[i] = buckets_lib.nearest(height, width, self.buckets)
+        return assignment
+
+    def _log_buckets(self) -> None:
+        per_bucket = zip(self.buckets, self.plan.counts, self.plan.batches_per_epoch, strict=True)
+        logging.info(
+            "aspect-ratio buckets (height x width: images): %s; %d steps per epoch",
+            ", ".join(f"{buckets_lib.name(b)}: {n}" for b, n, _ in per_bucket),
+            self.plan.steps_per_epoch,
+        )
+        unused = [
+            buckets_lib.name(b)
+            for b, n, k in zip(
+                self.buckets, self.plan.counts, self.plan.batches_per_epoch, strict=True
+            )
+            if n and not k
+        ]
+        if unused:
+            logging.warning(
+                "buckets %s hold fewer images than a batch (train.batch_size=%d): their "
+                "images are never trained on",
+                unused,
+                self.global_batch_size,
+            )
+
+    @property
+    def bucket_shapes(self) -> list[buckets_lib.Bucket]:
+        """The (height, width) of the buckets batches are drawn from; [] without buckets."""
+        return [] if self.plan is None else [self.buckets[b] for b in self.plan.used]
 
     def __len__(self) -> int:
         return len(self.positives)
@@ -111,6 +170,10 @@ class PairedBatches:
         other = copy.copy(self)
         other.seed = seed
         other.bad = set(self.bad)
+        if self.plan is not None:
+            other.plan = buckets_lib.BucketPlan(
+                self.plan.assignment, len(self.buckets), self.global_batch_size, seed
+            )
         return other
 
     def fingerprint(self) -> dict[str, Any]:
@@ -128,6 +191,8 @@ class PairedBatches:
             "seed": self.seed,
             "random_flip": self.random_flip,
         }
+        if self.buckets:
+            fingerprint["buckets"] = self.buckets
         # As the checkpoint's JSON gives it back (tuples become lists), so they compare.
         return json.loads(json.dumps(fingerprint))
 
@@ -140,6 +205,8 @@ class PairedBatches:
 
     def use_latents(self, caches: dict[str, LatentCache]) -> None:
         """Serve posterior moments from `caches` (one per branch) instead of pixels."""
+        if self.buckets:
+            raise ValueError("cached latents are square: they do not combine with buckets")
         if set(caches) != set(self.branches):
             raise ValueError(
                 f"latent caches for {sorted(caches)}, branches {sorted(self.branches)}"
@@ -192,8 +259,9 @@ class PairedBatches:
         if len(self.bad) == len(self):
             raise ValueError(f"every one of the {len(self)} examples has a bad image") from error
 
-    def _row(self, index: int) -> tuple[int, dict[str, np.ndarray]]:
-        """(the example index served for `index`, its image per branch)."""
+    def _row(self, index: int, size: tuple[int, int] | None) -> tuple[int, dict[str, np.ndarray]]:
+        """(the example index served for `index`, its image per branch at `size`, or at
+        the sets' resolution if None)."""
         n = len(self)
         for offset in range(n):
             candidate = (index + offset) % n
@@ -202,7 +270,7 @@ class PairedBatches:
             if self.latents is not None:
                 return candidate, {}
             try:
-                images = {k: s.image(candidate) for k, s in self.branches.items()}
+                images = {k: s.image(candidate, size) for k, s in self.branches.items()}
             except BadImageError as e:
                 self._mark_bad(candidate, e)
                 continue
@@ -211,8 +279,15 @@ class PairedBatches:
 
     def batch(self, step: int) -> dict[str, dict[str, np.ndarray]]:
         """This process's rows of the global batch of `step`."""
-        first = step * self.global_batch_size + self.process_index * self.local_batch_size
-        served = [self._row(int(i)) for i in self._stream(first, self.local_batch_size)]
+        offset = self.process_index * self.local_batch_size
+        if self.plan is None:
+            size = None
+            indices = self._stream(step * self.global_batch_size + offset, self.local_batch_size)
+        else:
+            bucket, rows = self.plan.batch(step)
+            size = self.buckets[bucket]
+            indices = rows[offset : offset + self.local_batch_size]
+        served = [self._row(int(i), size) for i in indices]
         rows = np.asarray([r for r, _ in served])
         out = {}
         for branch, name in enumerate(self.branches):

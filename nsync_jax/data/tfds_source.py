@@ -6,7 +6,10 @@ the records its batches need. CycleGAN's sets (`cycle_gan/monet2photo`, `vangogh
 evaluation). They carry no file names, so ids are `<split>-<index>` (`trainA-00042`); a
 dataset with a file-name feature (`file_name`, `filename`, `image/filename`) uses it, and
 one with a `caption` or `text` feature supplies captions. Those text features are read
-once at start with image decoding skipped. The set's fingerprint is the dataset's name,
+once at start with image decoding skipped. An image's size (for aspect-ratio buckets) is
+the image feature's shape where the dataset fixes it; otherwise (CycleGAN: (None, None, 3))
+the record is read with decoding skipped and the size taken from the encoded image's
+header, so no pixel is decoded either way. The set's fingerprint is the dataset's name,
 config, version, split and record count (from `dataset_info`), and the rows it holds.
 
 Preparing the data needs TensorFlow and network once, on any machine, e.g.
@@ -16,9 +19,12 @@ Preparing the data needs TensorFlow and network once, on any machine, e.g.
 
 from __future__ import annotations
 
+import io
+
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from nsync_jax import errors
 from nsync_jax.data import captions as captions_lib
@@ -73,6 +79,22 @@ def _identify(info, split: str, count: int, rows: tuple[int, ...]) -> dict:
     }
 
 
+def _size_reader(data_config: ml_collections.ConfigDict, feature, image_key: str):
+    """index -> (height, width) of the stored image, without decoding its pixels."""
+    height, width = feature.shape[:2]
+    if height is not None and width is not None:
+        return lambda i: (int(height), int(width))
+    encoded = []  # Opened on first use: only runs with buckets read sizes.
+
+    def read_size(i: int) -> tuple[int, int]:
+        if not encoded:
+            encoded.append(_open(data_config, decoders={image_key: tfds.decode.SkipDecoding()}))
+        with Image.open(io.BytesIO(encoded[0][i][image_key])) as image:
+            return image.height, image.width
+
+    return read_size
+
+
 def tfds_examples(data_config: ml_collections.ConfigDict, resolution: int) -> LazyExamples:
     """Split `data_config.split` of TFDS dataset `data_config.tfds_name`, read lazily."""
     source = _open(data_config)
@@ -107,4 +129,5 @@ def tfds_examples(data_config: ml_collections.ConfigDict, resolution: int) -> La
         resolution=resolution,
         cache=data_config.cache_images,
         identify=lambda rows: _identify(source.dataset_info, split, count, rows),
+        read_size=_size_reader(data_config, features[image_key], image_key),
     )

@@ -8,17 +8,13 @@ a config sets that cannot start a run fails here. Nothing trains.
 """
 
 import importlib
-import json
-import os
 
 import jax
-import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
+from negative_stores import write_store
 
 from nsync_jax import train
-from nsync_jax.data import negatives_store
 
 sd_folders = pytest.importorskip("sd_folders")
 
@@ -31,28 +27,6 @@ def base(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("base"))
     sd_folders.write_pipeline(root)
     return root
-
-
-def write_store(path, ids, size=32):
-    """A negatives store holding image k=0 of each id, as generate_negatives lays it out."""
-    os.makedirs(os.path.join(path, negatives_store.IMAGES), exist_ok=True)
-    with open(os.path.join(path, negatives_store.SETTINGS), "w") as f:
-        json.dump({"format": 1, "per_example": 1}, f)
-    with open(os.path.join(path, "manifest.jsonl"), "w") as f:
-        for i, example_id in enumerate(ids):
-            name = negatives_store.image_name(example_id, 0)
-            pixels = np.full((size, size, 3), 40 * i, np.uint8)
-            Image.fromarray(pixels).save(os.path.join(path, negatives_store.IMAGES, name))
-            entry = {
-                "id": example_id,
-                "k": 0,
-                "file": f"{negatives_store.IMAGES}/{name}",
-                "caption": "a painting",
-                "prompt": "a painting in the style of painting",
-                "image_seed": i,
-            }
-            f.write(json.dumps(entry) + "\n")
-    return str(path)
 
 
 @pytest.mark.parametrize("name", REAL_CONFIGS)

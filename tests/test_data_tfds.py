@@ -149,3 +149,19 @@ def test_fingerprint_names_dataset_version_split_and_count_without_decoding():
     assert view["source"]["rows_sha256"] != source["rows_sha256"]
     with tfds.testing.mock_data(num_examples=5):
         assert tfds_source.tfds_examples(_config(), 8).fingerprint() != fingerprint
+
+
+def test_sizes_for_buckets_come_from_the_encoded_header_without_decoding():
+    sizes = [(12, 20), (30, 10), (16, 16)]
+    records, rng = [], np.random.default_rng(0)
+    for h, w in sizes:
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(out, format="PNG")
+        data = out.getvalue()
+        records.append({"image": data[: len(data) // 2]})  # The header kept, pixels cut.
+    with tfds.testing.mock_data(as_data_source_fn=_fake_source(records, with_text=False)):
+        examples = tfds_source.tfds_examples(_config(), 8)
+        assert [examples.size(i) for i in range(3)] == sizes
+        assert examples.reads == 0
+        with pytest.raises(BadImageError):  # Decoding the cut record would fail.
+            examples.image(0)

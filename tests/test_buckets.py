@@ -156,18 +156,18 @@ def test_every_batch_of_the_mixed_folder_comes_from_one_bucket(tmp_path):
     batches = _batches(_folder_examples(tmp_path))
     assert batches.plan.steps_per_epoch == 3 + 3 + 2
     assert batches.bucket_shapes == list(BUCKETS)
-    seen = []
+    seen, order = [], []
     for step in range(2 * batches.plan.steps_per_epoch):
         bucket, ids = _ids(batches, step)
         assert {expected_bucket(i) for i in ids} == {BUCKETS[bucket]}
         pixels = batches.batch(step)["positive"]["pixels"]
         assert pixels.shape == (2, 3, *BUCKETS[bucket])
         seen.append(ids)
-    epoch = lambda k: sorted(i for ids in seen[8 * k : 8 * (k + 1)] for i in ids)  # noqa: E731
-    assert epoch(0) == epoch(1) == sorted(batches.positives.ids)  # Each image once an epoch.
-    assert [b for b, _ in map(lambda s: _ids(batches, s), range(8))] != sorted(
-        b for b, _ in map(lambda s: _ids(batches, s), range(8))
-    ), "the buckets' batches should be interleaved, not taken bucket after bucket"
+        order.append(bucket)
+    for epoch in (seen[:8], seen[8:]):  # Each image once an epoch.
+        assert sorted(i for ids in epoch for i in ids) == sorted(batches.positives.ids)
+    # The buckets' batches are interleaved, not taken bucket after bucket.
+    assert order[:8] != sorted(order[:8])
 
 
 def test_an_image_is_resized_to_cover_its_bucket_then_centre_cropped(tmp_path):

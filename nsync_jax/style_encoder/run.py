@@ -100,7 +100,9 @@ class StageRun:
     step_fn: Any
     batches: data_lib.StyleBatches
     num_steps: int
-    encoder: encoder_lib.StyleEncoder | None = None
+    encoder: encoder_lib.StyleEncoder | None = None  # Stages 2 and 3.
+    model: Any = None  # Stages 1 and 3: the frozen SD parts (`models.StableDiffusion`).
+    placeholder_id: int | None = None  # Stages 1 and 3.
 
     def batch(self, step: int) -> Any:
         return sharding.global_batch(self.mesh, self.batches.batch(step))
@@ -194,7 +196,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Stag
             steps_per_batch,
         )
 
-    encoder = None
+    encoder = model = placeholder_id = None
     if stage == 2:
         # No diffusion model: no prompts, and the bank has the text encoder's width.
         batches = batches_for(None, "epochs")
@@ -242,7 +244,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Stag
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
-    return StageRun(config, mesh, state, state_sharding, step_fn, batches, num_steps, encoder)
+    return StageRun(
+        config,
+        mesh,
+        state,
+        state_sharding,
+        step_fn,
+        batches,
+        num_steps,
+        encoder,
+        model,
+        placeholder_id,
+    )
 
 
 def train_stage(

@@ -103,3 +103,38 @@ def test_pretrained_tower_loads_from_the_exported_folder(tiny, tmp_path):
         encoder_lib.build(
             _style(tower="pretrained", path=str(tmp_path / "nope")), D, jax.random.key(0)
         )
+
+
+def test_tower_of_a_full_clip_folder_matches_pytorch(tmp_path):
+    """A `CLIPModel` folder (CLIP ViT-L/14's layout on the hub): the vision tower loads and
+    its pooled output equals transformers' PyTorch tower on the same pixels."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    for m in model.modules():  # Random norms: a swapped scale and bias would show.
+        if isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.normal_(m.bias, 0.0, 0.1)
+    model.save_pretrained(tmp_path)
+    encoder, params = encoder_lib.build(
+        _style(tower="pretrained", path=str(tmp_path)), D, jax.random.key(0)
+    )
+    pixels = _pixels()
+    ours = encoder.apply(
+        {"params": params},
+        pixels,
+        method=lambda m, x: m.vision_model(x, deterministic=True)[1],
+    )
+    with torch.no_grad():
+        theirs = model.vision_model(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(np.asarray(ours), theirs.pooler_output.numpy(), atol=1e-4)

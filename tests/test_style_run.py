@@ -66,3 +66,26 @@ def test_each_stage_resumes_exactly(tmp_path):
     # Stage 1 trained its vectors: the saved bank is not the initial N(0, 0.02²) draw.
     first = run.setup(_config(1), str(whole)).state.trainable["bank"]
     assert np.abs(np.asarray(finals[1].trainable["bank"]) - np.asarray(first)).max() > 1e-3
+
+
+def test_real_config_sets_up_on_a_diffusers_folder_and_a_clip_tower(tmp_path):
+    """configs/style_encoder.py on stand-ins for SD 1.x (a tiny diffusers folder written by
+    PyTorch) and CLIP ViT-L/14 (a tiny CLIPVisionModel folder); only paths and sizes are
+    overridden, so a field the config sets that cannot start a run fails here."""
+    sd_folders = pytest.importorskip("sd_folders")
+    from configs import style_encoder
+
+    sd_folders.write_pipeline(str(tmp_path / "sd"))
+    config = style_encoder.get_config()
+    config.model.pretrained = str(tmp_path / "sd")
+    config.model.resolution = 32
+    config.data.demo_count = 8
+    config.style.tower_path = sd_folders.tiny_clip(tmp_path / "clip")
+    stage = run.setup(config, str(tmp_path / "run"), jax.devices())
+    batch = stage.batches.batch(0)
+    assert batch["pixels"].shape == (8, 3, 32, 32) and batch["index"].shape == (8,)
+    ids = batch["input_ids"][0]
+    assert stage.placeholder_id in ids  # "sks" is one token of the loaded tokenizer.
+    width = stage.model.text_encoder.config.hidden_size
+    assert stage.state.trainable["bank"].shape == (8, 8, width)
+    assert stage.num_steps == 200  # One batch of 8 images, 200 steps on it.

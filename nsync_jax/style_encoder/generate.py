@@ -225,3 +225,10 @@ def sample_to_dir(
     labels = [f"{prompt} | {os.path.basename(p)}" for p, prompt in jobs]
     sampling.labelled_grid(images, labels).save(os.path.join(out_dir, "grid.png"))
     return paths
+
+
+def export_run(workdir: str, output_dir: str, stage: int | None = None) -> dict[str, str]:
+    """Writes the trained encoder of `workdir` (stage 3, else 2) for PyTorch users
+    (`encoder.export_torch`); returns the paths written."""
+    style_run = load_style_run(workdir, stage)
+    return encoder_lib.export_torch(output_dir, style_run.encoder, style_run.encoder_params)

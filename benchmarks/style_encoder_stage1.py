@@ -65,14 +65,15 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     config = config_for(seed, args.count, args.steps_per_batch)
     workdir = os.path.join(args.out, "runs", f"seed{seed}")
     stage = run.setup(config, workdir, devices=jax.devices()[:1])
+    # The step donates the state, frozen parameters included: every score reads the
+    # parameters of the state it is given, never those of the first one.
     model, sks = stage.model, stage.placeholder_id
-    frozen = stage.state.frozen
     initial = np.asarray(stage.state.trainable["bank"])
     diffusion_loss = stages.make_diffusion_loss(model)
     keys = jax.random.split(jax.random.key(1000 + seed), args.draws)
 
     @jax.jit
-    def per_image_loss(rows, pixels, input_ids, keys=keys):
+    def per_image_loss(frozen, rows, pixels, input_ids, keys=keys):
         def one(key):
             def image(row, px, ids, k):
                 context = splice.encode_spliced(
@@ -85,11 +86,11 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
 
         return jnp.mean(jax.vmap(one)(keys), axis=0)
 
-    def score(bank, index):
+    def score(frozen, bank, index):
         examples = stage.batches.examples
         pixels = to_pixels(np.stack([examples.image(int(i)) for i in index]))
         ids = stage.batches.input_ids[index]
-        return np.asarray(per_image_loss(jnp.asarray(bank[index]), pixels, ids))
+        return np.asarray(per_image_loss(frozen, jnp.asarray(bank[index]), pixels, ids))
 
     curve = {j: [] for j in CHECKPOINTS if j <= args.steps_per_batch}
     spb = args.steps_per_batch
@@ -98,15 +99,16 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         start = (step - 1) // spb * spb  # The first step of the batch in training.
         index = stage.batches.rows(start)
         bank = np.asarray(state.trainable["bank"])
-        curve[step - start].append(float(score(bank, index).mean()))
+        curve[step - start].append(float(score(state.frozen, bank, index).mean()))
 
     steps = [c * spb + j for c in range(stage.batches.batches_per_pass) for j in curve if j > 0]
     for c in range(stage.batches.batches_per_pass):
-        curve[0].append(float(score(initial, stage.batches.rows(c * spb)).mean()))
+        rows = stage.batches.rows(c * spb)
+        curve[0].append(float(score(stage.state.frozen, initial, rows).mean()))
     state = loop.run(stage, stage.state, stage.num_steps, [loop.AtSteps(at_step, steps)])
     everyone = np.arange(len(stage.batches))
-    trained = score(np.asarray(state.trainable["bank"]), everyone)
-    untrained = score(initial, everyone)
+    trained = score(state.frozen, np.asarray(state.trainable["bank"]), everyone)
+    untrained = score(state.frozen, initial, everyone)
     return {
         "curve": {str(j): float(np.mean(v)) for j, v in curve.items()},
         "final_trained": float(trained.mean()),

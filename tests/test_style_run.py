@@ -33,6 +33,10 @@ def test_config_errors_name_the_field(tmp_path):
     config.style.head = "mlp"
     with pytest.raises(errors.ConfigError, match="style.head"):
         run.train_stage(config, str(tmp_path))
+    config = _config(1)
+    config.data.demo_count = 4
+    with pytest.raises(errors.ConfigError, match="stage1.batch_size=8"):
+        run.train_stage(config, str(tmp_path))
     config = _config(2)
     config.stage2.epochs = 0
     with pytest.raises(errors.ConfigError, match="stage2.epochs"):

@@ -185,6 +185,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Stag
     bank_rng, encoder_rng = jax.random.split(jax.random.fold_in(init_rng, 1))
 
     def batches_for(tokenize, order, steps_per_batch=1):
+        if len(examples) < group.batch_size:
+            raise errors.ConfigError(
+                f"stage{stage}.batch_size={group.batch_size} is more than the "
+                f"{len(examples)} style images: a batch holds distinct images"
+            )
         return data_lib.StyleBatches(
             examples,
             tokenize,

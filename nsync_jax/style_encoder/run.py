@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import optax
 
-from nsync_jax import checkpoint, errors, loop, optim, runs, sharding
+from nsync_jax import checkpoint, errors, hosts, loop, optim, runs, sharding
 from nsync_jax import metrics as metrics_lib
 from nsync_jax import step as step_lib
 from nsync_jax.data import sources
@@ -271,7 +271,9 @@ def train_stage(
     Saves every `checkpoint.every` steps, at the end, and on SIGTERM or Ctrl-C (then
     stops; rerun the same command to resume). Returns the final state.
     """
+    hosts.check_same_config(config)
     validate_config(config)
+    hosts.check_shared_dir(workdir, "--workdir")
     where = stage_dir(workdir, config.stage)
     resume_step = checkpoint.latest_step(where)
     meta = None
@@ -322,6 +324,7 @@ def _run(config, where, run: StageRun, manager, resume_step, meta) -> step_lib.T
         loop.Callback(save, config.checkpoint.every, on_stop=True),
     ]
     watcher = loop.PreemptionWatcher()
+    hosts.sync("the first step")  # After per-process work (restore checks, compiles).
     tick = time.perf_counter()
     with watcher:
         state = loop.run(run, state, run.num_steps, hooks, watcher)

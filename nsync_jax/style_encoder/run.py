@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -140,13 +141,36 @@ def _on_mesh(mesh: jax.sharding.Mesh, abstract: Any) -> Any:
     )
 
 
+def planned_steps(config: ml_collections.ConfigDict, stage: int, num_images: int) -> int:
+    """The steps stage `stage` of `config` runs on `num_images` images."""
+    group = config[f"stage{stage}"]
+    passes = group.steps_per_batch if stage == 1 else group.epochs
+    return passes * math.ceil(num_images / group.batch_size)
+
+
 def _previous(workdir: str, stage: int) -> str:
-    """The finished previous stage's folder; stops if it saved nothing."""
+    """The previous stage's folder; stops if it saved nothing, warns if it stopped early."""
     previous = stage_dir(workdir, stage - 1)
-    if checkpoint.latest_step(previous) is None:
+    step = checkpoint.latest_step(previous)
+    if step is None:
         raise errors.NotFound(
             f"stage {stage} starts from stage {stage - 1}, but {previous} holds no checkpoint: "
             f"run --config.stage={stage - 1} with the same --workdir first"
+        )
+    meta = checkpoint.load_metadata(previous, step)
+    planned = planned_steps(
+        checkpoint.load_run_config(previous, step), stage - 1, meta["data"]["num_examples"]
+    )
+    if step < planned:
+        logging.warning(
+            "stage %d in %s stopped at step %d of %d: stage %d starts from there (rerun "
+            "stage %d to finish it first)",
+            stage - 1,
+            previous,
+            step,
+            planned,
+            stage,
+            stage - 1,
         )
     return previous
 
@@ -207,7 +231,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Stag
         batches = batches_for(None, "epochs")
         frozen = _stage1_bank(workdir, mesh, batches, config.style.num_tokens)
         encoder, trainable = encoder_lib.build(config.style, frozen["bank"].shape[-1], encoder_rng)
-        num_steps = group.epochs * batches.batches_per_pass
+        num_steps = planned_steps(config, 2, len(batches))
         tx = _optimizer(group, num_steps)
         step = stages.make_stage2_step(encoder, tx)
         init = step_lib.init_state
@@ -219,7 +243,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Stag
             trainable = stages.init_bank(
                 bank_rng, len(batches), config.style.num_tokens, width, config.style.init_std
             )
-            num_steps = group.steps_per_batch * batches.batches_per_pass
+            num_steps = planned_steps(config, 1, len(batches))
             # Each row's own AdamW counts only its own steps: the schedule spans those.
             tx = _optimizer(group, group.steps_per_batch)
             step = stages.make_stage1_step(model, tx, placeholder_id)
@@ -232,7 +256,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Stag
                 previous, _on_mesh(mesh, checkpoint.abstract_like(initial))
             )
             logging.info("stage 3 starts from stage 2's encoder of step %d", from_step)
-            num_steps = group.epochs * batches.batches_per_pass
+            num_steps = planned_steps(config, 3, len(batches))
             tx = _optimizer(group, num_steps)
             step = stages.make_stage3_step(model, encoder, tx, placeholder_id)
             init = step_lib.init_state

@@ -316,6 +316,8 @@ def _with_added_fields(saved: dict[str, Any]) -> dict[str, Any]:
     saved = copy.deepcopy(saved)
     for name, value in ADDED_FIELDS.items():
         *groups, field = name.split(".")
+        if groups[0] not in saved:  # Another kind of run (the style encoder has no `train`).
+            continue
         group = saved
         for key in groups:
             group = group.setdefault(key, {})

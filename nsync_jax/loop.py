@@ -186,7 +186,7 @@ class LogMetrics(Hook):
         means.update({k: float(v) for k, v in jax.device_get(self.extra).items()})
         self.extra = {}
         self.writer.write(step, means)
-        names = ("loss_pos", "loss_neg", "val_loss", "steps_per_s")
+        names = ("loss", "loss_pos", "loss_neg", "val_loss", "steps_per_s")
         shown = {k: f"{means[k]:.4g}" for k in names if k in means}
         if self.bar is not None and self.bar.interactive:
             self.bar.bar.set_postfix(shown)

@@ -107,6 +107,64 @@ def initial_noise(seed: jax.Array, image_seeds: jax.Array, shape: tuple[int, ...
     return jax.vmap(one)(image_seeds)
 
 
+def classifier_free(scale: float) -> Callable[[jax.Array], jax.Array]:
+    """Combines predictions [B, 2, ...] of (unconditional, conditional) contexts as
+    ε = ε(∅) + scale · (ε(c) − ε(∅))."""
+    scale = jnp.float32(scale)
+
+    def combine(predictions):
+        uncond, cond = predictions[:, 0], predictions[:, 1]
+        return uncond + scale * (cond - uncond)
+
+    return combine
+
+
+def make_denoise_fn(
+    model: models.StableDiffusion, settings: SamplerSettings
+) -> Callable[..., jax.Array]:
+    """`denoise(params, contexts, combine, image_seeds, seed) -> images`, to be jitted.
+
+    `contexts` [B, K, L, D] holds K text contexts per image; each UNet call runs the B·K
+    rows (image i's rows next to each other, so under a batch sharding every device keeps
+    its own images' rows) and `combine` maps the predictions [B, K, ...] to the one
+    [B, ...] the scheduler steps with (`classifier_free` for K = 2). Other arguments and
+    the result as `make_generate_fn`'s.
+    """
+    scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
+
+    def denoise(params, contexts, combine, image_seeds, seed):
+        batch, k = contexts.shape[:2]
+        context = contexts.reshape((batch * k,) + contexts.shape[2:])
+        shape = (batch, *model.latent_shape)
+        state = scheduler.set_timesteps(scheduler.create_state(), settings.num_steps, shape)
+        # After set_timesteps: Euler's sigma depends on the inference timesteps.
+        latents = initial_noise(seed, image_seeds, model.latent_shape) * state.init_noise_sigma
+
+        def body(i, carry):
+            latents, state = carry
+            t = state.timesteps[i]
+            model_input = scheduler.scale_model_input(state, latents, t)
+            if k > 1:
+                model_input = jnp.repeat(model_input, k, axis=0)
+            # Float timesteps: Euler's are fractional; integer ones embed identically.
+            timesteps = jnp.full((model_input.shape[0],), t, jnp.float32)
+            prediction = model.predict_noise(
+                params["unet"], model_input.astype(model.unet.dtype), timesteps, context
+            ).astype(jnp.float32)
+            prediction = combine(prediction.reshape((batch, k) + prediction.shape[1:]))
+            latents, state = scheduler.step(state, prediction, t, latents, return_dict=False)
+            return latents, state
+
+        # The loop length is the scheduler's, not num_steps: PNDM adds PRK/PLMS steps.
+        num_calls = state.timesteps.shape[0]
+        latents, _ = jax.lax.fori_loop(0, num_calls, body, (latents, state))
+        pixels = model.decode_latents(params["vae"], latents.astype(model.vae.dtype))
+        images = jnp.transpose(pixels.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5
+        return jnp.clip(images, 0.0, 1.0)
+
+    return denoise
+
+
 def make_generate_fn(
     model: models.StableDiffusion, settings: SamplerSettings
 ) -> Callable[[Params, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]:
@@ -120,48 +178,19 @@ def make_generate_fn(
       seed: uint32 scalar, the base seed.
     Returns float32 [B, H, W, 3] images in [0, 1].
     """
-    scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
+    denoise = make_denoise_fn(model, settings)
     guided = settings.guidance_scale != 1.0
-    scale = jnp.float32(settings.guidance_scale)
 
     def generate(params, input_ids, uncond_ids, image_seeds, seed):
-        batch = input_ids.shape[0]
-        shape = (batch, *model.latent_shape)
         context = model.encode_text(params["text_encoder"], input_ids)
-        if guided:
-            uncond = model.encode_text(params["text_encoder"], uncond_ids)
-            uncond = jnp.broadcast_to(uncond, context.shape).astype(context.dtype)
-            # Interleaved (rows 2i, 2i+1 are image i's), not concatenated: under a batch
-            # sharding every device then keeps its own images' rows, with no resharding.
-            context = jnp.stack([uncond, context], axis=1).reshape((2 * batch,) + context.shape[1:])
-        state = scheduler.set_timesteps(scheduler.create_state(), settings.num_steps, shape)
-        # After set_timesteps: Euler's sigma depends on the inference timesteps.
-        latents = initial_noise(seed, image_seeds, model.latent_shape) * state.init_noise_sigma
-
-        def body(i, carry):
-            latents, state = carry
-            t = state.timesteps[i]
-            model_input = scheduler.scale_model_input(state, latents, t)
-            if guided:
-                model_input = jnp.repeat(model_input, 2, axis=0)
-            # Float timesteps: Euler's are fractional; integer ones embed identically.
-            timesteps = jnp.full((model_input.shape[0],), t, jnp.float32)
-            prediction = model.predict_noise(
-                params["unet"], model_input.astype(model.unet.dtype), timesteps, context
-            ).astype(jnp.float32)
-            if guided:
-                prediction = prediction.reshape((batch, 2) + prediction.shape[1:])
-                uncond_pred, cond_pred = prediction[:, 0], prediction[:, 1]
-                prediction = uncond_pred + scale * (cond_pred - uncond_pred)
-            latents, state = scheduler.step(state, prediction, t, latents, return_dict=False)
-            return latents, state
-
-        # The loop length is the scheduler's, not num_steps: PNDM adds PRK/PLMS steps.
-        num_calls = state.timesteps.shape[0]
-        latents, _ = jax.lax.fori_loop(0, num_calls, body, (latents, state))
-        pixels = model.decode_latents(params["vae"], latents.astype(model.vae.dtype))
-        images = jnp.transpose(pixels.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5
-        return jnp.clip(images, 0.0, 1.0)
+        if not guided:
+            return denoise(params, context[:, None], lambda p: p[:, 0], image_seeds, seed)
+        uncond = model.encode_text(params["text_encoder"], uncond_ids)
+        uncond = jnp.broadcast_to(uncond, context.shape).astype(context.dtype)
+        contexts = jnp.stack([uncond, context], axis=1)
+        return denoise(
+            params, contexts, classifier_free(settings.guidance_scale), image_seeds, seed
+        )
 
     return generate
 

@@ -681,3 +681,11 @@ def test_a_checkpoint_of_the_old_format_is_refused_clearly(tmp_path):
     ):
         with pytest.raises(checkpoint.CheckpointError, match="older version .*format 1"):
             read()
+
+
+def test_added_fields_only_fill_groups_the_saved_config_has():
+    # A style-encoder stage's config has `data` and `log` but no `train` or `optim`: an
+    # invented `train.ema_decay` would read as a changed config on every resume.
+    completed = checkpoint._with_added_fields({"data": {"source": "demo"}, "log": {}})
+    assert set(completed) == {"data", "log"}
+    assert completed["data"]["caption_dropout"] == 0.0 and completed["log"]["val_every"] == 0

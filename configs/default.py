@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.latent_batch_size = 16  # Images per VAE call when building the latent cache.
     config.data.digits_classes = tuple(range(10))  # "digits" source: classes kept.
     config.data.digits_count = 0  # "digits" source: images kept (0: all of those classes).
-    config.data.digits_rendering = "plain"  # "digits" source: "plain" or "styled" images.
+    config.data.digits_rendering = "plain"  # "digits" source: a digits.RENDERINGS or MIXES name.
 
     config.negatives = ml_collections.ConfigDict()
     config.negatives.source = "demo"  # Where negatives come from: "demo" or "store" (a folder).

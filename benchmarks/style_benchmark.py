@@ -427,7 +427,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps and images")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--base_steps", type=int, default=3000)
+    parser.add_argument("--base_steps", type=int, default=12000)
     parser.add_argument("--style_count", type=int, default=40)
     parser.add_argument("--per_class", type=int, default=10, help="eval images per digit")
     parser.add_argument("--evals", type=int, default=5, help="eval points per run")

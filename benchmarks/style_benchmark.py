@@ -1,13 +1,22 @@
 """Does NSYNC help? A controlled style benchmark on scikit-learn's bundled digits, on CPU.
 
-Every ingredient exists offline (docs/style_benchmark.md explains the design):
+Every ingredient exists offline (docs/style_benchmark.md explains the design). Two
+testbeds (`--testbed`):
+
+- `frame` (default): the base knows a generic "painting" attribute T (a green frame),
+  the style set has T **and** a unique style U (navy/orange palette + stripes), and the
+  negatives, drawn by the base for "{caption} in the style of painting", share T and the
+  content with the positives and lack U: the setting NSYNC's claim is about.
+- `original`: the first version: a base of plain digits only, style = U, negatives drawn
+  for the bare caption.
 
 1. Base model: a tiny pixel-space Stable Diffusion (UNet + CLIP text encoder + tokenizer +
-   DDPM schedule; `model.tiny.identity_vae`) pretrained by our trainer (`finetune`, `unet`
-   scope) on all 1797 plain digits with content captions ("a handwritten digit seven").
-   Cached in <cache>/base and reused (the loop resumes; a finished run does nothing).
-2. Style set: `--style_count` digits of classes 0-4 rendered in the benchmark style (navy,
-   orange ink, diagonal stripes), same content captions.
+   DDPM schedule; `model.tiny.identity_vae`) pretrained by our trainer (`finetune`) on all
+   1797 digits with content captions ("a handwritten digit seven"); for `frame`, the UNet
+   and the text encoder train (`unet_text_encoder`) on every digit plain and framed, the
+   framed ones captioned "... in the style of painting". Cached in <cache>/base and reused;
+   its fingerprint (a hash of its weights) goes into the results.
+2. Style set: `--style_count` digits of classes 0-4 rendered in the style, content captions.
 3. Negatives: the frozen base model's images for the style set's captions, made by
    `negatives.generate_store` (cached in <cache>/negatives).
 4. Runs: `finetune` and `nsync` with each rule (+ amortized g−, k=4, paper rule), in the
@@ -18,7 +27,9 @@ Every ingredient exists offline (docs/style_benchmark.md explains the design):
 5. Scores (`benchmarks/style_metrics.py`) of images sampled for every class (0-9, so half the
    prompts ask for content the style set never showed), at `--evals` points per run.
 
-Writes results.json, table.md, plots and image grids to --out.
+Each (method, scope, seed) is written to <out>/parts/ when it finishes and skipped when
+found, so a run cut short resumes with the same command, and `--methods/--scopes/--seeds`
+split one setting over several sittings; results.json merges every part present.
 
     python benchmarks/style_benchmark.py --out benchmarks/results/style_quick --quick
     python benchmarks/style_benchmark.py --out benchmarks/results/style_full
@@ -27,6 +38,8 @@ Writes results.json, table.md, plots and image grids to --out.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -57,10 +70,13 @@ METHODS = {  # name: (mode, rule, negative_every)
 SCOPES = ("unet", "textual_inversion", "lora")
 # LoRA: rank and targets from configs/default.py (attention projections).
 LEARNING_RATES = {"unet": 3e-4, "textual_inversion": 5e-3, "lora": 1e-3}
+TESTBEDS = ("frame", "original")
+PAINTING_PROMPT = "{caption} in the style of painting"  # The paper's negative prompt.
 
 
-def base_config(cache: str, base_steps: int) -> default.ml_collections.ConfigDict:
-    """The base model's pretraining run: plain digits, content captions only."""
+def base_config(cache: str, base_steps: int, testbed: str) -> default.ml_collections.ConfigDict:
+    """The base model's pretraining run: content captions; for `frame`, every digit also
+    framed and captioned "... in the style of painting", with the text encoder training."""
     config = default.get_config()
     config.model.source = "tiny"
     config.model.resolution = RESOLUTION
@@ -75,6 +91,9 @@ def base_config(cache: str, base_steps: int) -> default.ml_collections.ConfigDic
     config.data.random_flip = False  # A mirrored digit is another glyph.
     config.train.mode = "finetune"
     config.train.scope = "unet"
+    if testbed == "frame":
+        config.data.digits_rendering = "plain+framed"
+        config.train.scope = "unet_text_encoder"
     config.train.prompt_template = "{caption}"
     config.train.batch_size = 16
     config.train.num_steps = base_steps
@@ -94,13 +113,22 @@ def base_config(cache: str, base_steps: int) -> default.ml_collections.ConfigDic
 
 
 def style_config(
-    cache: str, base_steps: int, style_count: int, method: str, scope: str, steps: int
+    cache: str,
+    base_steps: int,
+    style_count: int,
+    method: str,
+    scope: str,
+    steps: int,
+    testbed: str,
 ) -> default.ml_collections.ConfigDict:
-    config = base_config(cache, base_steps)
+    config = base_config(cache, base_steps, testbed)
     config.model.init_from = os.path.join(cache, "base")
     config.negatives.source = "store"
     config.negatives.path = os.path.join(cache, "negatives")
     config.data.digits_rendering = "styled"
+    if testbed == "frame":  # Positives T + U; negatives the base's T for the same captions.
+        config.data.digits_rendering = "styled_framed"
+        config.negatives.prompt_template = PAINTING_PROMPT
     config.data.digits_classes = STYLE_CLASSES
     config.data.digits_count = style_count
     mode, rule, every = METHODS[method]
@@ -109,7 +137,7 @@ def style_config(
     config.nsync.negative_every = every
     config.train.scope = scope
     config.train.prompt_template = "{caption} in the style of {style}"
-    config.train.initializer_token = "drawing"
+    config.train.initializer_token = "painting" if testbed == "frame" else "drawing"
     config.train.batch_size = 8
     config.train.num_steps = steps
     config.optim.learning_rate = LEARNING_RATES[scope]
@@ -142,12 +170,28 @@ def score(images, labels, reference, classifier) -> dict[str, float]:
     return out
 
 
+def part_path(parts: str, key: str, seed: int) -> str:
+    method, scope = key[: -len(")")].split(" (")
+    return os.path.join(parts, f"{method}_{scope}_seed{seed}.json")
+
+
 def run_method(
-    config, seeds, eval_steps, per_class, reference, classifier, grid_path, samplers
+    config, key, seeds, eval_steps, per_class, reference, classifier, out, samplers
 ) -> list[dict]:
     """All seeds of one (method, scope): one Trainer and compiled step; one sampler per
     scope (`samplers`, filled on first use), since all methods share its shapes. Each
-    seed is `loop.run` from the base state with that seed's data order and step key."""
+    seed is `loop.run` from the base state with that seed's data order and step key, and
+    is written to <out>/parts/ when done; seeds found there are read, not rerun."""
+    parts = os.path.join(out, "parts")
+    os.makedirs(parts, exist_ok=True)
+    results = {}
+    for seed in seeds:
+        if os.path.exists(part_path(parts, key, seed)):
+            with open(part_path(parts, key, seed)) as f:
+                results[seed] = json.load(f)
+    todo = [seed for seed in seeds if seed not in results]
+    if not todo:
+        return [results[seed] for seed in seeds]
     trainer = train.setup(config)
     initial = jax.device_get(trainer.state)
     prompts, labels = eval_prompts(config, per_class)
@@ -158,8 +202,8 @@ def run_method(
         )
     sampler = samplers[config.train.scope]
     image_seeds = list(range(len(prompts)))
-    results = []
-    for seed in seeds:
+    method, scope = key[: -len(")")].split(" (")
+    for seed in todo:
         seeded, state = trainer.reseeded(seed, jax.device_put(initial, trainer.state_sharding))
         curve, last_images = [], None
         timer = loop.StepTimer()
@@ -181,21 +225,30 @@ def run_method(
         ]
         state = loop.run(seeded, state, config.train.num_steps, hooks)
         first, rest = timer.seconds[0], timer.seconds[1:]  # The first includes compilation.
-        if seed == seeds[0]:
+        if seed == 0:
+            grid_path = os.path.join(out, f"grid_{method}_{scope}.png")
             save_grid(last_images, labels, per_class, grid_path)
             np.save(grid_path[: -len(".png")] + ".npy", last_images)  # For rescoring.
-        results.append(
-            {
-                "seed": seed,
-                "curve": curve,
-                "final": curve[-1],
-                "wall_seconds": time.perf_counter() - start,
-                "step_seconds": sum(rest) / max(1, len(rest)),
-                "first_step_seconds": first,
-                "final_loss_pos": timer.metrics["loss_pos"],
-            }
-        )
-    return results
+        results[seed] = {
+            "seed": seed,
+            "curve": curve,
+            "final": curve[-1],
+            "wall_seconds": time.perf_counter() - start,
+            "step_seconds": sum(rest) / max(1, len(rest)),
+            "first_step_seconds": first,
+            "final_loss_pos": timer.metrics["loss_pos"],
+        }
+        with open(part_path(parts, key, seed), "w") as f:
+            json.dump(results[seed], f)
+    return [results[seed] for seed in seeds]
+
+
+def params_fingerprint(params) -> str:
+    """sha256 of every parameter's bytes, in tree order: equal iff the weights are."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(params)):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
 
 
 def save_grid(images: np.ndarray, labels: np.ndarray, columns: int, path: str) -> None:
@@ -204,18 +257,32 @@ def save_grid(images: np.ndarray, labels: np.ndarray, columns: int, path: str) -
     sampling.labelled_grid(big, [f"prompt {int(d)}" for d in labels], columns=columns).save(path)
 
 
+def mean_std_interval(values) -> tuple[float, float, float]:
+    """(mean, sample std, half-width of the 95 % t-interval of the mean); 0s for n=1."""
+    from scipy import stats
+
+    values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        return float(values.mean()), 0.0, 0.0
+    std = float(values.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(values) - 1) * std / np.sqrt(len(values)))
+    return float(values.mean()), std, half
+
+
 def summarize(results: dict) -> dict:
+    """{key: {metric: (mean, std, 95 % half-width)}} over seeds, of the final scores."""
     summary = {}
     for key, runs_ in results.items():
         finals = {k: [r["final"][k] for r in runs_] for k in runs_[0]["final"] if k != "step"}
-        summary[key] = {k: (float(np.mean(v)), float(np.std(v))) for k, v in finals.items()}
+        summary[key] = {k: mean_std_interval(v) for k, v in finals.items()}
         for k in ("step_seconds", "wall_seconds"):
-            values = [r[k] for r in runs_]
-            summary[key][k] = (float(np.mean(values)), float(np.std(values)))
+            summary[key][k] = mean_std_interval([r[k] for r in runs_])
+        summary[key]["seeds"] = len(runs_)
     return summary
 
 
-def table(summary: dict, seeds: int) -> str:
+def table(summary: dict, seeds: int, testbed: str = "original") -> str:
+    """Markdown: mean ± the 95 % t-interval's half-width over seeds (mean alone for 1)."""
     columns = [
         ("style_seen", "style 0-4"),
         ("style_unseen", "style 5-9"),
@@ -225,6 +292,16 @@ def table(summary: dict, seeds: int) -> str:
         ("content_unseen", "content 5-9"),
         ("step_seconds", "step s"),
     ]
+    if testbed == "frame":
+        columns = [
+            ("style_seen", "U 0-4"),
+            ("style_unseen", "U 5-9"),
+            ("frame_seen", "T 0-4"),
+            ("frame_unseen", "T 5-9"),
+            ("content_seen", "content 0-4"),
+            ("content_unseen", "content 5-9"),
+            ("step_seconds", "step s"),
+        ]
     lines = [
         f"| method (scope) | {' | '.join(c[1] for c in columns)} |",
         "|---" * (len(columns) + 1) + "|",
@@ -232,10 +309,10 @@ def table(summary: dict, seeds: int) -> str:
     for key, row in summary.items():
         cells = []
         for name, _ in columns:
-            mean, std = row[name]
+            mean, _, half = row[name]
             digits_ = 3 if name == "step_seconds" else 2
             cells.append(
-                f"{mean:.{digits_}f} ± {std:.{digits_}f}" if seeds > 1 else f"{mean:.{digits_}f}"
+                f"{mean:.{digits_}f} ± {half:.{digits_}f}" if seeds > 1 else f"{mean:.{digits_}f}"
             )
         lines.append(f"| {key} | {' | '.join(cells)} |")
     return "\n".join(lines)
@@ -253,8 +330,8 @@ def plots(results: dict, summary: dict, out: str) -> None:
         for key, row in summary.items():
             if not key.endswith(f"({scope})"):
                 continue
-            x, xe = row["style_unseen"]
-            y, ye = row["content_all"]
+            x, _, xe = row["style_unseen"]
+            y, _, ye = row["content_all"]
             ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, label=key.split(" ")[0])
         ax.set(
             xlabel="style on unseen classes 5-9",
@@ -266,9 +343,9 @@ def plots(results: dict, summary: dict, out: str) -> None:
     fig.savefig(os.path.join(out, "style_vs_content.png"), dpi=110)
     plt.close(fig)
 
-    metrics = ("style_seen", "style_unseen", "content_all")
+    metrics = ("style_seen", "style_unseen", "frame_all", "content_all")
     fig, axes = plt.subplots(
-        len(scopes), len(metrics), figsize=(14, 3.5 * len(scopes)), squeeze=False
+        len(scopes), len(metrics), figsize=(18, 3.5 * len(scopes)), squeeze=False
     )
     for row_axes, scope in zip(axes, scopes, strict=True):
         for ax, metric in zip(row_axes, metrics, strict=True):
@@ -285,14 +362,72 @@ def plots(results: dict, summary: dict, out: str) -> None:
     plt.close(fig)
 
 
+def collect_parts(out: str) -> dict[str, list[dict]]:
+    """Every finished (method, scope, seed) under <out>/parts, as {key: runs by seed}."""
+    found: dict[str, list[dict]] = {}
+    parts = os.path.join(out, "parts")
+    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else ():
+        method, rest = name[: -len(".json")].split("_", 1)
+        scope = rest[: rest.rindex("_seed")]
+        with open(os.path.join(parts, name)) as f:
+            found.setdefault(f"{method} ({scope})", []).append(json.load(f))
+    order = [f"{m} ({s})" for s in SCOPES for m in METHODS]
+    return {
+        key: sorted(found[key], key=lambda r: r["seed"])
+        for key in sorted(found, key=lambda k: order.index(k) if k in order else len(order))
+    }
+
+
+def check_setting(out: str, setting: dict) -> None:
+    """The parts in `out` were made with `setting`, or `out` is new: parts of two settings
+    must not merge into one table."""
+    path = os.path.join(out, "setting.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != setting:
+            changed = sorted(
+                k for k in setting.keys() | saved.keys() if saved.get(k) != setting.get(k)
+            )
+            raise SystemExit(
+                f"error: {out} holds parts of another setting (differs in {changed}); "
+                "use another --out"
+            )
+        return
+    with open(path, "w") as f:
+        json.dump(setting, f, indent=1)
+
+
+def base_references(args, base, reference, classifier) -> tuple[dict, str]:
+    """Scores of the base model's samples (content prompts, and for `frame` the painting
+    prompt) and the fingerprint of its weights."""
+    base_run = runs.load_trained(os.path.join(args.cache, "base"))
+    sampler = sampling.make_sampler(base, base.sample, base_run.model, base_run.params)
+    labels = np.repeat(np.arange(10), args.per_class)
+    captions = [digits.caption(int(d)) for d in labels]
+    prompts = {"base model, content prompt": captions}
+    if args.testbed == "frame":
+        prompts["base model, painting prompt"] = [
+            PAINTING_PROMPT.format(caption=c) for c in captions
+        ]
+    scores = {}
+    for name, texts in prompts.items():
+        images = sampler.generate(texts, list(range(len(texts))))
+        scores[name] = score(images, labels, reference, classifier)
+        slug = "base" if "content" in name else "base_painting"
+        save_grid(images, labels, args.per_class, os.path.join(args.out, f"grid_{slug}.png"))
+    return scores, params_fingerprint(base_run.params)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/style")
     parser.add_argument("--cache", default="/tmp/nsync-style-bench")
+    parser.add_argument("--testbed", default="frame", choices=TESTBEDS)
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps and images")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--base_steps", type=int, default=3000)
+    parser.add_argument("--base_steps", type=int, default=12000)
     parser.add_argument("--style_count", type=int, default=40)
     parser.add_argument("--per_class", type=int, default=10, help="eval images per digit")
     parser.add_argument("--evals", type=int, default=5, help="eval points per run")
@@ -304,34 +439,39 @@ def main() -> None:
         args.seeds, args.steps, args.per_class, args.evals = 1, 150, 6, 4
         args.base_steps = min(args.base_steps, 1200)
     os.makedirs(args.out, exist_ok=True)
-    # The negatives depend on the base model: one cache folder per base length.
-    args.cache = os.path.join(args.cache, f"base-{args.base_steps}")
+    # The negatives depend on the base model: one cache folder per testbed and base length.
+    args.cache = os.path.join(args.cache, f"{args.testbed}-base-{args.base_steps}")
     started = time.perf_counter()
     timings = {}
 
     tick = time.perf_counter()
-    base = base_config(args.cache, args.base_steps)
+    base = base_config(args.cache, args.base_steps, args.testbed)
     base_dir = os.path.join(args.cache, "base")
     if checkpoint.latest_step(base_dir) != args.base_steps:  # Made once, then reused.
         train.train(base, base_dir)
     timings["base_seconds"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    probe = style_config(args.cache, args.base_steps, args.style_count, "nsync-paper", "unet", 1)
+    probe = style_config(
+        args.cache, args.base_steps, args.style_count, "nsync-paper", "unet", 1, args.testbed
+    )
     store = negatives.generate_store(probe)
     if not store.complete:
         raise RuntimeError(f"negatives store {store.path} is incomplete")
     timings["negatives_seconds"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    reference = style_metrics.StyleReference.fit(RESOLUTION)
+    reference = style_metrics.StyleReference.fit(RESOLUTION, framed=args.testbed == "frame")
     classifier = style_metrics.ContentClassifier(RESOLUTION)
     timings["scorers_seconds"] = time.perf_counter() - tick
     print(f"content classifier held-out accuracy: {classifier.test_accuracy:.3f}")
 
-    # References: the real style set, plain and styled digits, the base model, negatives.
+    # References: real digits in each rendering, the base model, its negatives.
     ref_scores = {}
-    for rendering in ("plain", "styled"):
+    renderings = ("plain", "styled") + (
+        ("framed", "styled_framed") if args.testbed == "frame" else ()
+    )
+    for rendering in renderings:
         real = digits.digits_examples(RESOLUTION, rendering)
         real_labels = np.asarray([digits.NAMES.index(c.split()[-1]) for c in real.captions])
         ref_scores[f"real {rendering} digits"] = score(
@@ -341,51 +481,83 @@ def main() -> None:
     neg_images = np.stack([negs.image(i) for i in range(len(negs))])
     neg_labels = np.asarray([digits.NAMES.index(c.split()[-1]) for c in negs.captions])
     ref_scores["negatives (base model)"] = score(neg_images, neg_labels, reference, classifier)
-    base_run = runs.load_trained(os.path.join(args.cache, "base"))
-    base_sampler = sampling.make_sampler(base, base.sample, base_run.model, base_run.params)
-    base_prompts = [digits.caption(d) for d in range(10) for _ in range(args.per_class)]
-    base_labels = np.repeat(np.arange(10), args.per_class)
-    base_images = base_sampler.generate(base_prompts, list(range(len(base_prompts))))
-    ref_scores["base model, content prompt"] = score(
-        base_images, base_labels, reference, classifier
+    base_scores, base_fingerprint = base_references(args, base, reference, classifier)
+    ref_scores.update(base_scores)
+    base_content = base_scores["base model, content prompt"]["content_all"]
+    print(f"base {base_fingerprint[:12]}: content {base_content:.3f} on plain prompts", end="")
+    if args.testbed == "frame":
+        frame = base_scores["base model, painting prompt"]["frame_all"]
+        print(f", frame {frame:.3f} on painting prompts", end="")
+    print(" (below 0.9 content: train the base longer)" if base_content < 0.9 else "")
+    check_setting(
+        args.out,
+        {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("out", "methods", "scopes", "seeds", "quick")
+        }
+        | {"base_fingerprint": base_fingerprint},
     )
-    save_grid(base_images, base_labels, args.per_class, os.path.join(args.out, "grid_base.png"))
 
     seeds = list(range(args.seeds))
     eval_steps = sorted({round(i * args.steps / (args.evals - 1)) for i in range(args.evals)})
-    results, samplers = {}, {}
+    samplers = {}
     for scope in args.scopes.split(","):
         for method in args.methods.split(","):
             key = f"{method} ({scope})"
             tick = time.perf_counter()
             config = style_config(
-                args.cache, args.base_steps, args.style_count, method, scope, args.steps
+                args.cache,
+                args.base_steps,
+                args.style_count,
+                method,
+                scope,
+                args.steps,
+                args.testbed,
             )
-            grid = os.path.join(args.out, f"grid_{method}_{scope}.png")
-            results[key] = run_method(
-                config, seeds, eval_steps, args.per_class, reference, classifier, grid, samplers
+            done = run_method(
+                config,
+                key,
+                seeds,
+                eval_steps,
+                args.per_class,
+                reference,
+                classifier,
+                args.out,
+                samplers,
             )
-            final = np.mean([r["final"]["style_unseen"] for r in results[key]])
-            content = np.mean([r["final"]["content_all"] for r in results[key]])
+            final = np.mean([r["final"]["style_unseen"] for r in done])
+            content = np.mean([r["final"]["content_all"] for r in done])
             print(
                 f"{key}: style(5-9) {final:.3f} content {content:.3f} "
-                f"step {results[key][0]['step_seconds'] * 1e3:.0f} ms "
+                f"step {done[0]['step_seconds'] * 1e3:.0f} ms "
                 f"({time.perf_counter() - tick:.0f} s)",
                 flush=True,
             )
+    results = collect_parts(args.out)  # Every part made so far, by any sitting.
     summary = summarize(results)
-    text = table(summary, len(seeds))
+    text = table(summary, max(r["seeds"] for r in summary.values()), args.testbed)
     print(text)
     timings["total_seconds"] = time.perf_counter() - started
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(text + "\n")
+    sittings_path = os.path.join(args.out, "sittings.json")
+    sittings = json.load(open(sittings_path)) if os.path.exists(sittings_path) else []
+    sittings.append({"command": " ".join(sys.argv), "timings": timings})
+    with open(sittings_path, "w") as f:
+        json.dump(sittings, f, indent=1)
     record = {
         "args": vars(args),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "jax": jax.__version__,
+            "diffusers": importlib.metadata.version("diffusers"),
+            "transformers": importlib.metadata.version("transformers"),
+            "numpy": np.__version__,
         },
+        "base_fingerprint": base_fingerprint,
+        "sittings": sittings,
         "classifier_test_accuracy": classifier.test_accuracy,
         "stripe_reference_band_ratio": reference.band_ratio,
         "references": ref_scores,

@@ -14,6 +14,10 @@ learned model, so it means the same thing for every method:
   and 0.01 at 16 px; styled ones about 0.8 and 1.0 (means over the data set). A
   spectral (phase-free) measure separated worse at 8 px: strokes are as fine as stripes.
 - style: the mean of the two.
+- frame: the testbed's shared "painting" attribute (`digits.FRAME`): fraction of the
+  one-pixel border nearer the frame colour than the grey axis and the style ramps. With
+  `region=interior` the two style measures skip that border, so a frame does not count
+  against them and they measure the unique style alone.
 
 Content (`ContentClassifier`) is a scikit-learn logistic regression trained once on the
 digits in all four renderings (plain, styled, palette only, stripes only), so it reads the
@@ -37,9 +41,8 @@ def _segment_distance(pixels: np.ndarray, start: np.ndarray, end: np.ndarray) ->
     return np.linalg.norm(pixels - (start + t[..., None] * direction), axis=-1)
 
 
-def palette_score(images: np.ndarray) -> np.ndarray:
-    """Per image: fraction of pixels nearer the style ramps than the grey axis."""
-    pixels = images.astype(np.float32) / 255.0
+def _ramp_and_grey(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distances of pixels [..., 3] in [0, 1] to the style's colour ramps and to grey."""
     grey = _segment_distance(pixels, np.zeros(3), np.ones(3))
     ramp = np.minimum(
         _segment_distance(pixels, digits.BACKGROUND, digits.INK),
@@ -49,36 +52,77 @@ def palette_score(images: np.ndarray) -> np.ndarray:
             digits.BACKGROUND + (digits.INK - digits.BACKGROUND) * digits.STRIPE_DARKEN,
         ),
     )
-    return (ramp < grey).mean(axis=(1, 2))
+    return ramp, grey
 
 
-def band_ratio(images: np.ndarray) -> np.ndarray:
-    """Per image: mean luminance above the image's darkest pixel on the dark stripe bands
-    over that on the bright bands (≈1 without stripes, ≈0.55 with)."""
+def _region(images: np.ndarray, region: np.ndarray | None) -> np.ndarray:
+    return np.ones(images.shape[1:3], bool) if region is None else region
+
+
+def interior(resolution: int) -> np.ndarray:
+    """Bool [R, R]: every pixel but the one-pixel frame."""
+    return ~digits.border_mask(resolution)
+
+
+def palette_score(images: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
+    """Per image: fraction of pixels (of `region`, default all) nearer the style ramps
+    than the grey axis."""
+    ramp, grey = _ramp_and_grey(images[:, _region(images, region)].astype(np.float32) / 255.0)
+    return (ramp < grey).mean(axis=1)
+
+
+def frame_score(images: np.ndarray) -> np.ndarray:
+    """Per image: fraction of border pixels nearer the frame colour than the grey axis and
+    the style ramps."""
+    pixels = images[:, digits.border_mask(images.shape[1])].astype(np.float32) / 255.0
+    ramp, grey = _ramp_and_grey(pixels)
+    frame = np.linalg.norm(pixels - digits.FRAME, axis=-1)
+    return (frame < np.minimum(ramp, grey)).mean(axis=1)
+
+
+def band_ratio(images: np.ndarray, region: np.ndarray | None = None) -> np.ndarray:
+    """Per image: mean luminance above the darkest pixel on the dark stripe bands over
+    that on the bright bands (≈1 without stripes, ≈0.55 with), within `region`."""
+    inside = _region(images, region)
     luminance = images.astype(np.float32).mean(axis=-1) / 255.0
-    luminance = luminance - luminance.min(axis=(1, 2), keepdims=True)
+    luminance = luminance - np.where(inside, luminance, np.inf).min(axis=(1, 2), keepdims=True)
     dark = digits.stripe_mask(images.shape[1])
-    return luminance[:, dark].mean(axis=1) / np.maximum(luminance[:, ~dark].mean(axis=1), 1e-6)
+    bright_mean = luminance[:, ~dark & inside].mean(axis=1)
+    return luminance[:, dark & inside].mean(axis=1) / np.maximum(bright_mean, 1e-6)
 
 
 @dataclasses.dataclass(frozen=True)
 class StyleReference:
-    """The median band ratio of styled real digits: what the stripe score calls 1."""
+    """The median band ratio of real digits in the style: what the stripe score calls 1.
+
+    Attributes:
+      band_ratio: that median.
+      region: bool [R, R] of the pixels the style measures read; None for all.
+    """
 
     band_ratio: float
+    region: np.ndarray | None = None
 
     @classmethod
-    def fit(cls, resolution: int) -> StyleReference:
-        styled = digits.digits_examples(resolution, "styled").images
-        return cls(float(np.median(band_ratio(styled))))
+    def fit(cls, resolution: int, framed: bool = False) -> StyleReference:
+        """From `styled` digits, or `styled_framed` ones read inside the frame."""
+        region = interior(resolution) if framed else None
+        styled = digits.digits_examples(resolution, "styled_framed" if framed else "styled")
+        return cls(float(np.median(band_ratio(styled.images, region))), region)
 
 
 def style_scores(images: np.ndarray, reference: StyleReference) -> dict[str, np.ndarray]:
-    """Per image {"palette", "stripes", "style"} in [0, 1], from uint8 [N, R, R, 3]."""
-    palette = palette_score(images)
-    contrast = (1.0 - band_ratio(images)) / (1.0 - reference.band_ratio)
+    """Per image {"palette", "stripes", "style", "frame"} in [0, 1], from uint8
+    [N, R, R, 3]; the first three read `reference.region`."""
+    palette = palette_score(images, reference.region)
+    contrast = (1.0 - band_ratio(images, reference.region)) / (1.0 - reference.band_ratio)
     stripes = np.clip(contrast, 0.0, 1.0)
-    return {"palette": palette, "stripes": stripes, "style": 0.5 * (palette + stripes)}
+    return {
+        "palette": palette,
+        "stripes": stripes,
+        "style": 0.5 * (palette + stripes),
+        "frame": frame_score(images),
+    }
 
 
 class ContentClassifier:

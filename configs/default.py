@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.latent_batch_size = 16  # Images per VAE call when building the latent cache.
     config.data.digits_classes = tuple(range(10))  # "digits" source: classes kept.
     config.data.digits_count = 0  # "digits" source: images kept (0: all of those classes).
-    config.data.digits_rendering = "plain"  # "digits" source: "plain" or "styled" images.
+    config.data.digits_rendering = "plain"  # "digits" source: a digits.RENDERINGS or MIXES name.
 
     config.negatives = ml_collections.ConfigDict()
     config.negatives.source = "demo"  # Where negatives come from: "demo" or "store" (a folder).
@@ -92,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.mode = "nsync"  # "nsync" (projected g+) or "finetune" (the baseline).
-    config.train.scope = "textual_inversion"  # "unet", "textual_inversion", "lora" or "lora_ti".
+    config.train.scope = "textual_inversion"  # unet, unet_text_encoder, textual_inversion, lora(_ti).
     config.train.num_steps = 8000  # Optimizer updates.
     config.train.batch_size = 2  # Global batch per branch (positives; negatives alike).
     config.train.grad_accum = 1  # Micro-batches per step (each branch accumulated, then projected).

@@ -5,6 +5,8 @@ tree (the only one that gets gradients and optimizer state) and a frozen tree, a
 them back for `apply`. Scopes are chosen by name from `config.train.scope`:
 
 - `unet`: every UNet parameter trains (full fine-tuning; our headline).
+- `unet_text_encoder`: the UNet and the whole CLIP text encoder train (diffusers' and
+  kohya's `--train_text_encoder`; what pretraining a base from scratch needs).
 - `textual_inversion`: one new placeholder token, initialised from a word's embedding,
   spliced into the frozen CLIP embedding table; only that row trains (what the NSYNC
   reference code trains).
@@ -89,6 +91,20 @@ class UnetScope(Scope):
 
     def trained_components(self) -> tuple[str, ...]:
         return ("unet",)
+
+
+class UnetTextEncoderScope(Scope):
+    name = "unet_text_encoder"
+
+    def split(self, params: Params) -> tuple[Any, Params]:
+        frozen = {k: v for k, v in params.items() if k not in ("unet", "text_encoder")}
+        return {"unet": params["unet"], "text_encoder": params["text_encoder"]}, frozen
+
+    def merge(self, trainable: Any, frozen: Params) -> Params:
+        return {**frozen, **trainable}
+
+    def trained_components(self) -> tuple[str, ...]:
+        return ("unet", "text_encoder")
 
 
 def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
@@ -255,6 +271,8 @@ def make_scope(
         return lora_scope, model, params
     if train_config.scope == "unet":
         return UnetScope(), model, params
+    if train_config.scope == "unet_text_encoder":
+        return UnetTextEncoderScope(), model, params
     if train_config.scope == "textual_inversion":
         model, params, token_id = add_placeholder_token(
             model, params, train_config.style_token, train_config.initializer_token
@@ -263,4 +281,4 @@ def make_scope(
     raise ValueError(f"train.scope={train_config.scope!r}: expected one of {sorted(SCOPES)}")
 
 
-SCOPES = ("lora", "lora_ti", "textual_inversion", "unet")
+SCOPES = ("lora", "lora_ti", "textual_inversion", "unet", "unet_text_encoder")

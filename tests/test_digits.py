@@ -37,6 +37,28 @@ def test_renderings_differ_in_palette_and_stripes_only():
     assert np.array_equal(stripes[:, ~dark], plain[:, ~dark])
 
 
+def test_framed_renderings_add_the_frame_only():
+    intensity = digits.upsample(digits.load_raw()[0][:4], 8)
+    border = digits.border_mask(8)
+    assert border.sum() == 28 and not border[1:-1, 1:-1].any()
+    for framed, unframed in (("framed", "plain"), ("styled_framed", "styled")):
+        with_frame = digits.render(intensity, framed)
+        without = digits.render(intensity, unframed)
+        np.testing.assert_array_equal(with_frame[:, ~border], without[:, ~border])
+        assert (with_frame[:, border] == [40, 170, 60]).all()
+
+
+def test_base_mix_holds_each_digit_plain_and_framed_with_the_painting_caption():
+    mix = digits.digits_examples(8, "plain+framed", (3, 7), 6, seed=1)
+    plain = digits.digits_examples(8, "plain", (3, 7), 6, seed=1)
+    framed = digits.digits_examples(8, "framed", (3, 7), 6, seed=1)
+    assert mix.ids == plain.ids + tuple(f"{i}-framed" for i in plain.ids)
+    assert mix.captions == plain.captions + tuple(
+        c + " in the style of painting" for c in plain.captions
+    )
+    np.testing.assert_array_equal(mix.images, np.concatenate([plain.images, framed.images]))
+
+
 def test_bad_selection_is_an_error():
     labels = digits.load_raw()[1]
     with pytest.raises(ValueError, match="digits_classes"):

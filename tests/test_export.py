@@ -194,6 +194,28 @@ def test_unet_export_with_base_converts_only_the_unet(unet_export, tmp_path):
     np.testing.assert_array_equal(unet["conv_in.weight"], np.transpose(kernel, (3, 2, 0, 1)))
 
 
+def test_unet_text_encoder_export_converts_both_and_copies_the_vae(unet_export, tmp_path):
+    base, model, params = unet_export
+    params = {
+        **params,
+        "unet": _perturb(params["unet"], 12),
+        "text_encoder": _perturb(params["text_encoder"], 13),
+    }
+    output = export.export_pipeline(
+        model, params, str(tmp_path / "ft"), scope=scope_lib.UnetTextEncoderScope(), base_dir=base
+    )
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert filecmp.cmp(os.path.join(base, vae), os.path.join(output, vae), shallow=False)
+    unet = load_file(os.path.join(output, "unet", "diffusion_pytorch_model.safetensors"))
+    kernel = params["unet"]["conv_in"]["kernel"]  # HWIO -> OIHW
+    np.testing.assert_array_equal(unet["conv_in.weight"], np.transpose(kernel, (3, 2, 0, 1)))
+    text = load_file(os.path.join(output, "text_encoder", "model.safetensors"))
+    np.testing.assert_array_equal(
+        text["text_model.embeddings.token_embedding.weight"],
+        params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"],
+    )
+
+
 def test_key_check_names_the_tensor(unet_export):
     output, model, params = unet_export
     state = export.torch_state_dict(params["unet"])

@@ -26,6 +26,31 @@ def test_unet_scope_round_trip(tiny):
     assert s.merge(trainable, frozen) == params
 
 
+def test_unet_text_encoder_scope_trains_both(tiny):
+    model, params = tiny
+    train = demo.get_config().train
+    train.scope = "unet_text_encoder"
+    s, _, params = scope.make_scope(train, model, params)
+    trainable, frozen = s.split(params)
+    assert set(trainable) == {"unet", "text_encoder"} and set(frozen) == {"vae"}
+    assert s.merge(trainable, frozen) == params
+    assert s.trained_components() == ("unet", "text_encoder")
+
+    # The diffusion output depends on both trainable parts: each gets a gradient.
+    ids = model.tokenize(["a red circle"])
+    latents = jnp.ones((1, *model.latent_shape))
+
+    def f(t):
+        merged = s.merge(t, frozen)
+        context = model.encode_text(merged["text_encoder"], ids)
+        return jnp.sum(model.predict_noise(merged["unet"], latents, jnp.array([10]), context) ** 2)
+
+    grads = jax.grad(f)(trainable)
+    for part in ("unet", "text_encoder"):
+        norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[part]))
+        assert norm > 0, part
+
+
 def test_textual_inversion_adds_one_trainable_row(tiny):
     model, params = tiny
     train = demo.get_config().train

@@ -45,3 +45,23 @@ def test_content_classifier_reads_digits_in_every_rendering():
     assert classifier.accuracy(noise, np.zeros(200, int)) < 0.4
     with pytest.raises(ValueError, match="8px"):
         classifier.predict(np.zeros((1, 16, 16, 3), np.uint8))
+
+
+def test_frame_and_unique_style_are_measured_apart():
+    """The testbed's shared attribute (the frame) and its unique style (palette + stripes,
+    read inside the frame) each move only their own score."""
+    framed_reference = style_metrics.StyleReference.fit(8, framed=True)
+    scores = {
+        r: style_metrics.style_scores(
+            digits.digits_examples(8, r, count=200).images, framed_reference
+        )
+        for r in ("plain", "framed", "styled", "styled_framed")
+    }
+    for r in ("framed", "styled_framed"):
+        assert scores[r]["frame"].min() == 1.0
+    for r in ("plain", "styled"):
+        assert scores[r]["frame"].max() == 0.0
+    # Inside the frame, a frame changes nothing: the unique style reads the same.
+    np.testing.assert_allclose(scores["styled_framed"]["style"], scores["styled"]["style"])
+    np.testing.assert_allclose(scores["framed"]["style"], scores["plain"]["style"])
+    assert scores["styled_framed"]["style"].mean() > 0.8 > 0.15 > scores["framed"]["style"].mean()

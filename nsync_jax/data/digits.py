@@ -5,7 +5,13 @@ download). They are upsampled to the model resolution and rendered as RGB either
 
 - `plain`: white ink on black, grey levels only; or
 - `styled`: the benchmark's "painter": a navy background, orange ink, and diagonal
-  stripes (period 4 px along x+y) that darken every other band of the ink.
+  stripes (period 4 px along x+y) that darken every other band of the ink;
+- `framed` / `styled_framed`: the same with a one-pixel green frame around the image, the
+  testbed's generic "painting" attribute (what every painting has: a frame), shared by
+  the style set and by the base model's "in the style of painting" images;
+- `plain+framed`: every digit twice, plain ("a handwritten digit seven") and framed
+  ("a handwritten digit seven in the style of painting"): the base model's pretraining
+  set, so that "painting" means the frame to it.
 
 Captions describe content only: "a handwritten digit seven". Ids are `digit-<index>`,
 the index into sklearn's array, so any subset pairs with any other rendering by id.
@@ -19,11 +25,14 @@ from PIL import Image
 from nsync_jax.data.examples import Examples
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-RENDERINGS = ("plain", "styled", "palette", "stripes")
+RENDERINGS = ("plain", "styled", "palette", "stripes", "framed", "styled_framed")
+MIXES = {"plain+framed": ("plain", "framed")}  # Renderings a source concatenates.
 BACKGROUND = np.array([25.0, 35.0, 100.0]) / 255.0  # Navy.
 INK = np.array([245.0, 160.0, 40.0]) / 255.0  # Orange.
 STRIPE_PERIOD = 4  # Pixels along x+y; bands of half this width.
 STRIPE_DARKEN = 0.55  # Ink brightness on the dark bands.
+FRAME = np.array([40.0, 170.0, 60.0]) / 255.0  # Green: far from grey, navy and orange.
+PAINTING = " in the style of painting"  # Caption suffix of framed images in `plain+framed`.
 
 
 def caption(label: int) -> str:
@@ -57,6 +66,13 @@ def stripe_mask(resolution: int) -> np.ndarray:
     return ((x + y) // (STRIPE_PERIOD // 2)) % 2 == 1
 
 
+def border_mask(resolution: int) -> np.ndarray:
+    """Bool [R, R]: the one-pixel frame."""
+    mask = np.ones((resolution, resolution), bool)
+    mask[1:-1, 1:-1] = False
+    return mask
+
+
 def render(intensity: np.ndarray, rendering: str) -> np.ndarray:
     """uint8 [N, R, R, 3] images of [N, R, R] ink intensities in [0, 1].
 
@@ -64,7 +80,11 @@ def render(intensity: np.ndarray, rendering: str) -> np.ndarray:
     trains on them too, so it reads the digit whatever part of the style a model learned.
     """
     if rendering not in RENDERINGS:
-        raise ValueError(f"rendering {rendering!r} is not one of {RENDERINGS}")
+        raise ValueError(f"rendering {rendering!r} is not one of {RENDERINGS + tuple(MIXES)}")
+    if rendering.endswith("framed"):
+        unframed = render(intensity, "styled" if rendering == "styled_framed" else "plain")
+        frame = np.round(FRAME * 255.0).astype(np.uint8)
+        return np.where(border_mask(intensity.shape[-1])[None, :, :, None], frame, unframed)
     ink = intensity[..., None]
     if rendering in ("stripes", "styled"):
         dark = stripe_mask(intensity.shape[-1])[None, :, :, None]
@@ -95,12 +115,22 @@ def select(
 def digits_examples(
     resolution: int, rendering: str, classes=tuple(range(10)), count: int = 0, seed: int = 0
 ) -> Examples:
-    """The digits of `classes` (`count` of them, 0: all) rendered `rendering`."""
+    """The digits of `classes` (`count` of them, 0: all) rendered `rendering` (or each
+    rendering of a mix in `MIXES`, one after the other; ids of the second and later carry
+    the rendering's name, captions of framed ones the "painting" suffix)."""
     intensity, labels = load_raw()
     index = select(labels, classes, count, seed)
-    images = render(upsample(intensity[index], resolution), rendering)
-    return Examples(
-        tuple(f"digit-{i:04d}" for i in index),
-        images,
-        tuple(caption(int(labels[i])) for i in index),
-    )
+    upsampled = upsample(intensity[index], resolution)
+    if rendering not in MIXES:
+        return Examples(
+            tuple(f"digit-{i:04d}" for i in index),
+            render(upsampled, rendering),
+            tuple(caption(int(labels[i])) for i in index),
+        )
+    ids, images, captions = [], [], []
+    for n, part in enumerate(MIXES[rendering]):
+        ids += [f"digit-{i:04d}" + (f"-{part}" if n else "") for i in index]
+        images.append(render(upsampled, part))
+        suffix = PAINTING if part.endswith("framed") else ""
+        captions += [caption(int(labels[i])) + suffix for i in index]
+    return Examples(tuple(ids), np.concatenate(images), tuple(captions))

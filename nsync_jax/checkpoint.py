@@ -96,6 +96,14 @@ ADDED_FIELDS = {
     "log.val_every": 0,
     "sample.every": 0,
     "sample.prompts": (),
+    "data.styles": (),
+    "train.supcon_weight": 0.0,
+    "train.supcon_projected": False,
+    "train.supcon_temperature": 0.07,
+    "train.supcon_base_temperature": 0.07,
+    "train.supcon_encoder": "",
+    "train.supcon_views": "noise",
+    "train.supcon_view_template": "{style} style, {caption}",
 }
 
 # Checksums are float32 sums; a resume on another mesh may sum in another order.

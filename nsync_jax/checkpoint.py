@@ -96,7 +96,7 @@ ADDED_FIELDS = {
     "log.val_every": 0,
     "sample.every": 0,
     "sample.prompts": (),
-    "data.styles": (),
+    "data.styles": [],  # As JSON (what the saved config holds and is compared in).
     "train.supcon_weight": 0.0,
     "train.supcon_projected": False,
     "train.supcon_temperature": 0.07,

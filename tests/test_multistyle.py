@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from configs import default, multistyle_digits
-from nsync_jax import diffusion, errors, runs, style_contrast, supcon, train
+from nsync_jax import diffusion, errors, export, runs, style_contrast, supcon, train
 from nsync_jax import scope as scope_lib
 from nsync_jax import step as step_lib
 from nsync_jax.data import pipeline, sources, styles
@@ -134,6 +134,17 @@ def test_textual_inversion_learns_one_row_per_style(tiny_sd):
     np.testing.assert_array_equal(table[: s.token_id], base[: s.token_id])
     with pytest.raises(ValueError, match="distinct"):
         scope_lib.add_placeholder_tokens(*tiny_sd, ("<a>", "<a>"), "painting")
+
+
+def test_export_refuses_several_learned_tokens(tiny_sd, tmp_path):
+    model, params = tiny_sd
+    config = default.get_config()
+    s, model, params = scope_lib.make_scope(
+        config.train, model, params, style_tokens=("<a>", "<b>")
+    )
+    with pytest.raises(ValueError, match="learned 2 style tokens"):
+        export.export_pipeline(model, params, str(tmp_path / "out"), scope=s)
+    assert not os.path.exists(tmp_path / "out")  # Refused before writing anything.
 
 
 # --- the SupCon term ----------------------------------------------------------------------------

@@ -153,6 +153,12 @@ def _validate_styles(config: ml_collections.ConfigDict) -> None:
         raise errors.ConfigError(
             "train.supcon_weight > 0 contrasts style labels: set data.styles (several styles)"
         )
+    if supcon.enabled and supcon.encoder != style_contrast.TINY_ENCODER:
+        if not os.path.isdir(supcon.encoder):  # Before any data or weights are read.
+            raise errors.NotFound(
+                f"train.supcon_encoder={supcon.encoder!r} is not a folder: expected a Hugging "
+                "Face CLIP folder (config.json + weights), e.g. the one of eval.cmmd_weights"
+            )
 
 
 def _validate_negatives(config: ml_collections.ConfigDict) -> None:

@@ -170,6 +170,29 @@ def test_config_checks_for_styles_and_supcon():
         train.validate_config(one_style)
 
 
+def test_the_encoder_is_a_hugging_face_clip_folder_or_tiny(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = _digits_config()
+    config.train.supcon_encoder = str(tmp_path / "missing")
+    with pytest.raises(errors.NotFound, match="is not a folder"):
+        train.validate_config(config)
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=4, image_size=16, patch_size=4, projection_dim=8)  # fmt: skip
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)).save_pretrained(tmp_path / "clip")
+    config.train.supcon_encoder = str(tmp_path / "clip")
+    train.validate_config(config)
+    settings = style_contrast.SupconSettings.from_config(config.train)
+    encoder, encoder_params = style_contrast.load_encoder(settings, 0)
+    assert encoder.projection_dim == 8 and encoder.config.image_size == 16
+    pixels = jax.random.uniform(jax.random.key(0), (3, 3, 8, 8), minval=-1, maxval=1)
+    embeddings = style_contrast.embed(encoder, encoder_params, pixels)
+    assert embeddings.shape == (3, 8)
+    np.testing.assert_allclose(jnp.linalg.norm(embeddings, axis=-1), 1.0, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def digits_model():
     return runs.build_base(_digits_config())

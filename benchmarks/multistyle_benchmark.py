@@ -111,7 +111,8 @@ def score(images_by_style, labels, reference, classifier) -> dict[str, float]:
         if rendering in LEAK:
             leak.append(out[f"{rendering}/{LEAK[rendering]}"])
     out["own_style"] = float(np.mean(own))
-    out["leakage"] = float(np.mean(leak))
+    if leak:  # `styled` alone has both ingredients: nothing can leak into it.
+        out["leakage"] = float(np.mean(leak))
     out["content"] = float(np.mean(content))
     return out
 

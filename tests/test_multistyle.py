@@ -198,8 +198,10 @@ def digits_model():
     return runs.build_base(_digits_config())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("views", ["noise", "captions"])
 def test_supcon_term_is_supcon_of_the_x0_embeddings(digits_model, views):
+    """About 65 s for the first view on a shared 2-core machine (compiles), 5 s the next."""
     model, params = digits_model
     config = _digits_config()
     config.train.supcon_views = views
@@ -225,23 +227,28 @@ def test_supcon_term_is_supcon_of_the_x0_embeddings(digits_model, views):
     draws = {} if aux.draws is None else aux.draws(latents.shape, jax.random.key(2))
 
     # By hand: both branches' x̂0, through the identity VAE, embedded, then SupCon.
-    def x0(noisy, timesteps, ctx):
-        out = model.predict_noise(params["unet"], noisy, timesteps, ctx)
-        return model.decode_latents(
-            params["vae"], diffusion.predict_x0(schedule, noisy, timesteps, out)
-        )
+    @jax.jit
+    def by_hand(params, branch, draws):
+        def x0(noisy, timesteps, ctx):
+            out = model.predict_noise(params["unet"], noisy, timesteps, ctx)
+            return model.decode_latents(
+                params["vae"], diffusion.predict_x0(schedule, noisy, timesteps, out)
+            )
 
-    if views == "noise":
-        noisy2 = diffusion.add_noise(schedule, latents, draws["noise"], draws["timesteps"]).noisy
-        second = x0(noisy2, draws["timesteps"], context)
-    else:
-        ctx2 = model.encode_text(params["text_encoder"], branch["input_ids_view"])
-        second = x0(noised.noisy, t, ctx2)
-    first = x0(noised.noisy, t, context)
-    feats = jnp.stack(
-        [style_contrast.embed(encoder, encoder_params, x) for x in (first, second)], axis=1
-    )
-    want = supcon.supcon(feats, branch["label"])
+        if views == "noise":
+            noisy2 = diffusion.add_noise(schedule, latents, draws["noise"], draws["timesteps"])
+            second = x0(noisy2.noisy, draws["timesteps"], context)
+        else:
+            ctx2 = model.encode_text(params["text_encoder"], branch["input_ids_view"])
+            second = x0(noised.noisy, t, ctx2)
+        first = x0(noised.noisy, t, context)
+        feats = jnp.stack(
+            [style_contrast.embed(encoder, params[style_contrast.IMAGE_ENCODER], x)
+             for x in (first, second)], axis=1,
+        )  # fmt: skip
+        return supcon.supcon(feats, branch["label"])
+
+    want = by_hand(params, branch, draws)
     got = jax.jit(aux.fn)(params, branch, outputs, draws)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # The labels matter: all distinct gives another value (NT-Xent between the views).

@@ -290,7 +290,7 @@ def test_a_multistyle_step_logs_the_supcon_term_and_keeps_the_encoder_frozen():
 @pytest.mark.slow
 def test_launch_train_runs_the_digits_form_and_resumes(tmp_path):
     """`launch/train.py` with configs/multistyle_digits.py: 4 steps, then 2 more resumed.
-    About 2 minutes on a shared 2-core machine (two process starts, two compiles)."""
+    About 4 minutes on a shared 2-core machine (two process starts, two compiles)."""
     workdir = str(tmp_path / "run")
 
     def launch(steps):

@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.digits_classes = tuple(range(10))  # "digits" source: classes kept.
     config.data.digits_count = 0  # "digits" source: images kept (0: all of those classes).
     config.data.digits_rendering = "plain"  # "digits" source: a digits.RENDERINGS or MIXES name.
+    config.data.styles = ()  # Several styles: ({"token", "label", data fields}, ...); () = one.
 
     config.negatives = ml_collections.ConfigDict()
     config.negatives.source = "demo"  # Where negatives come from: "demo" or "store" (a folder).
@@ -105,6 +106,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.noise_offset = 0.0  # Noise += this·N(0,1) per example and channel; 0 = off.
     config.train.timestep_min = 0  # Training timesteps are uniform in [timestep_min, timestep_max).
     config.train.timestep_max = -1  # Exclusive upper end; -1 = the noise schedule's T (1000).
+    config.train.supcon_weight = 0.0  # SupCon over style labels (needs data.styles); 0 = off.
+    config.train.supcon_projected = False  # SupCon's gradient before NSYNC's projection if True.
+    config.train.supcon_temperature = 0.07  # SupCon τ.
+    config.train.supcon_base_temperature = 0.07  # SupCon τ_base; the loss is scaled by τ/τ_base.
+    config.train.supcon_encoder = ""  # Frozen image encoder: HF CLIP folder, or "tiny" (tests).
+    config.train.supcon_views = "noise"  # Second branch: "noise" (another draw) or "captions".
+    config.train.supcon_view_template = "{style} style, {caption}"  # "captions" view's prompt.
 
     config.lora = ml_collections.ConfigDict()  # Read by train.scope "lora" and "lora_ti".
     config.lora.rank = 8  # r of every adapter.

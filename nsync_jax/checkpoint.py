@@ -97,6 +97,14 @@ ADDED_FIELDS = {
     "sample.every": 0,
     "sample.prompts": (),
     "data.buckets": (),
+    "data.styles": [],  # As JSON (what the saved config holds and is compared in).
+    "train.supcon_weight": 0.0,
+    "train.supcon_projected": False,
+    "train.supcon_temperature": 0.07,
+    "train.supcon_base_temperature": 0.07,
+    "train.supcon_encoder": "",
+    "train.supcon_views": "noise",
+    "train.supcon_view_template": "{style} style, {caption}",
 }
 
 # Checksums are float32 sums; a resume on another mesh may sum in another order.

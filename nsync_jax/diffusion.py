@@ -75,6 +75,20 @@ def add_noise(
     return NoisedBatch(noisy.astype(latents.dtype), timesteps, target)
 
 
+def predict_x0(
+    schedule: NoiseSchedule, noisy: jax.Array, timesteps: jax.Array, prediction: jax.Array
+) -> jax.Array:
+    """The model's estimate of the clean latents x̂0 from its output at `timesteps`, in fp32:
+    (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t for ε prediction, √ᾱ_t·x_t − √(1−ᾱ_t)·v̂ for v prediction
+    (both invert `add_noise` exactly when the prediction equals its target)."""
+    abar = schedule.alphas_cumprod[timesteps].astype(jnp.float32)
+    abar = abar.reshape((-1,) + (1,) * (noisy.ndim - 1))
+    x_t, out = noisy.astype(jnp.float32), prediction.astype(jnp.float32)
+    if schedule.prediction_type == "epsilon":
+        return (x_t - jnp.sqrt(1.0 - abar) * out) / jnp.sqrt(abar)
+    return jnp.sqrt(abar) * x_t - jnp.sqrt(1.0 - abar) * out
+
+
 @dataclasses.dataclass(frozen=True)
 class LossOptions:
     """How training draws timesteps and noise and weights the loss (module docstring).

@@ -260,6 +260,11 @@ def export_pipeline(
             "LoraScope.merged_params)"
         )
     trained = scope.trained_components()
+    if len(scope.token_ids) > 1:
+        raise ValueError(
+            f"the run learned {len(scope.token_ids)} style tokens (data.styles); exporting "
+            "several learned tokens is not supported yet (one embeddings file holds one)"
+        )
     vocab_size = table_rows if scope.token_id is None else scope.token_id
     if scope.token_id is not None and scope.token_id != table_rows - 1:
         raise ValueError(

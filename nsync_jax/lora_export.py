@@ -164,6 +164,11 @@ def export_lora(
     Returns:
       `output_dir`.
     """
+    if len(scope.token_ids) > 1:
+        raise ValueError(
+            f"the run learned {len(scope.token_ids)} style tokens (data.styles); exporting "
+            "several learned tokens is not supported yet (one embeddings file holds one)"
+        )
     save_lora_weights(
         trainable["lora"], scope.settings, output_dir, layout=layout, fold_alpha=fold_alpha
     )

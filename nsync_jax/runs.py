@@ -16,11 +16,17 @@ import ml_collections
 
 from nsync_jax import errors, hosts, models, weights
 from nsync_jax import scope as scope_lib
+from nsync_jax.data import styles
 
 Params = dict[str, Any]
 # "tiny": small random model from `model.tiny`; "random": a published architecture
 # (`model.architecture`) with random weights; "pretrained": a diffusers folder or hub id.
 MODEL_SOURCES = ("tiny", "random", "pretrained")
+
+
+def run_style_tokens(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The run's style words: one per style of `data.styles`, else `train.style_token`."""
+    return styles.run_tokens(config.data, config.train.style_token)
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -130,7 +136,9 @@ def load_trained(
         )
     model, params = build_base(config)
     hosts.sync("the base model built")  # Orbax's reads below use collectives (CPU: gloo).
-    scope, model, params = scope_lib.make_scope(config.train, model, params, config.lora)
+    scope, model, params = scope_lib.make_scope(
+        config.train, model, params, config.lora, run_style_tokens(config)
+    )
     trainable, frozen = scope.split(params)
     trainable, step = checkpoint.restore_trainable(
         workdir, checkpoint.abstract_like(trainable), step, field="ema" if ema else "trainable"

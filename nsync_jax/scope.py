@@ -9,7 +9,8 @@ them back for `apply`. Scopes are chosen by name from `config.train.scope`:
   kohya's `--train_text_encoder`; what pretraining a base from scratch needs).
 - `textual_inversion`: one new placeholder token, initialised from a word's embedding,
   spliced into the frozen CLIP embedding table; only that row trains (what the NSYNC
-  reference code trains).
+  reference code trains). A run of several styles (`data.styles`) adds one token per
+  style, consecutive rows, and trains those rows.
 - `lora`: low-rank adapters on chosen UNet (and text-encoder) layers (`lora.py`); the base
   stays frozen, in `lora.base_dtype`.
 - `lora_ti`: pivotal tuning, `lora` plus a textual-inversion token; both train and export.
@@ -34,17 +35,20 @@ Params = dict[str, Any]
 _EMBEDDING_PATH = ("text_model", "embeddings", "token_embedding", "embedding")
 
 
-def _token_row(params: Params, token_id: int) -> jax.Array:
-    """Row `token_id` of the text encoder's token-embedding table, as [1, D]."""
-    return _get_path(params["text_encoder"], _EMBEDDING_PATH)[token_id : token_id + 1]
+def _token_row(params: Params, token_id: int, count: int = 1) -> jax.Array:
+    """Rows `token_id` .. `token_id + count - 1` of the text encoder's token-embedding
+    table, as [count, D]."""
+    return _get_path(params["text_encoder"], _EMBEDDING_PATH)[token_id : token_id + count]
 
 
 def _with_token_row(params: Params, token_id: int, row: jax.Array, dtype: Any) -> Params:
-    """`params` with row `token_id` of the embedding table set to `row` ([1, D]); the
-    table and the row are both cast to `dtype` (the one splice every token scope uses)."""
+    """`params` with the embedding table's rows from `token_id` on set to `row`
+    ([count, D]); the table and the rows are both cast to `dtype` (the one splice every
+    token scope uses)."""
     path = ("text_encoder", *_EMBEDDING_PATH)
     table = _get_path(params, path).astype(dtype)
-    return _set_path(params, path, table.at[token_id].set(row[0].astype(dtype)))
+    rows = slice(token_id, token_id + row.shape[0])
+    return _set_path(params, path, table.at[rows].set(row.astype(dtype)))
 
 
 class Scope(abc.ABC):
@@ -53,11 +57,21 @@ class Scope(abc.ABC):
 
     Attributes:
       name: the `train.scope` value.
-      token_id: the learned placeholder token's id (the last embedding row), or None.
+      token_id: the learned placeholder token's id (the last embedding row), or None; with
+        several styles' tokens, the first of them.
+      token_count: how many placeholder tokens (consecutive ids from `token_id`) train.
     """
 
     name: str
     token_id: int | None = None
+    token_count: int = 1
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """Every learned placeholder token's id; () if the scope learns none."""
+        if self.token_id is None:
+            return ()
+        return tuple(range(self.token_id, self.token_id + self.token_count))
 
     @abc.abstractmethod
     def split(self, params: Params) -> tuple[Any, Params]:
@@ -123,17 +137,19 @@ def _set_path(tree: Any, path: tuple[str, ...], value: Any) -> Any:
 
 @dataclasses.dataclass
 class TextualInversionScope(Scope):
-    """One trainable token embedding row; everything else frozen.
+    """Trainable token embedding rows (one per style); everything else frozen.
 
     Attributes:
-      token_id: the placeholder's id in the (extended) tokenizer.
+      token_id: the (first) placeholder's id in the (extended) tokenizer.
+      token_count: placeholders, at ids `token_id` on; the trainable row is [count, D].
     """
 
     token_id: int
+    token_count: int = 1
     name: str = "textual_inversion"
 
     def split(self, params: Params) -> tuple[Any, Params]:
-        return {"token_embedding": _token_row(params, self.token_id)}, params
+        return {"token_embedding": _token_row(params, self.token_id, self.token_count)}, params
 
     def merge(self, trainable: Any, frozen: Params) -> Params:
         dtype = _get_path(frozen, ("text_encoder", *_EMBEDDING_PATH)).dtype
@@ -151,15 +167,29 @@ def add_placeholder_token(
     The new row starts as the embedding of `initializer` (the mean of its tokens' rows if
     the tokenizer splits it), as textual inversion does.
     """
+    return add_placeholder_tokens(model, params, (placeholder,), initializer)
+
+
+def add_placeholder_tokens(
+    model: models.StableDiffusion,
+    params: Params,
+    placeholders: tuple[str, ...],
+    initializer: str,
+) -> tuple[models.StableDiffusion, Params, int]:
+    """`add_placeholder_token` for several placeholders (one per style), at consecutive
+    ids; returns the first id. Every new row starts as `initializer`'s embedding."""
+    if len(set(placeholders)) != len(placeholders) or not placeholders:
+        raise ValueError(f"style tokens must be distinct and at least one: {placeholders}")
     tokenizer = copy.deepcopy(model.tokenizer)
-    # A word the vocabulary already has would be hijacked for every prompt that uses it.
-    known_word = len(tokenizer(placeholder, add_special_tokens=False).input_ids) == 1
-    if known_word or tokenizer.add_tokens(placeholder) != 1:
-        raise ValueError(
-            f"train.style_token {placeholder!r} is already in the tokenizer; "
-            "pick a new placeholder string such as '<monet>'"
-        )
-    token_id = tokenizer.convert_tokens_to_ids(placeholder)
+    for placeholder in placeholders:
+        # A word the vocabulary already has would be hijacked for every prompt using it.
+        known_word = len(tokenizer(placeholder, add_special_tokens=False).input_ids) == 1
+        if known_word or tokenizer.add_tokens(placeholder) != 1:
+            raise ValueError(
+                f"style token {placeholder!r} is already in the tokenizer; "
+                "pick a new placeholder string such as '<monet>'"
+            )
+    token_id = tokenizer.convert_tokens_to_ids(placeholders[0])
     init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
     if not init_ids:
         raise ValueError(f"train.initializer_token {initializer!r} tokenizes to nothing")
@@ -176,7 +206,8 @@ def add_placeholder_token(
             f"{table.shape[0]} rows; they must match before adding {placeholder!r}"
         )
     new_row = jnp.mean(table[jnp.asarray(init_ids)], axis=0, keepdims=True)
-    table = jnp.concatenate([table, new_row.astype(table.dtype)], axis=0)
+    new_rows = jnp.repeat(new_row, len(placeholders), axis=0)
+    table = jnp.concatenate([table, new_rows.astype(table.dtype)], axis=0)
     text_params = _set_path(params["text_encoder"], _EMBEDDING_PATH, table)
     text_config = copy.deepcopy(model.text_encoder.config)
     text_config.vocab_size = table.shape[0]
@@ -199,19 +230,21 @@ class LoraScope(Scope):
       settings: rank, alpha, targets, init and implementation.
       seed: seed of the adapters' random A.
       base_dtype: dtype of the frozen base (bfloat16 halves its memory).
-      token_id: the placeholder's id for pivotal tuning; None for plain LoRA.
+      token_id: the (first) placeholder's id for pivotal tuning; None for plain LoRA.
+      token_count: placeholders (one per style) at ids `token_id` on.
     """
 
     settings: lora.LoraSettings
     seed: int
     base_dtype: Any
     token_id: int | None = None
+    token_count: int = 1
     name: str = "lora"
 
     def split(self, params: Params) -> tuple[Any, Params]:
         trainable = {"lora": lora.init_adapters(params, self.settings, self.seed)}
         if self.token_id is not None:
-            row = _token_row(params, self.token_id)
+            row = _token_row(params, self.token_id, self.token_count)
             trainable["token_embedding"] = row.astype(lora.ADAPTER_DTYPE)
         return trainable, models.cast_floating(params, self.base_dtype)
 
@@ -243,21 +276,26 @@ def make_scope(
     model: models.StableDiffusion,
     params: Params,
     lora_config: ml_collections.ConfigDict | None = None,
+    style_tokens: tuple[str, ...] | None = None,
 ) -> tuple[Scope, models.StableDiffusion, Params]:
     """The scope named by `train_config.scope`, with the model and params it needs.
 
     `lora_config` (`config.lora`) is required by the `lora` and `lora_ti` scopes. With
     `lora.implementation="intercept"` the returned model applies the adapters itself
-    (`lora.InterceptedStableDiffusion`).
+    (`lora.InterceptedStableDiffusion`). `style_tokens` are the run's style words
+    (`data.styles.run_tokens`); default `(train_config.style_token,)`. The token scopes
+    learn one placeholder per word.
     """
+    if style_tokens is None:
+        style_tokens = (train_config.style_token,)
     if train_config.scope in ("lora", "lora_ti"):
         if lora_config is None:
             raise ValueError(f"train.scope={train_config.scope!r} needs the `lora` config group")
         settings = lora.LoraSettings.from_config(lora_config)
         token_id = None
         if train_config.scope == "lora_ti":
-            model, params, token_id = add_placeholder_token(
-                model, params, train_config.style_token, train_config.initializer_token
+            model, params, token_id = add_placeholder_tokens(
+                model, params, style_tokens, train_config.initializer_token
             )
         if settings.implementation == "intercept":
             model = lora.InterceptedStableDiffusion.wrap(model, settings.scale)
@@ -266,6 +304,7 @@ def make_scope(
             seed=lora_config.seed,
             base_dtype=models.dtype_from_name(lora_config.base_dtype),
             token_id=token_id,
+            token_count=len(style_tokens),
             name=train_config.scope,
         )
         return lora_scope, model, params
@@ -274,10 +313,10 @@ def make_scope(
     if train_config.scope == "unet_text_encoder":
         return UnetTextEncoderScope(), model, params
     if train_config.scope == "textual_inversion":
-        model, params, token_id = add_placeholder_token(
-            model, params, train_config.style_token, train_config.initializer_token
+        model, params, token_id = add_placeholder_tokens(
+            model, params, style_tokens, train_config.initializer_token
         )
-        return TextualInversionScope(token_id), model, params
+        return TextualInversionScope(token_id, len(style_tokens)), model, params
     raise ValueError(f"train.scope={train_config.scope!r}: expected one of {sorted(SCOPES)}")
 
 

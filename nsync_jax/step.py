@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from nsync_jax import diffusion, models
+from nsync_jax import diffusion, models, projection
 from nsync_jax.scope import Scope
 
 Batch = dict[str, dict[str, jax.Array]]
@@ -279,18 +279,23 @@ class AuxiliaryLoss:
     Attributes:
       name: its metric is `loss_<name>`.
       weight: its gradient enters the update scaled by this.
-      fn: `fn(params, branch, outputs) -> scalar`, with the merged parameters, the positive
-        branch and the diffusion forward's `outputs` (`make_branch_forward`).
+      fn: `fn(params, branch, outputs, draws) -> scalar`, with the merged parameters, the
+        positive branch, the diffusion forward's `outputs` (`make_branch_forward`) and
+        this loss's own random draws (`{}` without `draws`).
       projected: True adds its gradient to g+ before the NSYNC projection (the projection
         then also removes its component along g−); False adds it after the projection,
         untouched (`grads["unprojected"]`). Without a projection (`finetune`) both add it
         to the gradient.
+      draws: `draws(latent_shape, rng) -> {name: [B, ...] array}`, the further random
+        numbers `fn` needs (a second noise draw); made for the whole batch with the
+        branch's other draws, so micro-batches split them alike. None: no draws.
     """
 
     name: str
     weight: float
-    fn: Callable[[Any, dict, dict], jax.Array]
+    fn: Callable[[Any, dict, dict, dict], jax.Array]
     projected: bool
+    draws: Callable[[tuple[int, ...], jax.Array], dict] | None = None
 
 
 # --- gradients ---------------------------------------------------------------------------------
@@ -357,7 +362,9 @@ def make_gradients(
     Returns:
       `gradients`, whose `grads` hold `"positive"`, in nsync mode `"negative"`, and with an
       unprojected auxiliary loss `"unprojected"`; `metrics` hold `loss_pos`, `loss_neg`
-      and `loss_<name>` of each auxiliary loss (unweighted).
+      and `loss_<name>` of each auxiliary loss (unweighted); with auxiliary losses also
+      `grad_norm_diffusion` (the diffusion loss's gradient alone), `grad_norm_aux` (the
+      weighted auxiliary gradient, projected or not) and `cosine_aux`, their cosine.
     """
     if negative_every < 1:
         raise ValueError(f"negative_every must be >= 1, got {negative_every}")
@@ -385,9 +392,13 @@ def make_gradients(
 
         return fn
 
+    any_projected = any(a.projected for a in auxiliary)
+    any_bypass = any(not a.projected for a in auxiliary)
+
     def positive_branch(trainable, frozen):
         """(losses, grads) of the diffusion loss and the auxiliary losses: one forward,
-        one backward for what the projection sees and one for what bypasses it."""
+        one backward for what the projection sees, one for the projected auxiliary
+        gradient alone (the metrics need it apart) and one for what bypasses it."""
         if not auxiliary:
             return plain_branch(trainable, frozen)
         projected = jnp.array([a.weight if a.projected else 0.0 for a in auxiliary])
@@ -397,16 +408,54 @@ def make_gradients(
             def objective(t):
                 loss, outputs = forward(t, frozen, branch, draws)
                 params = scope.merge(t, frozen)
-                return loss, jnp.stack([a.fn(params, branch, outputs) for a in auxiliary])
+                own = draws.get("auxiliary", {})
+                values = [a.fn(params, branch, outputs, own.get(a.name, {})) for a in auxiliary]
+                return loss, jnp.stack(values)
 
             (loss, aux_losses), vjp = jax.vjp(objective, trainable)
             losses = {"loss": loss, **{a.name: aux_losses[i] for i, a in enumerate(auxiliary)}}
+            zero = jnp.zeros_like(loss)
             grads = {"grad": constrain(vjp((jnp.ones_like(loss), projected))[0])}
-            if any(not a.projected for a in auxiliary):
-                grads["unprojected"] = constrain(vjp((jnp.zeros_like(loss), bypass))[0])
+            if any_projected:
+                grads["projected_aux"] = constrain(vjp((zero, projected))[0])
+            if any_bypass:
+                grads["unprojected"] = constrain(vjp((zero, bypass))[0])
             return losses, grads
 
         return fn
+
+    def positive_draws(branch, post_rng, noise_rng):
+        out = draws_fn(branch, post_rng, noise_rng)
+        own = {}
+        for i, a in enumerate(auxiliary):
+            if a.draws is not None:
+                # Keys of their own: the diffusion draws stay those of a run without them.
+                key = jax.random.fold_in(noise_rng, 1000 + i)
+                own[a.name] = a.draws(_latent_shape_nchw(model, branch), key)
+        if own:
+            out["auxiliary"] = own
+        return out
+
+    def auxiliary_metrics(pos):
+        """Norms of the diffusion and the (weighted) auxiliary gradients and their cosine."""
+        parts = [pos[k] for k in ("projected_aux", "unprojected") if k in pos]
+        g_aux = parts[0] if len(parts) == 1 else jax.tree.map(jnp.add, *parts)
+        g_diff = pos["grad"]
+        if "projected_aux" in pos:
+            g_diff = jax.tree.map(jnp.subtract, g_diff, pos["projected_aux"])
+        dd, aa = projection.tree_dot(g_diff, g_diff), projection.tree_dot(g_aux, g_aux)
+        da = projection.tree_dot(g_diff, g_aux)
+        nonzero = (dd > 0) & (aa > 0)
+        cosine = jnp.where(
+            nonzero,
+            da / (jnp.sqrt(jnp.where(nonzero, dd, 1.0)) * jnp.sqrt(jnp.where(nonzero, aa, 1.0))),
+            0.0,
+        )
+        return {
+            "grad_norm_diffusion": jnp.sqrt(dd),
+            "grad_norm_aux": jnp.sqrt(aa),
+            "cosine_aux": cosine,
+        }
 
     def gradients(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[Grads, Metrics]:
         pos_post, pos_noise, neg_post, neg_noise = jax.random.split(rng, 4)
@@ -417,13 +466,15 @@ def make_gradients(
             positive_branch(state.trainable, state.frozen),
             grad_accum,
             positive,
-            draws_fn(positive, pos_post, pos_noise),
+            positive_draws(positive, pos_post, pos_noise),
         )
         grads = {"positive": pos["grad"]}
         if "unprojected" in pos:
             grads["unprojected"] = pos["unprojected"]
         metrics = {"loss_pos": losses.pop("loss")}
         metrics.update({f"loss_{name}": v for name, v in losses.items()})
+        if auxiliary:
+            metrics.update(auxiliary_metrics(pos))
         if nsync:
             negative = batch["negative"]
 

@@ -39,6 +39,7 @@ from nsync_jax import (
     runs,
     sampling,
     sharding,
+    style_contrast,
     unet_memory,
     validation,
 )
@@ -46,7 +47,7 @@ from nsync_jax import metrics as metrics_lib
 from nsync_jax import scope as scope_lib
 from nsync_jax import step as step_lib
 from nsync_jax.data import buckets as buckets_lib
-from nsync_jax.data import pipeline, sources
+from nsync_jax.data import pipeline, sources, styles
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -144,6 +145,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise errors.ConfigError(
             f"model.frozen_dtype={config.model.frozen_dtype!r} is not one of {('', *models.DTYPES)}"
         )
+    _validate_styles(config)
+
+
+def _validate_styles(config: ml_collections.ConfigDict) -> None:
+    """`data.styles` entries, and the SupCon term that needs their labels."""
+    several = styles.parse(config.data)
+    if several and "{style}" not in config.train.prompt_template:
+        raise errors.ConfigError(
+            f"data.styles gives each style its word, but train.prompt_template "
+            f"{config.train.prompt_template!r} has no {{style}}"
+        )
+    supcon = style_contrast.SupconSettings.from_config(config.train)
+    if supcon.enabled and not several:
+        raise errors.ConfigError(
+            "train.supcon_weight > 0 contrasts style labels: set data.styles (several styles)"
+        )
+    if supcon.enabled and supcon.encoder != style_contrast.TINY_ENCODER:
+        if not os.path.isdir(supcon.encoder):  # Before any data or weights are read.
+            raise errors.NotFound(
+                f"train.supcon_encoder={supcon.encoder!r} is not a folder: expected a Hugging "
+                "Face CLIP folder (config.json + weights), e.g. the one of eval.cmmd_weights"
+            )
 
 
 def _validate_negatives(config: ml_collections.ConfigDict) -> None:
@@ -261,6 +284,7 @@ class Built:
     tx: Any
     state: step_lib.TrainState  # Arrays, or `jax.ShapeDtypeStruct`s if built abstract.
     state_sharding: Any
+    auxiliary: tuple[step_lib.AuxiliaryLoss, ...] = ()  # The SupCon term, if on.
 
 
 def build_state(
@@ -274,14 +298,25 @@ def build_state(
 
     With `abstract=True`, `params` may be `jax.ShapeDtypeStruct`s and the state is shapes
     with their shardings: nothing is allocated (memory reports compile from these).
+    With `train.supcon_weight` > 0 the frozen image encoder's parameters join the frozen
+    tree (`style_contrast.IMAGE_ENCODER`) and `Built.auxiliary` holds the SupCon term.
     """
     _, step_rng = runs.run_keys(config.seed)
     tx = optim.make_optimizer(config)
     negative_every = step_lib.negative_every(config)
+    supcon = style_contrast.SupconSettings.from_config(config.train)
+    encoder = None
+    if supcon.enabled:
+        encoder, encoder_params = style_contrast.load_encoder(supcon, config.seed)
+        if abstract:
+            encoder_params = jax.eval_shape(lambda: encoder_params)
+        params = {**params, style_contrast.IMAGE_ENCODER: encoder_params}
     made = {}
 
     def split(params):
-        scope, scoped_model, params = scope_lib.make_scope(config.train, model, params, config.lora)
+        scope, scoped_model, params = scope_lib.make_scope(
+            config.train, model, params, config.lora, runs.run_style_tokens(config)
+        )
         made.update(scope=scope, model=scoped_model)
         trainable, frozen = scope.split(params)
         return trainable, runs.frozen_for_training(config, frozen)
@@ -311,7 +346,11 @@ def build_state(
         )
     else:
         state = jax.jit(init, out_shardings=state_sharding)(trainable, frozen)
-    return Built(made["model"], made["scope"], tx, state, state_sharding)
+    auxiliary = ()
+    if supcon.enabled:
+        options = diffusion.LossOptions.from_config(config.train)
+        auxiliary = (style_contrast.make_auxiliary(supcon, made["model"], encoder, options),)
+    return Built(made["model"], made["scope"], tx, state, state_sharding, auxiliary)
 
 
 def make_step_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, built: Built) -> Any:
@@ -324,6 +363,7 @@ def make_step_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, bui
         trainable_shardings=built.state_sharding.trainable,
         negative_every=step_lib.negative_every(config),
         grad_accum=config.train.grad_accum,
+        auxiliary=built.auxiliary,
         ema_decay=config.train.ema_decay,
     )
     return jax.jit(
@@ -342,7 +382,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     validate_config(config)
     mesh = make_mesh(config, devices)
     logging.info("%s", hosts.describe(mesh))
-    positives = sources.load_positives(config.data, config.model.resolution)
+    positives, style_index = sources.load_styled(config.data, config.model.resolution)
     held_out = None
     if config.data.val_count:
         positives, held_out = validation.split_validation(
@@ -366,6 +406,11 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
         buckets, multiple, f"the VAE and the UNet halve each side {multiple.bit_length() - 1} times"
     )
 
+    supcon = style_contrast.SupconSettings.from_config(config.train)
+    view_template = None
+    if supcon.enabled and supcon.views == "captions":
+        view_template = supcon.view_template
+
     def paired(positives, negatives, random_flip, caption_dropout, buckets=()):
         return pipeline.PairedBatches(
             positives,
@@ -379,6 +424,8 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
             on_bad_image=config.data.on_bad_image,
             caption_dropout=caption_dropout,
             buckets=buckets,
+            styles=style_index,
+            view_template=view_template,
         )
 
     batches = paired(
@@ -529,7 +576,8 @@ def _run(
     config_file: str | None = None,
 ) -> step_lib.TrainState:
     """Restores (if resuming), then runs the loop until the end or a stop signal."""
-    frozen_summary = checkpoint.tree_summary(trainer.state.frozen)
+    # The run's model only: the SupCon encoder is named by the config, which is checked.
+    frozen_summary = checkpoint.tree_summary(style_contrast.model_part(trainer.state.frozen))
     data = checkpoint.data_fingerprint(trainer.batches)
     state = trainer.state
     if resume_step is not None:

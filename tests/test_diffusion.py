@@ -125,3 +125,19 @@ def test_timestep_range_past_the_schedule_is_an_error():
     for options in (diffusion.LossOptions(timestep_max=1001), diffusion.LossOptions(1000)):
         with pytest.raises(errors.ConfigError, match="schedule has 1000 timesteps"):
             options.timestep_range(schedule)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predict_x0_inverts_add_noise_given_the_target(prediction_type):
+    schedule = diffusion.make_schedule({**CONFIG, "prediction_type": prediction_type})
+    x0 = jax.random.normal(jax.random.key(2), (4, 4, 8, 8))
+    noise = jax.random.normal(jax.random.key(3), x0.shape)
+    t = jnp.array([0, 250, 700, 999])
+    noised = diffusion.add_noise(schedule, x0, noise, t)
+    got = diffusion.predict_x0(schedule, noised.noisy, t, noised.target)
+    np.testing.assert_allclose(got, x0, rtol=1e-4, atol=2e-4)
+    # The other parameterisation's formula does not invert it: the test can fail.
+    other = "epsilon" if prediction_type == "v_prediction" else "v_prediction"
+    wrong = diffusion.predict_x0(schedule._replace(prediction_type=other), noised.noisy, t,
+                                 noised.target)  # fmt: skip
+    assert not np.allclose(wrong, x0, atol=1e-2)

@@ -277,7 +277,7 @@ def test_without_ema_the_state_has_none_and_saves_none():
         step.make_apply(tx, nsync=False, ema_decay=1.0)
 
 
-def _prediction_energy(params, branch, outputs):
+def _prediction_energy(params, branch, outputs, draws):
     return jnp.mean(jnp.square(outputs["prediction"].astype(jnp.float32)))
 
 
@@ -300,7 +300,7 @@ def test_auxiliary_loss_goes_through_the_projection_only_when_asked(projected):
 
     def aux_only(t):
         outputs = forward(t, state.frozen, batch["positive"], draws)[1]
-        return weight * _prediction_energy(None, batch["positive"], outputs)
+        return weight * _prediction_energy(None, batch["positive"], outputs, {})
 
     g_alone = jax.jit(jax.grad(aux_only))(state.trainable)
     assert float(m_aux["loss_energy"]) > 0
@@ -315,6 +315,13 @@ def test_auxiliary_loss_goes_through_the_projection_only_when_asked(projected):
         jax.tree.map(close, g_aux["positive"], g_plain["positive"])
         jax.tree.map(close, g_aux["unprojected"], g_alone)
     jax.tree.map(close, g_aux["negative"], g_plain["negative"])
+    # The log's two gradients apart: the diffusion loss's and the weighted auxiliary one.
+    g_diff = g_plain["positive"]
+    norm = optim.optax.tree.norm
+    np.testing.assert_allclose(m_aux["grad_norm_diffusion"], norm(g_diff), rtol=2e-4)
+    np.testing.assert_allclose(m_aux["grad_norm_aux"], norm(g_alone), rtol=2e-4)
+    cosine = optim.optax.tree.vdot(g_diff, g_alone) / (norm(g_diff) * norm(g_alone))
+    np.testing.assert_allclose(m_aux["cosine_aux"], cosine, rtol=2e-3, atol=1e-5)
 
     # What apply hands the optimizer: the unprojected part is added after the projection.
     sgd = optim.optax.chain(projection.nsync_projection(), optim.optax.sgd(1.0))

@@ -8,6 +8,8 @@ uninterrupted one would, and the batches do not depend on how many hosts share t
 Negatives are paired with positives by example id. Caption dropout gives a row of a
 branch the empty prompt "" (what classifier-free guidance needs), drawn per branch from
 (seed, step) for the whole global batch, so it too is part of the pure function.
+A run of several styles (`styles.py`) gives each example its own style word in the prompt
+and the positive branch a `label` row.
 
 With aspect-ratio buckets (`data/buckets.py`) each global batch is drawn from one bucket
 instead, by `BucketPlan`, again a pure function of (seed, s); each image (and the negative
@@ -43,6 +45,7 @@ import numpy as np
 from nsync_jax.data import buckets as buckets_lib
 from nsync_jax.data.examples import BadImageError, ExampleSet, sha256_json, to_pixels
 from nsync_jax.data.latents import LatentCache, MomentsFn, build_latent_cache
+from nsync_jax.data.styles import StyleIndex
 
 ON_BAD_IMAGE = ("error", "skip")
 # First word of the caption-dropout draws' seed after the run's seed (flips use 1 and 2).
@@ -68,6 +71,11 @@ class PairedBatches:
       buckets: (height, width) aspect-ratio buckets (`data/buckets.py`); () serves square
         images at the sets' resolution, in the plain stream. Sizes are read at start
         (`ExampleSet.size`: file headers, no decoding).
+      styles: each example's style word and label (`styles.StyleIndex`, a run of several
+        styles): `{style}` becomes the example's own word instead of `style_token`, and
+        the positive branch carries a `label` row (int32 [B]).
+      view_template: a second prompt template; the positive branch then also carries its
+        token ids as `input_ids_view` (the second caption of a contrastive view).
     """
 
     def __init__(
@@ -85,6 +93,8 @@ class PairedBatches:
         on_bad_image: str = "error",
         caption_dropout: float = 0.0,
         buckets: Sequence[buckets_lib.Bucket] = (),
+        styles: StyleIndex | None = None,
+        view_template: str | None = None,
     ):
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
@@ -107,9 +117,23 @@ class PairedBatches:
         self.on_bad_image = on_bad_image
         self.bad: set[int] = set()  # Example indices found unreadable (on either branch).
         self.latents: dict[str, LatentCache] | None = None
-        prompts = [prompt_template.format(caption=c, style=style_token) for c in positives.captions]
+        self.labels = None
+        tokens = (style_token,) * len(positives)
+        if styles is not None:
+            tokens, self.labels = styles.of(positives.ids)
+        prompts = [
+            prompt_template.format(caption=c, style=t)
+            for c, t in zip(positives.captions, tokens, strict=True)
+        ]
         self.prompts = tuple(prompts)
         self.input_ids = np.asarray(tokenize(prompts), np.int32)
+        self.view_prompts = self.view_ids = None
+        if view_template is not None:
+            self.view_prompts = tuple(
+                view_template.format(caption=c, style=t)
+                for c, t in zip(positives.captions, tokens, strict=True)
+            )
+            self.view_ids = np.asarray(tokenize(list(self.view_prompts)), np.int32)
         self.caption_dropout = caption_dropout
         if caption_dropout:
             self.empty_ids = np.asarray(tokenize([""]), np.int32)[0]
@@ -193,6 +217,10 @@ class PairedBatches:
         }
         if self.buckets:
             fingerprint["buckets"] = self.buckets
+        if self.labels is not None:  # Only then: one-style runs keep their fingerprint.
+            fingerprint["labels_sha256"] = sha256_json(self.labels.tolist())
+        if self.view_prompts is not None:
+            fingerprint["view_prompts_sha256"] = sha256_json(list(self.view_prompts))
         # As the checkpoint's JSON gives it back (tuples become lists), so they compare.
         return json.loads(json.dumps(fingerprint))
 
@@ -303,6 +331,10 @@ class PairedBatches:
                 dropped = self._dropped(step, branch)
                 input_ids = np.where(dropped[:, None], self.empty_ids, input_ids)
             out[name]["input_ids"] = input_ids
+            if name == "positive" and self.labels is not None:
+                out[name]["label"] = self.labels[rows]
+            if name == "positive" and self.view_ids is not None:
+                out[name]["input_ids_view"] = self.view_ids[rows]
         return out
 
     def cache_latents(self, moments_fn: MomentsFn, batch_size: int, resolution: int) -> None:

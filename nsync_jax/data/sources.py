@@ -1,11 +1,11 @@
 """Where positives and negatives come from, chosen by `config.data.source` and
-`config.negatives.source`."""
+`config.negatives.source`; several styles in one run by `config.data.styles` (`styles.py`)."""
 
 from __future__ import annotations
 
 import ml_collections
 
-from nsync_jax.data import demo, folder, negatives_store, tfds_source
+from nsync_jax.data import demo, folder, negatives_store, styles, tfds_source
 from nsync_jax.data.examples import ExampleSet
 
 DATA_SOURCES = ("demo", "tfds", "folder", "digits")
@@ -13,7 +13,22 @@ NEGATIVE_SOURCES = ("demo", "store")
 
 
 def load_positives(data_config: ml_collections.ConfigDict, resolution: int) -> ExampleSet:
-    """The style set named by `data_config.source`; real sources decode images lazily."""
+    """The style set named by `data_config.source` (every style's, concatenated, when
+    `data_config.styles` is set); real sources decode images lazily."""
+    return load_styled(data_config, resolution)[0]
+
+
+def load_styled(
+    data_config: ml_collections.ConfigDict, resolution: int
+) -> tuple[ExampleSet, styles.StyleIndex | None]:
+    """The style set and, with `data_config.styles`, each example's style word and label
+    (None for a one-style run)."""
+    if not data_config.styles:
+        return _load_source(data_config, resolution), None
+    return styles.load(data_config, lambda style_config: _load_source(style_config, resolution))
+
+
+def _load_source(data_config: ml_collections.ConfigDict, resolution: int) -> ExampleSet:
     if data_config.source == "demo":
         return demo.demo_examples(data_config.demo_count, resolution, data_config.demo_seed, True)
     if data_config.source == "tfds":

@@ -93,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.mode = "nsync"  # "nsync" (projected g+) or "finetune" (the baseline).
-    config.train.scope = "textual_inversion"  # unet, unet_text_encoder, textual_inversion, lora(_ti).
+    config.train.scope = "textual_inversion"  # unet, unet_text_encoder, textual_inversion, lora*
     config.train.num_steps = 8000  # Optimizer updates.
     config.train.batch_size = 2  # Global batch per branch (positives; negatives alike).
     config.train.grad_accum = 1  # Micro-batches per step (each branch accumulated, then projected).

@@ -51,6 +51,15 @@ def test_styled_examples_prefix_ids_and_select_keeps_parts():
     assert both.fingerprint() != styles.StyledExamples([a, a]).fingerprint()
 
 
+def test_styled_examples_pass_sizes_and_bucket_shapes_through():
+    """Aspect-ratio buckets read sizes and ask for images at a bucket's shape."""
+    tall = Examples(("t0",), np.full((1, 16, 8, 3), 7, np.uint8), ("a tall one",))
+    both = styles.StyledExamples([_examples("x", 2, 10), tall])
+    assert both.size(2) == tall.size(0) == (16, 8) and both.size(0) == (8, 8)
+    assert both.image(2, (8, 4)).shape == (8, 4, 3)
+    np.testing.assert_array_equal(both.image(2, (8, 4)), tall.image(0, (8, 4)))
+
+
 def test_load_styled_gives_each_example_its_token_and_label():
     config = _digits_config()
     positives, index = sources.load_styled(config.data, 8)

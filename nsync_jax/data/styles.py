@@ -114,9 +114,13 @@ class StyledExamples:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def image(self, index: int) -> np.ndarray:
+    def image(self, index: int, size: tuple[int, int] | None = None) -> np.ndarray:
         k, i = self.rows[index]
-        return self.parts[k].image(i)
+        return self.parts[k].image(i, size)
+
+    def size(self, index: int) -> tuple[int, int]:
+        k, i = self.rows[index]
+        return self.parts[k].size(i)
 
     def name(self, index: int) -> str:
         k, i = self.rows[index]

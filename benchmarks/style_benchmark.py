@@ -120,6 +120,7 @@ def style_config(
     scope: str,
     steps: int,
     testbed: str,
+    prompt: str = "{caption} in the style of {style}",
 ) -> default.ml_collections.ConfigDict:
     config = base_config(cache, base_steps, testbed)
     config.model.init_from = os.path.join(cache, "base")
@@ -136,7 +137,7 @@ def style_config(
     config.nsync.rule = rule
     config.nsync.negative_every = every
     config.train.scope = scope
-    config.train.prompt_template = "{caption} in the style of {style}"
+    config.train.prompt_template = prompt
     config.train.initializer_token = "painting" if testbed == "frame" else "drawing"
     config.train.batch_size = 8
     config.train.num_steps = steps
@@ -431,6 +432,12 @@ def main() -> None:
     parser.add_argument("--style_count", type=int, default=40)
     parser.add_argument("--per_class", type=int, default=10, help="eval images per digit")
     parser.add_argument("--evals", type=int, default=5, help="eval points per run")
+    parser.add_argument(
+        "--prompt",
+        default="{caption} in the style of {style}",
+        help='training and evaluation prompt; "{caption}, {style}" avoids the words that '
+        "make the frame testbed's base draw the frame before any training",
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--scopes", default=",".join(SCOPES))
     args = parser.parse_args()
@@ -514,6 +521,7 @@ def main() -> None:
                 scope,
                 args.steps,
                 args.testbed,
+                args.prompt,
             )
             done = run_method(
                 config,

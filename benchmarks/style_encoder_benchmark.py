@@ -523,6 +523,7 @@ def main() -> None:
         real[f"style_{key}"] = float(s["style"].mean())
         real[f"palette_distance_{key}"] = float(s["palette_distance"].mean())
         real[f"content_{key}"] = classifier.accuracy(images, labels)
+        real[f"plain_{key}"] = float((scorer.predict(images) == style_family.PLAIN).mean())
     del jobs
     timings = {}
     for seed in args.seeds:

@@ -1,0 +1,103 @@
+"""The style encoder benchmark's rendered styles and scorer, and a micro run of its driver."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+pytest.importorskip("sklearn")
+import style_family  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return style_family.StyleScorer(8, count=100)
+
+
+def test_styles_differ_and_keep_the_digit():
+    intensity = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
+    renders = [style_family.render_style(intensity, k) for k in range(len(style_family.STYLES))]
+    for k, image in enumerate(renders):
+        assert image.shape == (3, 8, 8, 3) and image.dtype == np.uint8
+        for other in renders[k + 1 :]:
+            assert not np.array_equal(image, other)
+    # Zero ink is the background colour everywhere.
+    blank = style_family.render_style(np.zeros((1, 8, 8), np.float32), 1)
+    assert (blank == np.asarray(style_family.STYLES[1].background, np.uint8)).all()
+    masks = [style_family.pattern_mask(p, 8) for p in style_family.PATTERNS]
+    assert all(m.mean() == 0.5 for m in masks)
+    assert len({m.tobytes() for m in masks}) == len(masks)
+    assert style_family.UNSEEN not in style_family.SEEN
+
+
+def test_each_style_scores_highest_on_its_own_real_images(scorer):
+    assert scorer.test_accuracy > 0.95
+    for k in range(len(style_family.STYLES)):
+        images, _, _ = style_family.style_images(k, 8, 60, seed=5)
+        style = [scorer.scores(images, j)["style"].mean() for j in range(len(style_family.STYLES))]
+        distance = [
+            scorer.scores(images, j)["palette_distance"].mean()
+            for j in range(len(style_family.STYLES))
+        ]
+        assert int(np.argmax(style)) == k and style[k] > 0.9
+        assert int(np.argmin(distance)) == k
+
+
+def test_plain_and_framed_digits_are_no_style(scorer):
+    from nsync_jax.data import digits
+
+    plain = digits.digits_examples(8, "plain", count=40).images
+    framed = digits.digits_examples(8, "framed", count=40).images
+    assert (scorer.predict(plain) == style_family.PLAIN).mean() > 0.9
+    assert (scorer.predict(framed) == style_family.PLAIN).mean() > 0.9  # Border not read.
+    for k in range(len(style_family.STYLES)):
+        own, _, _ = style_family.style_images(k, 8, 40, seed=5)
+        assert (
+            scorer.scores(plain, k)["palette_distance"].mean()
+            > 2 * scorer.scores(own, k)["palette_distance"].mean()
+        )
+
+
+def test_folder_set_has_digit_only_captions(tmp_path):
+    images, labels, index = style_family.style_images(2, 8, 5)
+    style_family.write_folder(str(tmp_path), images, labels, [f"x{i}" for i in index])
+    with open(tmp_path / "metadata.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["text"] for r in records] == [
+        f"a handwritten digit {style_family.digits.NAMES[d]}" for d in labels
+    ]
+    assert all((tmp_path / r["file_name"]).exists() for r in records)
+
+
+@pytest.mark.slow
+def test_driver_micro_end_to_end(tmp_path):
+    """Every method of one seed at micro sizes on the pretrained digits base; a second
+    sitting reruns nothing."""
+    import style_encoder_benchmark as driver
+
+    base = os.environ.get("NSYNC_DIGITS_BASE", driver.DEFAULT_BASE)
+    if not os.path.isdir(base):
+        pytest.skip(f"no pretrained digits base at {base} (style_benchmark.py --testbed frame)")
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "style_encoder_benchmark.py")]
+    flags = (
+        f"--out {tmp_path}/o --base {base} --seeds 0 --train_per_style 8 --refs 1 "
+        "--steps_per_batch 2 --stage2_epochs 1 --stage3_epochs 1 --ti_steps 2"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    subprocess.run([*command, *flags.split()], check=True, env=env)
+    with open(tmp_path / "o" / "results.json") as f:
+        record = json.load(f)
+    assert list(record["runs"]) == list(driver.METHODS)
+    assert "style_unseen" not in record["summary"]["stage1"]  # No vectors of unseen styles.
+    for method in driver.METHODS[1:]:
+        assert {"style_seen", "style_unseen", "content_seen"} <= set(record["summary"][method])
+    assert len(record["base_fingerprint"]) == 64
+    parts = sorted((tmp_path / "o" / "parts").iterdir())
+    times = [p.stat().st_mtime for p in parts]
+    subprocess.run([*command, *flags.split()], check=True, env=env)
+    assert [p.stat().st_mtime for p in parts] == times

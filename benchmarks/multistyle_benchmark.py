@@ -60,7 +60,7 @@ def token(rendering: str) -> str:
 
 
 def multistyle_config(args, method: str, steps: int):
-    config = style_benchmark.base_config(args.cache, args.base_steps)
+    config = style_benchmark.base_config(args.cache, args.base_steps, "original")
     config.model.init_from = os.path.join(args.cache, "base")
     config.negatives.source = "store"
     config.negatives.path = os.path.join(args.cache, "negatives")
@@ -204,18 +204,7 @@ COLUMNS = [
 
 
 def table(summary: dict, seeds: int) -> str:
-    lines = [
-        f"| method | {' | '.join(c[1] for c in COLUMNS)} |",
-        "|---" * (len(COLUMNS) + 1) + "|",
-    ]
-    for key, row in summary.items():
-        cells = []
-        for name, _ in COLUMNS:
-            mean, std = row[name]
-            n = 3 if name == "step_seconds" else 2
-            cells.append(f"{mean:.{n}f} ± {std:.{n}f}" if seeds > 1 else f"{mean:.{n}f}")
-        lines.append(f"| {key} | {' | '.join(cells)} |")
-    return "\n".join(lines)
+    return style_benchmark.markdown_table(summary, COLUMNS, seeds, "method")
 
 
 def plot(summary: dict, out: str) -> None:
@@ -252,12 +241,13 @@ def main() -> None:
     args = parser.parse_args()
     cli.quiet_library_logs()
     os.makedirs(args.out, exist_ok=True)
-    args.cache = os.path.join(args.cache, f"base-{args.base_steps}")
+    # The first testbed's base (plain digits only), cached as style_benchmark caches it.
+    args.cache = os.path.join(args.cache, f"original-base-{args.base_steps}")
     started = time.perf_counter()
     timings = {}
 
     tick = time.perf_counter()
-    base = style_benchmark.base_config(args.cache, args.base_steps)
+    base = style_benchmark.base_config(args.cache, args.base_steps, "original")
     base_dir = os.path.join(args.cache, "base")
     if checkpoint.latest_step(base_dir) != args.base_steps:
         train.train(base, base_dir)

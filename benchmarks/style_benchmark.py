@@ -303,18 +303,22 @@ def table(summary: dict, seeds: int, testbed: str = "original") -> str:
             ("content_unseen", "content 5-9"),
             ("step_seconds", "step s"),
         ]
+    return markdown_table(summary, columns, seeds, "method (scope)")
+
+
+def markdown_table(summary: dict, columns, seeds: int, label: str) -> str:
+    """Rows of `summary` ({key: {metric: (mean, ..., spread)}}) as markdown: the mean, and
+    ± the tuple's last value (std or interval half-width) when there are several seeds."""
     lines = [
-        f"| method (scope) | {' | '.join(c[1] for c in columns)} |",
+        f"| {label} | {' | '.join(c[1] for c in columns)} |",
         "|---" * (len(columns) + 1) + "|",
     ]
     for key, row in summary.items():
         cells = []
         for name, _ in columns:
-            mean, _, half = row[name]
-            digits_ = 3 if name == "step_seconds" else 2
-            cells.append(
-                f"{mean:.{digits_}f} ± {half:.{digits_}f}" if seeds > 1 else f"{mean:.{digits_}f}"
-            )
+            mean, spread = row[name][0], row[name][-1]
+            n = 3 if name == "step_seconds" else 2
+            cells.append(f"{mean:.{n}f} ± {spread:.{n}f}" if seeds > 1 else f"{mean:.{n}f}")
         lines.append(f"| {key} | {' | '.join(cells)} |")
     return "\n".join(lines)
 

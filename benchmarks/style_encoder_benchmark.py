@@ -41,6 +41,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import style_encoder_stage1
 import style_family
 import style_metrics
 from style_benchmark import (
@@ -222,26 +223,11 @@ def stage1_fit(args, base: Base, workdir: str, seed: int, draws: int = 8) -> dic
     prompts = [base.template.format(caption=c, style="sks") for c in examples.captions]
     ids = np.asarray(base.model.tokenize(prompts), np.int32)
     pixels = to_pixels(np.stack([examples.image(i) for i in range(len(examples))]))
-    diffusion_loss = stages.make_diffusion_loss(base.model)
-    keys = jax.random.split(jax.random.key(1000 + seed), draws)
-    model, sks = base.model, base.placeholder_id
-
-    @jax.jit
-    def per_image(params, rows):
-        def one(key):
-            def image(row, px, i, k):
-                context = splice.encode_spliced(
-                    model, params["text_encoder"], i[None], row[None], sks
-                )
-                return diffusion_loss(params, px[None], context, k)
-
-            image_keys = jax.random.split(key, rows.shape[0])
-            return jax.vmap(image)(rows, pixels, ids, image_keys)
-
-        return jnp.mean(jax.vmap(one)(keys), axis=0)
-
-    trained = np.asarray(per_image(base.params, bank["bank"]))
-    untrained = np.asarray(per_image(base.params, initial["bank"]))
+    per_image = style_encoder_stage1.make_per_image_loss(
+        base.model, base.placeholder_id, seed, draws
+    )
+    trained = np.asarray(per_image(base.params, bank["bank"], pixels, ids))
+    untrained = np.asarray(per_image(base.params, initial["bank"], pixels, ids))
     curve = []
     metrics_path = os.path.join(where, "metrics.jsonl")
     if os.path.exists(metrics_path):

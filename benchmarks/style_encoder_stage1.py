@@ -59,6 +59,30 @@ def config_for(seed: int, count: int, steps_per_batch: int):
     return config
 
 
+def make_per_image_loss(model, sks: int, seed: int, draws: int):
+    """Jitted `(params, rows [N, 8, D], pixels, input_ids) -> [N]`: each image's denoising
+    loss with its style vectors spliced in, averaged over `draws` fixed noise draws of
+    `seed` (the same draws for every call, so banks compare)."""
+    diffusion_loss = stages.make_diffusion_loss(model)
+    keys = jax.random.split(jax.random.key(1000 + seed), draws)
+
+    @jax.jit
+    def per_image_loss(params, rows, pixels, input_ids):
+        def one(key):
+            def image(row, px, ids, k):
+                context = splice.encode_spliced(
+                    model, params["text_encoder"], ids[None], row[None], sks
+                )
+                return diffusion_loss(params, px[None], context, k)
+
+            image_keys = jax.random.split(key, rows.shape[0])
+            return jax.vmap(image)(rows, pixels, input_ids, image_keys)
+
+        return jnp.mean(jax.vmap(one)(keys), axis=0)
+
+    return per_image_loss
+
+
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
     """One seed's stage 1 with the scores of the module doc."""
     tick = time.perf_counter()
@@ -69,22 +93,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     # parameters of the state it is given, never those of the first one.
     model, sks = stage.model, stage.placeholder_id
     initial = np.asarray(stage.state.trainable["bank"])
-    diffusion_loss = stages.make_diffusion_loss(model)
-    keys = jax.random.split(jax.random.key(1000 + seed), args.draws)
-
-    @jax.jit
-    def per_image_loss(frozen, rows, pixels, input_ids, keys=keys):
-        def one(key):
-            def image(row, px, ids, k):
-                context = splice.encode_spliced(
-                    model, frozen["text_encoder"], ids[None], row[None], sks
-                )
-                return diffusion_loss(frozen, px[None], context, k)
-
-            image_keys = jax.random.split(key, rows.shape[0])
-            return jax.vmap(image)(rows, pixels, input_ids, image_keys)
-
-        return jnp.mean(jax.vmap(one)(keys), axis=0)
+    per_image_loss = make_per_image_loss(model, sks, seed, args.draws)
 
     def score(frozen, bank, index):
         examples = stage.batches.examples

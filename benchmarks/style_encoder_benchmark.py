@@ -64,7 +64,7 @@ from nsync_jax.style_encoder import splice, stages  # noqa: E402
 
 DEFAULT_BASE = "/tmp/nsync-style-bench/frame-base-12000/base"
 RESOLUTION = 8
-METHODS = ("stage1", "stage2", "stage3", "stage3-slice", "textual_inversion")
+METHODS = ("stage1", "stage2", "stage3", "stage3-slice", "textual_inversion", "words")
 SCOPE = "digits"  # part_path's "(scope)": one setting here.
 
 
@@ -158,7 +158,16 @@ class Base:
             combine = sampling.classifier_free(self.settings.guidance_scale)
             return denoise(params, contexts, combine, image_seeds, seed)
 
+        def draw_text(params, ids, uncond_ids, image_seeds, seed):
+            text = model.encode_text(params["text_encoder"], ids)
+            uncond = model.encode_text(params["text_encoder"], uncond_ids)
+            uncond = jnp.broadcast_to(uncond, text.shape).astype(text.dtype)
+            contexts = jnp.stack([uncond, text], axis=1)
+            combine = sampling.classifier_free(self.settings.guidance_scale)
+            return denoise(params, contexts, combine, image_seeds, seed)
+
         self._draw = jax.jit(draw)
+        self._draw_text = jax.jit(draw_text)
         self.template = style_encoder.get_config().style.prompt_template
         self.uncond_ids = np.asarray(self.model.tokenize([self.settings.negative_prompt]), np.int32)
 
@@ -174,6 +183,18 @@ class Base:
             ids,
             self.uncond_ids,
             np.arange(len(labels), dtype=np.uint32),
+            np.uint32(seed),
+        )
+        return sampling.to_uint8(np.asarray(out))
+
+    def generate_text(self, prompts: list[str], seed: int) -> np.ndarray:
+        """uint8 images of plain prompts (no spliced tokens), one per prompt."""
+        ids = np.asarray(self.model.tokenize(prompts), np.int32)
+        out = self._draw_text(
+            self.params,
+            ids,
+            self.uncond_ids,
+            np.arange(len(prompts), dtype=np.uint32),
             np.uint32(seed),
         )
         return sampling.to_uint8(np.asarray(out))
@@ -388,6 +409,10 @@ def run_seed(args, seed: int, base: Base, data: dict, scorer, classifier) -> Non
                 "train_seconds": train_seconds,
             }
             write(method, record, images)
+    if not done("words"):  # What the base draws from the style's own caption words.
+        prompts = [style_family.palette_caption(d, style_family.STYLES[k]) for k, _, d in jobs]
+        images = base.generate_text(prompts, seed)
+        write("words", {"scores": score_images(images, jobs, scorer, classifier)}, images)
     if not done("textual_inversion"):
         timings, images = run_textual_inversion(args, seed, refs, jobs, scorer, classifier)
         record = {"scores": score_images(images, jobs, scorer, classifier), "timings": timings}

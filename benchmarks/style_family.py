@@ -66,7 +66,11 @@ def pattern_mask(pattern: str, resolution: int) -> np.ndarray:
 
 def render_style(intensity: np.ndarray, k: int) -> np.ndarray:
     """uint8 [N, R, R, 3] of ink intensities [N, R, R] in [0, 1] in style `k`."""
-    style = STYLES[k]
+    return render(intensity, STYLES[k])
+
+
+def render(intensity: np.ndarray, style: Style) -> np.ndarray:
+    """uint8 [N, R, R, 3] of ink intensities [N, R, R] in [0, 1] in `style`."""
     dark = pattern_mask(style.pattern, intensity.shape[-1])[None]
     ink = np.where(dark, intensity * digits.STRIPE_DARKEN, intensity)[..., None]
     background = np.asarray(style.background, np.float32) / 255.0
@@ -93,6 +97,90 @@ def write_folder(path: str, images: np.ndarray, labels: np.ndarray, names: list[
             Image.fromarray(image).save(os.path.join(path, f"{name}.png"))
             f.write(json.dumps({"file_name": f"{name}.png", "text": digits.caption(int(label))}))
             f.write("\n")
+
+
+# A vocabulary of styles for a base that can draw them (`palette_base.py`): dark
+# backgrounds, bright inks (brighter than every background, so the content classifier
+# reads the digit) and the patterns, each named by a word of its caption. Every colour
+# of `STYLES` is here under one name; their exact combinations are not drawn.
+BACKGROUNDS = {
+    "black": (10, 10, 10),
+    "navy": (25, 35, 100),
+    "green": (20, 70, 30),
+    "purple": (60, 20, 70),
+    "brown": (80, 45, 20),
+    "maroon": (90, 15, 25),
+    "teal": (10, 60, 70),
+}
+INKS = {
+    "orange": (245, 160, 40),
+    "cyan": (60, 220, 230),
+    "yellow": (240, 230, 80),
+    "pink": (250, 170, 210),
+    "sky": (150, 200, 250),
+    "white": (235, 235, 235),
+    "lime": (150, 240, 90),
+    "red": (240, 60, 50),
+}
+PATTERN_WORDS = dict(
+    zip(PATTERNS, ("diagonal", "rows", "columns", "checker", "antidiagonal"), strict=True)
+)
+
+
+def _name_of(colour: tuple[int, int, int], table: dict) -> str:
+    return next(name for name, value in table.items() if value == colour)
+
+
+def words(style: Style) -> str:
+    """The caption words of a style of the vocabulary: "orange on navy, diagonal"."""
+    ink, background = _name_of(style.ink, INKS), _name_of(style.background, BACKGROUNDS)
+    return f"{ink} on {background}, {PATTERN_WORDS[style.pattern]}"
+
+
+def palette_caption(label: int, style: Style) -> str:
+    return f"{digits.caption(label)}, {words(style)}"
+
+
+def palette_styles(count: int, seed: int, jitter: int = 12) -> list[tuple[Style, Style]]:
+    """`count` random (named style, rendered style) pairs of the vocabulary, never one of
+    `STYLES`' combinations; the rendered colours are the named ones jittered by up to
+    ±`jitter` per channel (uniform)."""
+    rng = np.random.default_rng(seed)
+    family = {(s.background, s.ink, s.pattern) for s in STYLES}
+    out = []
+    while len(out) < count:
+        background = list(BACKGROUNDS.values())[rng.integers(len(BACKGROUNDS))]
+        ink = list(INKS.values())[rng.integers(len(INKS))]
+        pattern = PATTERNS[rng.integers(len(PATTERNS))]
+        if (background, ink, pattern) in family:
+            continue
+        named = Style("", background, ink, pattern)
+
+        def shift(colour):
+            moved = np.asarray(colour) + rng.integers(-jitter, jitter + 1, size=3)
+            return tuple(int(c) for c in np.clip(moved, 0, 255))
+
+        out.append((named, Style("", shift(background), shift(ink), pattern)))
+    return out
+
+
+def write_palette_folder(path: str, resolution: int, per_digit: int, seed: int) -> int:
+    """A `data.source='folder'` set: every scikit-learn digit in `per_digit` random
+    styles of the vocabulary, captioned with the digit and the style's words; returns
+    the number of images."""
+    intensity, labels = digits.load_raw()
+    intensity = digits.upsample(intensity, resolution)
+    styles = palette_styles(len(labels) * per_digit, seed)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "metadata.jsonl"), "w") as f:
+        for i, (named, rendered) in enumerate(styles):
+            index = i % len(labels)
+            image = render(intensity[index : index + 1], rendered)[0]
+            name = f"palette-{i:05d}.png"
+            Image.fromarray(image).save(os.path.join(path, name))
+            caption = palette_caption(int(labels[index]), named)
+            f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+    return len(styles)
 
 
 def interior(images: np.ndarray) -> np.ndarray:

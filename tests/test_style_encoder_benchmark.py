@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -72,6 +73,49 @@ def test_folder_set_has_digit_only_captions(tmp_path):
         f"a handwritten digit {style_family.digits.NAMES[d]}" for d in labels
     ]
     assert all((tmp_path / r["file_name"]).exists() for r in records)
+
+
+def test_palette_vocabulary_names_every_family_style_and_never_draws_one():
+    assert [style_family.words(s) for s in style_family.STYLES] == [
+        "orange on navy, diagonal",
+        "cyan on black, rows",
+        "yellow on green, columns",
+        "pink on purple, checker",
+        "sky on brown, antidiagonal",
+    ]
+    luminance = lambda c: sum(c) / 3  # noqa: E731
+    darkest_ink = min(luminance(c) for c in style_family.INKS.values())
+    assert all(luminance(c) < darkest_ink for c in style_family.BACKGROUNDS.values())
+    family = {(s.background, s.ink, s.pattern) for s in style_family.STYLES}
+    drawn = style_family.palette_styles(2000, seed=0)
+    assert not {(n.background, n.ink, n.pattern) for n, _ in drawn} & family
+    # Each family colour and pattern is drawn, in other combinations.
+    assert {n.background for n, _ in drawn} == set(style_family.BACKGROUNDS.values())
+    assert {n.ink for n, _ in drawn} == set(style_family.INKS.values())
+    for named, rendered in drawn[:50]:
+        assert rendered.pattern == named.pattern
+        shift = np.abs(np.subtract(rendered.ink, named.ink))
+        assert shift.max() <= 12
+    assert drawn[:20] == style_family.palette_styles(20, seed=0)  # Seeded.
+
+
+def test_palette_folder_captions_name_the_style_and_fit_the_tiny_tokenizer(tmp_path):
+    from nsync_jax import models
+
+    folder = tmp_path / "palette"
+    count = style_family.write_palette_folder(str(folder), 8, per_digit=1, seed=3)
+    with open(folder / "metadata.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert count == len(records) == 1797
+    assert records[0]["text"].startswith("a handwritten digit zero, ")
+    tokenizer_dir = models.write_tiny_tokenizer(str(tmp_path / "tok"), 32)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    longest = max(len(tokenizer(r["text"]).input_ids) for r in records)
+    assert longest <= 32  # The digits bases' max_length: no caption is truncated.
+    image = np.asarray(Image.open(folder / records[0]["file_name"]))
+    assert image.shape == (8, 8, 3)
 
 
 @pytest.mark.slow

@@ -8,8 +8,9 @@
   `weights.to_torch_layout` (the rule loading uses, run backwards): the UNet for the
   `unet` scope; for `textual_inversion`, the learned row goes to
   `learned_embeds.safetensors` as `{placeholder: [1, D]}` (diffusers' textual-inversion
-  format, for `pipe.load_textual_inversion(output_dir)`) and the text encoder and
-  tokenizer stay the base's, without the placeholder.
+  format, for `pipe.load_textual_inversion(output_dir)`; several styles' tokens go one
+  per file, `torch_files.save_learned_tokens`) and the text encoder and tokenizer stay
+  the base's, without the placeholders.
 - The frozen components are copied verbatim from the base folder when it has them in
   safetensors under our key names (byte for byte: no renaming to get wrong), else
   converted from our params: a tiny model, a base stored as `.bin` or Flax msgpack, or a
@@ -45,7 +46,7 @@ from safetensors.numpy import save_file
 
 from nsync_jax import lora, lora_export, models, trees, weights
 from nsync_jax import scope as scope_lib
-from nsync_jax.torch_files import save_learned_embeds, to_numpy, write_json
+from nsync_jax.torch_files import save_learned_tokens, to_numpy, write_json
 
 Params = dict[str, Any]
 
@@ -260,15 +261,10 @@ def export_pipeline(
             "LoraScope.merged_params)"
         )
     trained = scope.trained_components()
-    if len(scope.token_ids) > 1:
-        raise ValueError(
-            f"the run learned {len(scope.token_ids)} style tokens (data.styles); exporting "
-            "several learned tokens is not supported yet (one embeddings file holds one)"
-        )
     vocab_size = table_rows if scope.token_id is None else scope.token_id
-    if scope.token_id is not None and scope.token_id != table_rows - 1:
+    if scope.token_ids and scope.token_ids[-1] != table_rows - 1:
         raise ValueError(
-            f"placeholder id {scope.token_id} is not the last of {table_rows} embedding rows"
+            f"placeholder ids {scope.token_ids} are not the last of {table_rows} embedding rows"
         )
     os.makedirs(output_dir, exist_ok=True)
 
@@ -334,10 +330,10 @@ def export_pipeline(
     }
     write_json(os.path.join(output_dir, "model_index.json"), index)
 
-    if scope.token_id is not None:
-        placeholder = model.tokenizer.convert_ids_to_tokens(scope.token_id)
+    if scope.token_ids:
+        placeholders = model.tokenizer.convert_ids_to_tokens(list(scope.token_ids))
         table = params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
-        save_learned_embeds(output_dir, placeholder, table[scope.token_id : scope.token_id + 1])
+        save_learned_tokens(output_dir, placeholders, table[vocab_size:])
     logging.info("exported %s scope to %s (%s)", scope.name, output_dir, sources)
     return output_dir
 

@@ -16,8 +16,9 @@ Two layouts of `pytorch_lora_weights.safetensors` (module paths from `weights.to
       lora_te_text_model_encoder_layers_N_self_attn_q_proj.lora_down.weight ...
 
 For pivotal tuning (`lora_ti`) the token goes to `learned_embeds.safetensors` as
-`{placeholder: [1, D]}` by `torch_files.save_learned_embeds`, as for textual inversion, for
-`pipe.load_textual_inversion(dir)` after `pipe.load_lora_weights(dir)`.
+`{placeholder: [1, D]}` by `torch_files.save_learned_tokens`, as for textual inversion, for
+`pipe.load_textual_inversion(dir)` after `pipe.load_lora_weights(dir)` (several styles'
+tokens: one file each, listed in `textual_inversion.json`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from safetensors.numpy import save_file
 
 from nsync_jax import lora, models
 from nsync_jax import scope as scope_lib
-from nsync_jax.torch_files import save_learned_embeds, to_numpy
+from nsync_jax.torch_files import save_learned_tokens, to_numpy
 
 Params = dict[str, Any]
 
@@ -164,17 +165,12 @@ def export_lora(
     Returns:
       `output_dir`.
     """
-    if len(scope.token_ids) > 1:
-        raise ValueError(
-            f"the run learned {len(scope.token_ids)} style tokens (data.styles); exporting "
-            "several learned tokens is not supported yet (one embeddings file holds one)"
-        )
     save_lora_weights(
         trainable["lora"], scope.settings, output_dir, layout=layout, fold_alpha=fold_alpha
     )
-    if scope.token_id is not None:
-        placeholder = model.tokenizer.convert_ids_to_tokens(scope.token_id)
-        save_learned_embeds(output_dir, placeholder, trainable["token_embedding"])
+    if scope.token_ids:
+        placeholders = model.tokenizer.convert_ids_to_tokens(list(scope.token_ids))
+        save_learned_tokens(output_dir, placeholders, trainable["token_embedding"])
     logging.info(
         "exported %d LoRA layers (%s layout) to %s",
         sum(1 for _ in adapter_layers(trainable["lora"])),

@@ -52,3 +52,32 @@ def save_learned_embeds(output_dir: str, placeholder: str, row: jax.Array) -> st
         {"placeholder_token": placeholder, "weight_name": EMBEDS_FILE},
     )
     return path
+
+
+def token_file(index: int) -> str:
+    """The embeddings file of the `index`-th of several learned tokens."""
+    return f"learned_embeds_{index}.safetensors"
+
+
+def save_learned_tokens(output_dir: str, placeholders: list[str], rows: jax.Array) -> list[str]:
+    """Writes learned tokens (`rows` [n, D], one per placeholder); returns the files.
+
+    One token: `save_learned_embeds`. Several (`data.styles`): diffusers' format holds one
+    token per file, so token k goes to `learned_embeds_<k>.safetensors` and
+    `textual_inversion.json` lists `{"tokens": [{"placeholder_token", "weight_name"}]}` in
+    order; `pipe.load_textual_inversion([paths], token=[placeholders])` loads them all.
+    """
+    rows = to_numpy(rows)
+    if len(placeholders) != len(rows):
+        raise ValueError(f"{len(placeholders)} placeholders for {len(rows)} embedding rows")
+    if len(placeholders) == 1:
+        return [save_learned_embeds(output_dir, placeholders[0], rows[:1])]
+    os.makedirs(output_dir, exist_ok=True)
+    paths, listed = [], []
+    for k, (placeholder, row) in enumerate(zip(placeholders, rows, strict=True)):
+        path = os.path.join(output_dir, token_file(k))
+        save_file({placeholder: row[None].astype(np.float32)}, path, metadata={"format": "pt"})
+        paths.append(path)
+        listed.append({"placeholder_token": placeholder, "weight_name": token_file(k)})
+    write_json(os.path.join(output_dir, EMBEDS_INFO_FILE), {"tokens": listed})
+    return paths

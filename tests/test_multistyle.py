@@ -145,15 +145,47 @@ def test_textual_inversion_learns_one_row_per_style(tiny_sd):
         scope_lib.add_placeholder_tokens(*tiny_sd, ("<a>", "<a>"), "painting")
 
 
-def test_export_refuses_several_learned_tokens(tiny_sd, tmp_path):
+def test_export_writes_every_style_token_and_diffusers_loads_them(tiny_sd, tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from nsync_jax import lora_export, torch_files
+
     model, params = tiny_sd
     config = default.get_config()
-    s, model, params = scope_lib.make_scope(
-        config.train, model, params, style_tokens=("<a>", "<b>")
+    tokens = ("<a>", "<b>")
+    s, model, params = scope_lib.make_scope(config.train, model, params, style_tokens=tokens)
+    trainable, frozen = s.split(params)
+    learned = trainable["token_embedding"] + jnp.asarray([[0.5], [-0.25]])  # Distinct rows.
+    out = str(tmp_path / "out")
+    export.export_pipeline(model, s.merge({"token_embedding": learned}, frozen), out, scope=s)
+    with open(os.path.join(out, torch_files.EMBEDS_INFO_FILE)) as f:
+        listed = json.load(f)["tokens"]
+    assert [t["placeholder_token"] for t in listed] == list(tokens)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(out)
+    vocab = len(pipe.tokenizer)
+    assert vocab == s.token_id  # The base tokenizer, without the placeholders.
+    pipe.load_textual_inversion(
+        [os.path.join(out, t["weight_name"]) for t in listed], token=list(tokens)
     )
-    with pytest.raises(ValueError, match="learned 2 style tokens"):
-        export.export_pipeline(model, params, str(tmp_path / "out"), scope=s)
-    assert not os.path.exists(tmp_path / "out")  # Refused before writing anything.
+    rows = pipe.text_encoder.get_input_embeddings().weight.detach()
+    for k, token in enumerate(tokens):
+        token_id = pipe.tokenizer.convert_tokens_to_ids(token)
+        assert token_id == vocab + k
+        np.testing.assert_allclose(rows[token_id].numpy(), np.asarray(learned[k]), rtol=1e-6)
+    base = scope_lib._get_path(frozen["text_encoder"], scope_lib._EMBEDDING_PATH)[:vocab]
+    assert torch.equal(rows[:vocab], torch.from_numpy(np.array(base, np.float32)))
+    # Pivotal tuning (lora_ti) with several tokens writes the same files beside its LoRA.
+    config.train.scope = "lora_ti"
+    model, params = tiny_sd
+    s, model, params = scope_lib.make_scope(
+        config.train, model, params, lora_config=config.lora, style_tokens=tokens
+    )
+    trainable, _ = s.split(params)
+    lora_dir = str(tmp_path / "lora")
+    lora_export.export_lora(model, s, trainable, lora_dir)
+    with open(os.path.join(lora_dir, torch_files.EMBEDS_INFO_FILE)) as f:
+        assert [t["placeholder_token"] for t in json.load(f)["tokens"]] == list(tokens)
+    assert all(os.path.exists(os.path.join(lora_dir, torch_files.token_file(k))) for k in (0, 1))
 
 
 # --- the SupCon term ----------------------------------------------------------------------------

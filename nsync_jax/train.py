@@ -559,7 +559,8 @@ def run_summary(
         f"--workdir {workdir} --out {os.path.join(workdir, 'final-samples')} --prompt "
         + shlex.quote(
             config.train.prompt_template.format(
-                caption=previews.UNSEEN_CAPTION, style=config.train.style_token
+                caption=previews.UNSEEN_CAPTION,
+                style=styles.run_tokens(config.data, config.train.style_token)[0],
             )
         ),
     ]

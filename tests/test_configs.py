@@ -46,3 +46,30 @@ def test_real_config_sets_up_with_stand_ins(name, base, tmp_path):
     assert trainer.scope.name == config.train.scope
     if config.data.cache_latents:
         assert "latent_mean" in batch["positive"]
+
+
+def test_multistyle_config_sets_up_with_stand_ins(base, tmp_path):
+    """configs/multistyle.py: three mock CycleGAN sets, one token each, the SupCon term
+    with a tiny CLIP folder standing in for the evaluation's CLIP weights."""
+    from configs import multistyle
+    from nsync_jax.data import styles
+
+    config = multistyle.get_config()
+    config.model.pretrained = base
+    config.model.resolution = 32
+    config.data.tfds_data_dir = str(tmp_path / "tfds")
+    ids = [
+        styles.prefixed(k, f"trainA-{i:05d}")
+        for k in range(len(config.data.styles))
+        for i in range(NUM_EXAMPLES)
+    ]
+    config.negatives.path = write_store(tmp_path / "negatives", ids)
+    config.train.supcon_encoder = sd_folders.tiny_clip(tmp_path / "clip")
+    config.mesh.data = 2
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        trainer = train.setup(config, jax.devices()[:2])
+    assert len(trainer.batches) == len(ids)
+    batch = trainer.batches.batch(0)
+    assert set(batch) == {"positive", "negative"}
+    assert "label" in batch["positive"] and "latent_mean" in batch["positive"]
+    assert len(trainer.scope.token_ids) == 3

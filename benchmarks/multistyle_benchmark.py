@@ -47,12 +47,15 @@ RENDERINGS = ("palette", "stripes", "styled")
 # Which style_metrics score is the style's own, and which measures leakage into it.
 OWN = {"palette": "palette", "stripes": "stripes", "styled": "style"}
 LEAK = {"palette": "stripes", "stripes": "palette"}
-METHODS = {  # name: (mode, supcon on)
-    "finetune": ("finetune", False),
-    "nsync": ("nsync", False),
-    "supcon": ("finetune", True),
-    "nsync+supcon": ("nsync", True),
+METHODS = {  # name: (mode, supcon on, SupCon gradient projected with g+)
+    "finetune": ("finetune", False, False),
+    "nsync": ("nsync", False, False),
+    "supcon": ("finetune", True, False),
+    "nsync+supcon": ("nsync", True, False),
+    "nsync+supcon-before": ("nsync", True, True),
 }
+DEFAULT_METHODS = ("finetune", "nsync", "supcon", "nsync+supcon")
+SCOPES = ("unet", "lora", "textual_inversion", "lora_ti")
 
 
 def token(rendering: str) -> str:
@@ -69,19 +72,21 @@ def multistyle_config(args, method: str, steps: int):
     config.data.styles = tuple(
         {"digits_rendering": r, "token": token(r), "label": k} for k, r in enumerate(RENDERINGS)
     )
-    mode, supcon = METHODS[method]
+    mode, supcon, projected = METHODS[method]
     config.train.mode = mode
     config.nsync.rule = "paper"
-    config.train.scope = "unet"
+    config.train.scope = args.scope
+    config.train.initializer_token = "drawing"
     config.train.prompt_template = "{caption} in the style of {style}"
     config.train.batch_size = 12
     config.train.num_steps = steps
-    config.optim.learning_rate = style_benchmark.LEARNING_RATES["unet"]
+    config.optim.learning_rate = style_benchmark.LEARNING_RATES[args.scope.replace("_ti", "")]
     config.optim.weight_decay = 1e-2
     if supcon:
         config.train.supcon_weight = args.supcon_weight
         config.train.supcon_encoder = "tiny"
         config.train.supcon_views = "noise"
+        config.train.supcon_projected = projected
     return config
 
 
@@ -237,7 +242,14 @@ def main() -> None:
     parser.add_argument("--per_class", type=int, default=4)
     parser.add_argument("--evals", type=int, default=3)
     parser.add_argument("--supcon_weight", type=float, default=0.1)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=", ".join(METHODS))
+    parser.add_argument(
+        "--scope",
+        default="unet",
+        choices=SCOPES,
+        help="what trains: the shared UNet or LoRA (style words in the prompt), or a "
+        "learned token per style (textual_inversion; lora_ti also a shared LoRA)",
+    )
     args = parser.parse_args()
     cli.quiet_library_logs()
     os.makedirs(args.out, exist_ok=True)
@@ -254,7 +266,7 @@ def main() -> None:
     timings["base_seconds"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    store = negatives.generate_store(multistyle_config(args, "nsync", 1))
+    store = negatives.generate_store(multistyle_config(args, "nsync", 1))  # Scope-free.
     if not store.complete:
         raise RuntimeError(f"negatives store {store.path} is incomplete")
     timings["negatives_seconds"] = time.perf_counter() - tick

@@ -145,3 +145,26 @@ def test_driver_micro_end_to_end(tmp_path):
     times = [p.stat().st_mtime for p in parts]
     subprocess.run([*command, *flags.split()], check=True, env=env)
     assert [p.stat().st_mtime for p in parts] == times
+
+
+@pytest.mark.slow
+def test_palette_base_micro_then_the_driver_on_it(tmp_path):
+    """palette_base.py trains (micro) and scores a base; the driver runs every method on it."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    script = os.path.join(ROOT, "benchmarks", "palette_base.py")
+    flags = f"--steps 20 --per_digit 1 --per_class 1 --cache {tmp_path}/c --out {tmp_path}/p"
+    subprocess.run([sys.executable, script, *flags.split()], check=True, env=env)
+    with open(tmp_path / "p" / "results.json") as f:
+        record = json.load(f)
+    rows = record["base_samples"]
+    assert sum("never trained" in name for name in rows) == len(style_family.STYLES)
+    assert all(0.0 <= row["content"] <= 1.0 for row in rows.values())
+    base = str(tmp_path / "c" / "palette-base-20" / "base")
+    driver = os.path.join(ROOT, "benchmarks", "style_encoder_benchmark.py")
+    flags = (
+        f"--out {tmp_path}/o --base {base} --seeds 0 --train_per_style 8 --refs 1 "
+        "--steps_per_batch 2 --stage2_epochs 1 --stage3_epochs 1 --ti_steps 2"
+    )
+    subprocess.run([sys.executable, driver, *flags.split()], check=True, env=env)
+    with open(tmp_path / "o" / "results.json") as f:
+        assert "words" in json.load(f)["summary"]

@@ -390,15 +390,18 @@ def labelled_grid(
 
 
 def split_prompts(config: ml_collections.ConfigDict, split: str) -> list[str]:
-    """The evaluation prompts: `sample.prompt_template` over the captions of data `split`."""
-    from nsync_jax.data import sources  # Only this path reads data.
+    """The evaluation prompts: `sample.prompt_template` over the captions of data `split`,
+    `{style}` each example's style word (`train.style_token`; its style's under
+    `data.styles`)."""
+    from nsync_jax.data import sources, styles  # Only this path reads data.
 
-    data_config = ml_collections.ConfigDict(config.data.to_dict())
-    data_config.split = split  # Whatever split field the source reads is overridden.
-    positives = sources.load_positives(data_config, config.model.resolution)
+    # Whatever split field the source reads is overridden (each style's too).
+    data_config = styles.with_split(config.data, split)
+    positives, index = sources.load_styled(data_config, config.model.resolution)
+    tokens = styles.example_tokens(positives.ids, index, config.train.style_token)
     return [
-        config.sample.prompt_template.format(caption=c, style=config.train.style_token)
-        for c in positives.captions
+        config.sample.prompt_template.format(caption=c, style=t)
+        for c, t in zip(positives.captions, tokens, strict=True)
     ]
 
 

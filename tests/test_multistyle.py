@@ -188,6 +188,30 @@ def test_export_writes_every_style_token_and_diffusers_loads_them(tiny_sd, tmp_p
     assert all(os.path.exists(os.path.join(lora_dir, torch_files.token_file(k))) for k in (0, 1))
 
 
+def test_split_prompts_and_evaluation_give_each_example_its_style_token(tmp_path):
+    from nsync_jax import sampling
+    from nsync_jax.evaluation import protocol
+
+    config = _digits_config(count=2)
+    expected = [
+        f"a handwritten digit {name} in the style of {s['token']}"
+        for s in config.data.styles
+        for name in ("zero", "one")
+    ]
+    assert sampling.split_prompts(config, "train") == expected
+    # The evaluation protocol's prompts: each style's token unless one is given.
+    examples, index = protocol.split_styled(config, "train")
+    tokens = styles.example_tokens(examples.ids, index, config.train.style_token)
+    prompts = protocol.prompts_for(config.sample.prompt_template, examples.captions, tokens)
+    assert prompts == expected
+    assert protocol.prompts_for("{caption} by {style}", ["a", "b"], "X") == ["a by X", "b by X"]
+    # Every style reads the split asked for, whatever its own entry said.
+    config.data.styles = tuple({**s, "split": "trainA"} for s in config.data.styles)
+    split = styles.with_split(config.data, "testA")
+    assert split.split == "testA" and {s["split"] for s in split.styles} == {"testA"}
+    assert {s["split"] for s in config.data.styles} == {"trainA"}  # A copy.
+
+
 # --- the SupCon term ----------------------------------------------------------------------------
 
 

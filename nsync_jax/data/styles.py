@@ -90,6 +90,25 @@ def run_tokens(data_config: ml_collections.ConfigDict, style_token: str) -> tupl
     return tuple(dict.fromkeys(s.token for s in styles))
 
 
+def with_split(data_config: ml_collections.ConfigDict, split: str) -> ml_collections.ConfigDict:
+    """A copy of `data_config` reading data split `split`, in every style's entry too (a
+    style's own `split` field would otherwise win)."""
+    out = ml_collections.ConfigDict(data_config.to_dict())
+    out.split = split
+    if out.styles:
+        out.styles = tuple({**dict(style), "split": split} for style in out.styles)
+    return out
+
+
+def example_tokens(
+    ids: Sequence[str], index: StyleIndex | None, style_token: str
+) -> tuple[str, ...]:
+    """Each example's style word: its style's under `data.styles`, else `style_token`."""
+    if index is None:
+        return (style_token,) * len(ids)
+    return index.of(ids)[0]
+
+
 def prefixed(k: int, example_id: str) -> str:
     return f"style{k}-{example_id}"
 

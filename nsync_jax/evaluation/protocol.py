@@ -1,7 +1,8 @@
 """The NSYNC evaluation protocol ("img2txt2img"): generate from a split's captions, compare.
 
 For every caption of data split `split`, one image is generated with
-`sample.prompt_template` ("{caption} in the style of {style}", style = `train.style_token`)
+`sample.prompt_template` ("{caption} in the style of {style}", style = `train.style_token`,
+or under `data.styles` each example's style's token)
 and the generated set is compared with the split's real images by the metrics of
 `config.eval` (`compare.compare`). The generated PNGs, `prompts.jsonl`, `grid.png` and
 `metrics.json` land in `out_dir`, with `real_vs_generated.png`: the first 16 captions'
@@ -35,6 +36,7 @@ from PIL import Image
 
 from nsync_jax import models, runs, sampling, sharding, torch_files
 from nsync_jax import scope as scope_lib
+from nsync_jax.data import styles
 from nsync_jax.data.examples import ImageSequence
 from nsync_jax.evaluation import compare, images
 from nsync_jax.evaluation import weights as weights_lib
@@ -43,17 +45,25 @@ GRID_FILE = "real_vs_generated.png"
 GRID_PAIRS = 16  # Caption pairs shown in the grid.
 
 
+def split_styled(config: ml_collections.ConfigDict, split: str):
+    """The example set (captions; images decoded on demand) of data split `split`, and
+    its `styles.StyleIndex` under `data.styles` (else None)."""
+    from nsync_jax.data import sources, styles
+
+    # As sampling.split_prompts: the source reads its split field (each style's too).
+    data_config = styles.with_split(config.data, split)
+    return sources.load_styled(data_config, config.model.resolution)
+
+
 def split_examples(config: ml_collections.ConfigDict, split: str):
     """The example set (captions; images decoded on demand) of data split `split`."""
-    from nsync_jax.data import sources
-
-    data_config = ml_collections.ConfigDict(config.data.to_dict())
-    data_config.split = split  # As sampling.split_prompts: the source reads its split field.
-    return sources.load_positives(data_config, config.model.resolution)
+    return split_styled(config, split)[0]
 
 
-def prompts_for(template: str, captions: Sequence[str], style_token: str) -> list[str]:
-    return [template.format(caption=c, style=style_token) for c in captions]
+def prompts_for(template: str, captions: Sequence[str], style_token: str | Sequence[str]):
+    """`template` over `captions`; `style_token` one word for all, or one per caption."""
+    tokens = [style_token] * len(captions) if isinstance(style_token, str) else style_token
+    return [template.format(caption=c, style=t) for c, t in zip(captions, tokens, strict=True)]
 
 
 def pairs_grid(
@@ -112,9 +122,10 @@ def evaluate(
       split: the data split whose captions and images are used (e.g. "testA").
       model_and_params: the model to sample (e.g. a `runs.load_trained` run's model and
         params); the base model when None.
-      style_token: the words for "{style}" in the prompt; `config.train.style_token` when
-        None (pass the trained run's token when sampling a run, an artist's name for the
-        base-model baseline).
+      style_token: the words for "{style}" in the prompt; when None, each example's
+        style's token under `data.styles`, else `config.train.style_token` (pass the
+        trained run's token when sampling a run, an artist's name for the base-model
+        baseline).
       embedders: prebuilt embedders by kind (tests); others load from `config.eval`.
       extra: more entries for the report (the model source, the step).
 
@@ -122,14 +133,18 @@ def evaluate(
       The report of `compare.compare` plus the split, prompt template, sampler settings,
       folders and `weights_sha256` (`{file: sha256}` of the metric weight files).
     """
-    examples = split_examples(config, split)
-    style_token = config.train.style_token if style_token is None else style_token
+    examples, index = split_styled(config, split)
+    if style_token is None:  # Each example's style's word under data.styles.
+        tokens = styles.example_tokens(examples.ids, index, config.train.style_token)
+        style_token = config.train.style_token if index is None else sorted(set(tokens))
+    else:
+        tokens = style_token
     if config.eval.generated_dir:
         generated = images.list_images(config.eval.generated_dir)
         generated_dir = config.eval.generated_dir
     else:
         generated_dir = os.path.join(out_dir, "generated")
-        prompts = prompts_for(config.sample.prompt_template, examples.captions, style_token)
+        prompts = prompts_for(config.sample.prompt_template, examples.captions, tokens)
         logging.info("evaluation: generating %d images into %s", len(prompts), generated_dir)
         generated = sampling.sample_to_dir(
             config, prompts, generated_dir, 1, model_and_params=model_and_params
@@ -200,7 +215,7 @@ class ModelUnderTest:
 
     model: models.StableDiffusion
     params: Any
-    style_token: str
+    style_token: str | None  # None: each example's style's token (data.styles).
     step: int | None
     source: dict[str, Any]
 
@@ -225,7 +240,8 @@ def load_model(
             "pretrained": run.config.model.pretrained,
             "weights": "ema" if run.ema else "raw",  # The EMA when the run kept one.
         }
-        return ModelUnderTest(run.model, run.params, run.config.train.style_token, run.step, source)
+        token = None if run.config.data.styles else run.config.train.style_token
+        return ModelUnderTest(run.model, run.params, token, run.step, source)
     if step is not None:
         raise ValueError("--step needs --workdir (a training run)")
     model, params = runs.build_base(config)

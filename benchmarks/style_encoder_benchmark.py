@@ -216,7 +216,11 @@ def score_images(images, jobs, scorer, classifier) -> dict:
         out[f"palette_distance_{k}"] = float(s["palette_distance"].mean())
         out[f"content_{k}"] = classifier.accuracy(images[mask], labels[mask])
         # Classified as plain digits (the scorer's null class): no style at all.
-        out[f"plain_{k}"] = float((scorer.predict(images[mask]) == style_family.PLAIN).mean())
+        predicted = scorer.predict(images[mask])
+        out[f"plain_{k}"] = float((predicted == style_family.PLAIN).mean())
+        # Which class the images of style k's references get (styles, then plain): a
+        # method that draws one style for every reference shows here.
+        out[f"classes_{k}"] = np.bincount(predicted, minlength=style_family.PLAIN + 1).tolist()
     seen = [k for k in sorted(set(styles.tolist())) if k != style_family.UNSEEN]
     for name in ("style", "palette_distance", "content", "plain"):
         if seen:
@@ -443,7 +447,11 @@ def summarize(results: dict) -> dict:
         row = {
             n: mean_std_interval([r["scores"][n] for r in records if n in r["scores"]])
             for n in names
+            if not n.startswith("classes_")
         }
+        for n in names:  # Class counts: summed over seeds.
+            if n.startswith("classes_"):
+                row[n] = np.sum([r["scores"][n] for r in records if n in r["scores"]], 0).tolist()
         if method == "stage1":
             for n in ("loss_trained", "loss_initial_vectors", "relative_change"):
                 row[n] = mean_std_interval([r["fit"][n] for r in records])
@@ -493,6 +501,24 @@ def table(summary: dict, refs_real: dict) -> str:
         for n in ("loss_trained", "loss_initial_vectors", "relative_change"):
             mean, _, half = fit[n]
             lines.append(f"| {n} | {mean:.4f} ± {half:.4f} |")
+    classes = [f"s{k}" for k in range(len(style_family.STYLES))] + ["plain"]
+    confusion = [
+        (method, k, row[f"classes_{k}"])
+        for method, row in summary.items()
+        for k in range(len(style_family.STYLES))
+        if f"classes_{k}" in row
+    ]
+    if confusion:
+        lines += [
+            "",
+            "Classes the scorer gives each method's images, by reference style (all seeds):",
+            "",
+            "| method | reference style | " + " | ".join(classes) + " |",
+            "|---" * (len(classes) + 2) + "|",
+        ]
+        for method, k, counts in confusion:
+            unseen = " (unseen)" if k == style_family.UNSEEN else ""
+            lines.append(f"| {method} | {k}{unseen} | " + " | ".join(map(str, counts)) + " |")
     return "\n".join(lines)
 
 

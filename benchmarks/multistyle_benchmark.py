@@ -3,15 +3,18 @@
 The set-up of `style_benchmark.py` (docs/style_benchmark.md) with three styles at once:
 
 1. Base model: the tiny pixel-space SD pretrained on plain digits (`style_benchmark.
-   base_config`), cached in <cache>/base.
+   base_config`), cached in <cache>/base; or `--base` (e.g. `palette_base.py`'s, which
+   can draw colours and band patterns named in its captions).
 2. Styles: digits of classes 0-4 in three renderings (`data/digits.py`): `palette` (navy
    and orange, no stripes), `stripes` (grey, striped), `styled` (both); `--style_count`
    images each, one word each (`<palette>`, `<stripes>`, `<styled>`), label = style.
    The UNet is shared (`unet` scope): the setting where styles bleed into each other.
 3. Negatives: the base model's images for every style example's caption (one store).
 4. Methods: `finetune`, `nsync` (paper rule), `supcon` (fine-tuning + SupCon over style
-   labels, `--supcon_weight`, tiny random image encoder, noise views) and `nsync+supcon`
-   (SupCon added after the projection), each for `--steps` steps and each seed, through
+   labels, `--supcon_weight`, noise views, `--supcon_encoder`: the tiny random image
+   encoder or a trained one, `supcon_encoder.py`), `nsync+supcon` (SupCon added after the
+   projection) and `nsync+supcon-before` (before it), each for `--steps` steps and each
+   seed, in `--scope` (`unet`, `lora`, `textual_inversion`, `lora_ti`), through
    `train.setup` and `loop.run` as style_benchmark does.
 5. Scores of samples for every style word and every digit 0-9 (`style_metrics`):
    per-style style score (the ingredient(s) the style has: palette → palette score,
@@ -27,6 +30,7 @@ Writes results.json, table.md, a plot and image grids to --out:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -64,7 +68,7 @@ def token(rendering: str) -> str:
 
 def multistyle_config(args, method: str, steps: int):
     config = style_benchmark.base_config(args.cache, args.base_steps, "original")
-    config.model.init_from = os.path.join(args.cache, "base")
+    config.model.init_from = args.base or os.path.join(args.cache, "base")
     config.negatives.source = "store"
     config.negatives.path = os.path.join(args.cache, "negatives")
     config.data.digits_classes = style_benchmark.STYLE_CLASSES
@@ -84,7 +88,7 @@ def multistyle_config(args, method: str, steps: int):
     config.optim.weight_decay = 1e-2
     if supcon:
         config.train.supcon_weight = args.supcon_weight
-        config.train.supcon_encoder = "tiny"
+        config.train.supcon_encoder = args.supcon_encoder
         config.train.supcon_views = "noise"
         config.train.supcon_projected = projected
     return config
@@ -250,19 +254,33 @@ def main() -> None:
         help="what trains: the shared UNet or LoRA (style words in the prompt), or a "
         "learned token per style (textual_inversion; lora_ti also a shared LoRA)",
     )
+    parser.add_argument(
+        "--supcon_encoder",
+        default="tiny",
+        help="train.supcon_encoder: 'tiny' (random weights) or a CLIP folder, e.g. the "
+        "tower benchmarks/supcon_encoder.py trains on the renderings",
+    )
+    parser.add_argument(
+        "--base",
+        default="",
+        help="a pretrained digits base (workdir, e.g. palette_base.py's); default: the "
+        "plain-digits base trained here",
+    )
     args = parser.parse_args()
     cli.quiet_library_logs()
     os.makedirs(args.out, exist_ok=True)
-    # The first testbed's base (plain digits only), cached as style_benchmark caches it.
-    args.cache = os.path.join(args.cache, f"original-base-{args.base_steps}")
     started = time.perf_counter()
     timings = {}
-
     tick = time.perf_counter()
-    base = style_benchmark.base_config(args.cache, args.base_steps, "original")
-    base_dir = os.path.join(args.cache, "base")
-    if checkpoint.latest_step(base_dir) != args.base_steps:
-        train.train(base, base_dir)
+    if args.base:  # Negatives are the base's: one cache folder per base.
+        digest = hashlib.sha256(os.path.abspath(args.base).encode()).hexdigest()[:12]
+        args.cache = os.path.join(args.cache, f"base-{digest}")
+    else:  # The first testbed's base (plain digits only), cached as style_benchmark does.
+        args.cache = os.path.join(args.cache, f"original-base-{args.base_steps}")
+        base = style_benchmark.base_config(args.cache, args.base_steps, "original")
+        base_dir = os.path.join(args.cache, "base")
+        if checkpoint.latest_step(base_dir) != args.base_steps:
+            train.train(base, base_dir)
     timings["base_seconds"] = time.perf_counter() - tick
 
     tick = time.perf_counter()

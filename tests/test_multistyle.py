@@ -419,3 +419,31 @@ def test_supcon_draws_leave_the_diffusion_draws_alone(digits_model):
     np.testing.assert_allclose(
         optax.tree.norm(g_aux["unprojected"]), m_aux["grad_norm_aux"], rtol=1e-4
     )
+
+
+@pytest.mark.slow
+def test_supcon_encoder_script_writes_a_folder_training_loads(tmp_path):
+    """benchmarks/supcon_encoder.py (micro) writes a tower that `train.supcon_encoder` loads."""
+    out = tmp_path / "encoder"
+    script = os.path.join(ROOT, "benchmarks", "supcon_encoder.py")
+    command = [
+        sys.executable,
+        script,
+        "--steps",
+        "2",
+        "--count",
+        "10",
+        "--batch",
+        "16",
+        "--out",
+        str(out),
+    ]
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": ROOT})
+    with open(out / "training.json") as f:
+        record = json.load(f)
+    assert 0.0 <= record["trained_tower"]["accuracy_clean"] <= 1.0
+    config = _digits_config(count=2)
+    config.train.supcon_encoder = str(out)
+    settings = style_contrast.SupconSettings.from_config(config.train)
+    encoder, params = style_contrast.load_encoder(settings, seed=0)
+    assert encoder.config.image_size == 16

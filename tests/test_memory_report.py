@@ -42,3 +42,17 @@ def test_report_rows_and_append(tmp_path):
     # Recomputing the blocks in the backward pass costs FLOPs.
     assert blocks["remat"] == "blocks"
     assert blocks["tflops_per_step_per_device"] > none["tflops_per_step_per_device"]
+
+
+@pytest.mark.slow
+def test_accumulation_row_holds_one_micro_batch(tmp_path):
+    """`nsync_accum4` at batch 4 (4 micro-batches of 1) plans less than batch 4 at once,
+    and its FLOPs are the scan body's times 4 (XLA counts a loop body once)."""
+    report, _ = _report(
+        tmp_path / "memory.json", "unet,nsync,fsdp8,none,4;unet,nsync_accum4,fsdp8,none,4"
+    )
+    whole, accumulated = report["rows"]
+    assert accumulated["temp_gib"] < whole["temp_gib"]
+    assert accumulated["tflops_scaled_by_grad_accum"] == 4
+    ratio = accumulated["tflops_per_step_per_device"] / whole["tflops_per_step_per_device"]
+    assert 0.9 < ratio < 1.1

@@ -174,6 +174,19 @@ def test_export_writes_every_style_token_and_diffusers_loads_them(tiny_sd, tmp_p
         np.testing.assert_allclose(rows[token_id].numpy(), np.asarray(learned[k]), rtol=1e-6)
     base = scope_lib._get_path(frozen["text_encoder"], scope_lib._EMBEDDING_PATH)[:vocab]
     assert torch.equal(rows[:vocab], torch.from_numpy(np.array(base, np.float32)))
+    # The evaluation protocol loads every token of the export, given the run's styles.
+    from nsync_jax.evaluation import protocol
+
+    eval_config = default.get_config()
+    eval_config.model.source, eval_config.model.pretrained = "pretrained", out
+    with pytest.raises(ValueError, match="holds 2 style tokens"):
+        protocol.load_model(eval_config)
+    eval_config.data.styles = tuple({"token": t, "label": k} for k, t in enumerate(tokens))
+    under_test = protocol.load_model(eval_config)
+    assert under_test.style_token is None  # Each example's style's token.
+    ids = under_test.model.tokenizer.convert_tokens_to_ids(list(tokens))
+    table = scope_lib._get_path(under_test.params["text_encoder"], scope_lib._EMBEDDING_PATH)
+    np.testing.assert_allclose(np.asarray(table)[ids], np.asarray(learned), rtol=1e-6)
     # Pivotal tuning (lora_ti) with several tokens writes the same files beside its LoRA.
     config.train.scope = "lora_ti"
     model, params = tiny_sd

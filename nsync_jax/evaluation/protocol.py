@@ -48,7 +48,7 @@ GRID_PAIRS = 16  # Caption pairs shown in the grid.
 def split_styled(config: ml_collections.ConfigDict, split: str):
     """The example set (captions; images decoded on demand) of data split `split`, and
     its `styles.StyleIndex` under `data.styles` (else None)."""
-    from nsync_jax.data import sources, styles
+    from nsync_jax.data import sources
 
     # As sampling.split_prompts: the source reads its split field (each style's too).
     data_config = styles.with_split(config.data, split)
@@ -228,7 +228,9 @@ def load_model(
     `config.model` is the base model, or any exported pipeline folder
     (`model.source="pretrained"`, `model.pretrained=<export dir>`); a
     `learned_embeds.safetensors` in that folder (a textual-inversion export) is loaded and
-    its token becomes the style token.
+    its token becomes the style token; the tokens of a several-style export (listed in
+    `textual_inversion.json`) are all loaded, and each example gets its style's token
+    from `data.styles` (an error without it).
     """
     if workdir:
         run = runs.load_trained(workdir, step)
@@ -250,13 +252,39 @@ def load_model(
     if config.model.source == "pretrained":
         source["pretrained"] = config.model.pretrained
         embeds = os.path.join(config.model.pretrained, torch_files.EMBEDS_FILE)
-        if os.path.isfile(embeds):
+        listed = _listed_tokens(config.model.pretrained)
+        if listed:
+            if not config.data.styles:
+                raise ValueError(
+                    f"{config.model.pretrained} holds {len(listed)} style tokens "
+                    f"({', '.join(t['placeholder_token'] for t in listed)}): set data.styles "
+                    "as the run that made it, so that each example gets its style's token"
+                )
+            paths = [os.path.join(config.model.pretrained, t["weight_name"]) for t in listed]
+            for path in paths:
+                model, params, _ = load_textual_inversion(model, params, path)
+            style_token = None  # Each example's style's token.
+            source.update(
+                learned_embeds=paths,
+                learned_embeds_sha256={p: weights_lib.sha256_file(p) for p in paths},
+            )
+            logging.info("evaluation: %d style tokens from %s", len(paths), config.model.pretrained)
+        elif os.path.isfile(embeds):
             model, params, style_token = load_textual_inversion(model, params, embeds)
             source.update(
                 learned_embeds=embeds, learned_embeds_sha256=weights_lib.sha256_file(embeds)
             )
             logging.info("evaluation: textual-inversion token %r from %s", style_token, embeds)
     return ModelUnderTest(model, params, style_token, None, source)
+
+
+def _listed_tokens(folder: str) -> list[dict[str, str]]:
+    """The tokens `textual_inversion.json` lists for a several-style export; [] if none."""
+    path = os.path.join(folder, torch_files.EMBEDS_INFO_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f).get("tokens", [])
 
 
 def run_evaluation(

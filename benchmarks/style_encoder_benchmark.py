@@ -59,12 +59,22 @@ from nsync_jax import checkpoint, cli, loop, runs, sampling, train  # noqa: E402
 from nsync_jax.data import digits  # noqa: E402
 from nsync_jax.data.examples import to_pixels  # noqa: E402
 from nsync_jax.style_encoder import encoder as encoder_lib  # noqa: E402
+from nsync_jax.style_encoder import generate as generate_lib  # noqa: E402
 from nsync_jax.style_encoder import run as run_lib  # noqa: E402
 from nsync_jax.style_encoder import splice, stages  # noqa: E402
 
 DEFAULT_BASE = "/tmp/nsync-style-bench/frame-base-12000/base"
 RESOLUTION = 8
-METHODS = ("stage1", "stage2", "stage3", "stage3-slice", "textual_inversion", "words")
+METHODS = (
+    "stage1",
+    "stage2",
+    "stage3",
+    "stage3-dual",
+    "stage3-slice",
+    "textual_inversion",
+    "words",
+)
+DUAL_STYLE_SCALE = 1.0  # s_s of "stage3-dual" (the paper's; its s_t is our CFG scale).
 SCOPE = "digits"  # part_path's "(scope)": one setting here.
 
 
@@ -166,8 +176,21 @@ class Base:
             combine = sampling.classifier_free(self.settings.guidance_scale)
             return denoise(params, contexts, combine, image_seeds, seed)
 
+        def draw_dual(params, tokens, styled_ids, text_ids, uncond_ids, image_seeds, seed):
+            # The paper's dual guidance (generate.dual_guidance): s_t on the content
+            # prompt, `DUAL_STYLE_SCALE` on the style tokens.
+            text_params = params["text_encoder"]
+            styled = splice.encode_spliced(model, text_params, styled_ids, tokens, sks)
+            text = model.encode_text(text_params, text_ids)
+            uncond = model.encode_text(text_params, uncond_ids)
+            uncond = jnp.broadcast_to(uncond, styled.shape).astype(styled.dtype)
+            contexts = jnp.stack([uncond, text.astype(styled.dtype), styled], axis=1)
+            combine = generate_lib.dual_guidance(self.settings.guidance_scale, DUAL_STYLE_SCALE)
+            return denoise(params, contexts, combine, image_seeds, seed)
+
         self._draw = jax.jit(draw)
         self._draw_text = jax.jit(draw_text)
+        self._draw_dual = jax.jit(draw_dual)
         self.template = style_encoder.get_config().style.prompt_template
         self.uncond_ids = np.asarray(self.model.tokenize([self.settings.negative_prompt]), np.int32)
 
@@ -181,6 +204,21 @@ class Base:
             self.params,
             jnp.asarray(tokens),
             ids,
+            self.uncond_ids,
+            np.arange(len(labels), dtype=np.uint32),
+            np.uint32(seed),
+        )
+        return sampling.to_uint8(np.asarray(out))
+
+    def generate_dual(self, tokens: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+        """As `generate`, with dual guidance (content prompt = the digit caption)."""
+        captions = [digits.caption(int(d)) for d in labels]
+        styled = [self.template.format(caption=c, style="sks") for c in captions]
+        out = self._draw_dual(
+            self.params,
+            jnp.asarray(tokens),
+            np.asarray(self.model.tokenize(styled), np.int32),
+            np.asarray(self.model.tokenize(captions), np.int32),
             self.uncond_ids,
             np.arange(len(labels), dtype=np.uint32),
             np.uint32(seed),
@@ -413,6 +451,12 @@ def run_seed(args, seed: int, base: Base, data: dict, scorer, classifier) -> Non
                 "train_seconds": train_seconds,
             }
             write(method, record, images)
+    if not done("stage3-dual"):  # Stage 3's tokens with dual guidance.
+        workdir = os.path.join(args.out, "runs", f"seed{seed}")
+        width = base.model.text_encoder.config.hidden_size
+        tokens = encoder_tokens(workdir, 3, "linear", args, seed, pixels, width)
+        images = base.generate_dual(tokens, labels, seed)
+        write("stage3-dual", {"scores": score_images(images, jobs, scorer, classifier)}, images)
     if not done("words"):  # What the base draws from the style's own caption words.
         prompts = [style_family.palette_caption(d, style_family.STYLES[k]) for k, _, d in jobs]
         images = base.generate_text(prompts, seed)

@@ -2,11 +2,14 @@
 
 Every UNet parameter trains (859.5 M, fp32 master weights and AdamW state, FSDP-sharded
 over all chips), bf16 activations, cached latents, one image per branch per chip. The
-memory report (`benchmarks/memory.py`, docs/scale.md) puts this step at 14.1 GiB per
-device with fsdp=8 and no remat (12.8 GiB of it temporaries): it fits a v4 chip (32 GiB)
-and a v5e chip (16 GiB) without remat. On a v4-8 (4 chips) the global batch is 4 per
-branch. More images per chip need `model.remat=blocks` (docs/scale.md gives the figures)
-or `train.grad_accum`. Negatives: generate the store first (README, "Negatives").
+memory report (`benchmarks/memory.py`, docs/scale.md) puts this step at 13.5 GiB per
+device with fsdp=8 and no remat (12.2 GiB of it temporaries; 14.1 under XLA:CPU's default
+scheduler): it fits a v4 chip (32 GiB) and a v5e chip (16 GiB) without remat. On a v4-8
+(4 chips) the global batch is 4 per branch. More images per chip: `train.grad_accum`
+(4 micro-batches of 1: 13.2 GiB) or a memory-efficient attention (`chunked`: 4 images
+per chip at 16.4 GiB, fits a v4 chip; the attention maps, not the activations of whole
+blocks, set the batch-4 peak, so `model.remat=blocks` alone does not help there).
+Negatives: generate the store first (README, "Negatives").
 Run:
     python launch/train.py --config configs/monet_unet.py --workdir /tmp/nsync-monet-unet \
         --config.negatives.path=/path/to/store

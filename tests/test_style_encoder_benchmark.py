@@ -167,4 +167,6 @@ def test_palette_base_micro_then_the_driver_on_it(tmp_path):
     )
     subprocess.run([sys.executable, driver, *flags.split()], check=True, env=env)
     with open(tmp_path / "o" / "results.json") as f:
-        assert "words" in json.load(f)["summary"]
+        summary = json.load(f)["summary"]
+    assert {"words", "stage3-dual"} <= set(summary)
+    assert sum(summary["stage3-dual"]["classes_0"]) == 10  # One reference × 10 digits.

@@ -84,7 +84,9 @@ def multistyle_config(args, method: str, steps: int):
     config.train.prompt_template = "{caption} in the style of {style}"
     config.train.batch_size = 12
     config.train.num_steps = steps
-    config.optim.learning_rate = style_benchmark.LEARNING_RATES[args.scope.replace("_ti", "")]
+    # lora_ti trains LoRA and tokens: LoRA's rate.
+    rate_of = {"lora_ti": "lora"}.get(args.scope, args.scope)
+    config.optim.learning_rate = style_benchmark.LEARNING_RATES[rate_of]
     config.optim.weight_decay = 1e-2
     if supcon:
         config.train.supcon_weight = args.supcon_weight

@@ -160,33 +160,32 @@ class Base:
         denoise = sampling.make_denoise_fn(self.model, self.settings)
         model, sks = self.model, self.placeholder_id
 
-        def draw(params, tokens, styled_ids, uncond_ids, image_seeds, seed):
-            styled = splice.encode_spliced(model, params["text_encoder"], styled_ids, tokens, sks)
+        def guided(params, rows, uncond_ids, combine, image_seeds, seed):
+            """Denoise with contexts (∅, *rows): the unconditional one broadcast first."""
             uncond = model.encode_text(params["text_encoder"], uncond_ids)
-            uncond = jnp.broadcast_to(uncond, styled.shape).astype(styled.dtype)
-            contexts = jnp.stack([uncond, styled], axis=1)
-            combine = sampling.classifier_free(self.settings.guidance_scale)
+            uncond = jnp.broadcast_to(uncond, rows[0].shape)
+            contexts = jnp.stack([r.astype(rows[-1].dtype) for r in (uncond, *rows)], axis=1)
             return denoise(params, contexts, combine, image_seeds, seed)
+
+        def spliced(params, styled_ids, tokens):
+            return splice.encode_spliced(model, params["text_encoder"], styled_ids, tokens, sks)
+
+        cfg = sampling.classifier_free(self.settings.guidance_scale)
+        # The paper's dual guidance: s_t on the content prompt, DUAL_STYLE_SCALE on the style.
+        dual = generate_lib.dual_guidance(self.settings.guidance_scale, DUAL_STYLE_SCALE)
+
+        def draw(params, tokens, styled_ids, uncond_ids, image_seeds, seed):
+            rows = [spliced(params, styled_ids, tokens)]
+            return guided(params, rows, uncond_ids, cfg, image_seeds, seed)
 
         def draw_text(params, ids, uncond_ids, image_seeds, seed):
-            text = model.encode_text(params["text_encoder"], ids)
-            uncond = model.encode_text(params["text_encoder"], uncond_ids)
-            uncond = jnp.broadcast_to(uncond, text.shape).astype(text.dtype)
-            contexts = jnp.stack([uncond, text], axis=1)
-            combine = sampling.classifier_free(self.settings.guidance_scale)
-            return denoise(params, contexts, combine, image_seeds, seed)
+            rows = [model.encode_text(params["text_encoder"], ids)]
+            return guided(params, rows, uncond_ids, cfg, image_seeds, seed)
 
         def draw_dual(params, tokens, styled_ids, text_ids, uncond_ids, image_seeds, seed):
-            # The paper's dual guidance (generate.dual_guidance): s_t on the content
-            # prompt, `DUAL_STYLE_SCALE` on the style tokens.
-            text_params = params["text_encoder"]
-            styled = splice.encode_spliced(model, text_params, styled_ids, tokens, sks)
-            text = model.encode_text(text_params, text_ids)
-            uncond = model.encode_text(text_params, uncond_ids)
-            uncond = jnp.broadcast_to(uncond, styled.shape).astype(styled.dtype)
-            contexts = jnp.stack([uncond, text.astype(styled.dtype), styled], axis=1)
-            combine = generate_lib.dual_guidance(self.settings.guidance_scale, DUAL_STYLE_SCALE)
-            return denoise(params, contexts, combine, image_seeds, seed)
+            text = model.encode_text(params["text_encoder"], text_ids)
+            rows = [text, spliced(params, styled_ids, tokens)]
+            return guided(params, rows, uncond_ids, dual, image_seeds, seed)
 
         self._draw = jax.jit(draw)
         self._draw_text = jax.jit(draw_text)

@@ -155,13 +155,15 @@ def palette_styles(count: int, seed: int, jitter: int = 12) -> list[tuple[Style,
         if (background, ink, pattern) in family:
             continue
         named = Style("", background, ink, pattern)
-
-        def shift(colour):
-            moved = np.asarray(colour) + rng.integers(-jitter, jitter + 1, size=3)
-            return tuple(int(c) for c in np.clip(moved, 0, 255))
-
-        out.append((named, Style("", shift(background), shift(ink), pattern)))
+        out.append(
+            (named, Style("", _jitter(background, rng, jitter), _jitter(ink, rng, jitter), pattern))
+        )
     return out
+
+
+def _jitter(colour: tuple[int, int, int], rng: np.random.Generator, jitter: int):
+    moved = np.asarray(colour) + rng.integers(-jitter, jitter + 1, size=3)
+    return tuple(int(c) for c in np.clip(moved, 0, 255))
 
 
 def write_palette_folder(path: str, resolution: int, per_digit: int, seed: int) -> int:

@@ -460,3 +460,13 @@ def test_supcon_encoder_script_writes_a_folder_training_loads(tmp_path):
     settings = style_contrast.SupconSettings.from_config(config.train)
     encoder, params = style_contrast.load_encoder(settings, seed=0)
     assert encoder.config.image_size == 16
+
+
+def test_run_summary_suggests_sampling_with_the_first_styles_token():
+    import types
+
+    config = _digits_config()
+    log = types.SimpleNamespace(images_per_step=12, last={}, best={})
+    text = train.run_summary(config, "/tmp/w", 0, 2, 1.0, log, config_file="c.py")
+    assert f"in the style of {config.data.styles[0]['token']}'" in text
+    assert config.train.style_token not in text

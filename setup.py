@@ -10,8 +10,9 @@ setup(
         "jax>=0.10",
         "flax>=0.12",
         "optax>=0.2.8",
-        "diffusers==0.39.0",  # Last release with Flax models.
-        "transformers==4.57.6",  # Last release with FlaxCLIPTextModel.
+        # Configs and tokenizers only: the models are ours (nsync_jax/models/).
+        "transformers>=5",
+        "huggingface_hub>=1.32",
         "orbax-checkpoint>=0.12",
         "tensorflow-datasets>=4.9.10",  # Used without TensorFlow via tfds.data_source.
         "ml_collections>=1.1",
@@ -32,6 +33,8 @@ setup(
             "hypothesis>=6.100",
             "ruff>=0.15",
             "torch==2.13.0",
+            # Current PyTorch diffusers: the parity reference and the export verifier.
+            "diffusers>=0.42",
             "peft>=0.17",
             "scikit-learn>=1.4",
         ],

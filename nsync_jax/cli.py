@@ -13,8 +13,8 @@
   slices, SLURM, Open MPI); `--coordinator=HOST:PORT --num_processes=N --process_id=I`
   names everything (GPU nodes without a cluster manager). README "Many hosts".
 - Logging: absl at INFO, with other libraries' noise dropped: JAX's INFO line for each
-  backend it probes and cannot start ("Unable to initialize backend 'tpu'"), the
-  diffusers/transformers Flax deprecation notices, orbax's per-save INFO lines.
+  backend it probes and cannot start ("Unable to initialize backend 'tpu'") and orbax's
+  per-save INFO lines.
 - Flags: a mistyped config field (`--config.data.paht=x`) or a `--config` file that cannot
   be loaded is one line naming it.
 - Errors: an `errors.UserError` (a config that cannot work, a missing file or data set, a
@@ -34,7 +34,7 @@ from collections.abc import Callable
 from absl import app, flags
 from absl import logging as absl_logging
 
-from nsync_jax import errors, hosts, library_logs
+from nsync_jax import errors, hosts
 
 USER_ERROR_STATUS = 2
 INTERRUPTED_STATUS = 130
@@ -75,7 +75,6 @@ def quiet_library_logs() -> None:
     # JAX logs at INFO every platform it tries and fails to start; the chosen one is logged
     # by us (the mesh), and a real failure to start the requested platform still raises.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    library_logs.drop_deprecation_notices()
     checkpoint.quiet_orbax_logs()
 
 

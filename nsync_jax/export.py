@@ -29,7 +29,6 @@ names), else the PyTorch class built on torch's meta device when torch is instal
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -37,14 +36,13 @@ import os
 import shutil
 from typing import Any
 
-import diffusers
 import jax
 import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
-from nsync_jax import lora, lora_export, models, trees, weights
+from nsync_jax import clip_tokenizer, lora, lora_export, models, trees, weights
 from nsync_jax import scope as scope_lib
 from nsync_jax.torch_files import save_learned_tokens, to_numpy, write_json
 
@@ -56,10 +54,11 @@ TORCH_CLASSES = {
     "text_encoder": ("transformers", "CLIPTextModel"),
     "tokenizer": ("transformers", "CLIPTokenizer"),
 }
+# The diffusers release whose loaders our exports are tested against (`model_index.json`'s
+# `_diffusers_version`, which diffusers reads only to warn about much newer files).
+DIFFUSERS_VERSION = "0.42.1"
 # Used when the scheduler config names no class (tiny models): SD 1.5's default sampler.
 DEFAULT_SCHEDULER = {"_class_name": "PNDMScheduler", "skip_prk_steps": True}
-# Flax-only config fields the PyTorch classes do not take.
-_FLAX_ONLY_FIELDS = ("use_memory_efficient_attention", "split_head_dim", "dtype", "parent", "name")
 TORCH_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -79,7 +78,8 @@ def torch_reference_shapes(component: str, component_dir: str) -> dict[str, tupl
 
     Built on torch's meta device: no memory, no weights; needs torch.
     """
-    import torch  # Only this check needs torch; export itself does not.
+    import diffusers  # Only this check needs torch and diffusers; export itself does not.
+    import torch
     import transformers
 
     with torch.device("meta"):
@@ -133,11 +133,9 @@ def _copyable(component: str, base_files: list[str]) -> bool:
     return weights.stored_key_rule(component, keys) is weights.same_key
 
 
-def _diffusers_config(module: Any, class_name: str) -> dict[str, Any]:
-    config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
-    for field in _FLAX_ONLY_FIELDS:
-        config.pop(field, None)
-    return {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **config}
+def _diffusers_config(module: Any) -> dict[str, Any]:
+    """The diffusers `config.json` of our UNet or VAE (its config's `to_dict`)."""
+    return {**module.config.to_dict(), "_diffusers_version": DIFFUSERS_VERSION}
 
 
 def _copy_component(base_dir: str, component: str, output_dir: str, files: list[str]) -> None:
@@ -165,17 +163,16 @@ def _write_component(
     target = os.path.join(output_dir, component)
     os.makedirs(target, exist_ok=True)
     if component == "text_encoder":
-        config = copy.deepcopy(model.text_encoder.config)
-        config.vocab_size = vocab_size
-        config.architectures = [TORCH_CLASSES[component][1]]
-        config.save_pretrained(target)
+        config = model.text_encoder.config.to_dict()
+        config.update(vocab_size=vocab_size, architectures=[TORCH_CLASSES[component][1]])
+        write_json(os.path.join(target, "config.json"), config)
     elif base_files:  # Training keeps the architecture: the base config stays exact.
         shutil.copy2(os.path.join(os.path.dirname(base_files[0]), "config.json"), target)
     else:
         module = model.unet if component == "unet" else model.vae
         write_json(
             os.path.join(target, "config.json"),
-            _diffusers_config(module, TORCH_CLASSES[component][1]),
+            _diffusers_config(module),
         )
     state = torch_state_dict(component_params, dtype)
     what = f"exported {component}"
@@ -208,6 +205,12 @@ def _save_base_tokenizer(tokenizer: Any, target: str, vocab_size: int) -> None:
             write_json(added_path, added)
         else:
             os.remove(added_path)
+    json_path = os.path.join(target, "tokenizer.json")  # transformers 5 writes only this.
+    if os.path.isfile(json_path):
+        with open(json_path) as f:
+            data = json.load(f)
+        data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < vocab_size]
+        write_json(json_path, data)
     config_path = os.path.join(target, "tokenizer_config.json")
     with open(config_path) as f:
         config = json.load(f)
@@ -306,7 +309,7 @@ def export_pipeline(
         shutil.copytree(base_tokenizer, tokenizer_dir)
     else:
         _save_base_tokenizer(model.tokenizer, tokenizer_dir, vocab_size)
-    saved = models.CLIPTokenizer.from_pretrained(tokenizer_dir)
+    saved = clip_tokenizer.load(tokenizer_dir)
     if len(saved) != vocab_size:  # E.g. a base folder that is not the run's base model.
         raise ValueError(
             f"{tokenizer_dir}: tokenizer has {len(saved)} tokens but the exported text "
@@ -320,7 +323,7 @@ def export_pipeline(
 
     index = {
         "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
+        "_diffusers_version": DIFFUSERS_VERSION,
         "scheduler": ["diffusers", scheduler["_class_name"]],
         **{name: list(cls) for name, cls in TORCH_CLASSES.items()},
         "safety_checker": [None, None],

@@ -14,27 +14,23 @@ Layers are chosen by their PyTorch module path (`weights.torch_key`), matched PE
 a target `to_q` matches every module whose path is `to_q` or ends in `.to_q`. Named groups
 expand to module names (`TARGET_GROUPS`).
 
-The diffusers and transformers Flax modules are linen modules we do not own, so the
-adapters are applied from outside, in one of two ways (equal outputs and gradients):
+Adapters are applied in one of two ways (equal outputs and gradients):
 
 - `merge` (functional): the targeted kernels are replaced by W' before `apply`. Since the
   scope's `merge` runs inside the differentiated loss, gradients reach A and B through W'.
-- `intercept`: A and B sit in the parameter tree next to the kernel (linen ignores
-  variables a module does not read), and `flax.linen.intercept_methods` adds
-  `scale · (x A) B` to the output of each Dense/Conv that has them, never forming W'.
-  The seam is the model: `InterceptedStableDiffusion` runs `predict_noise` and
-  `encode_text` inside the interceptor, so `step.py` and the sampler need no change.
+- `intercept` (the name is kept for configs; nothing is intercepted): A and B sit in the
+  parameter tree next to the kernel, and our Dense and Conv layers (`models/layers.py`)
+  add `scale · (x A) B` to their output, never forming W'. The scale is a field of the
+  UNet and text encoder modules: `with_adapter_scale` returns the model built with it, so
+  `step.py` and the sampler need no change.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -243,55 +239,14 @@ def merged_params(params: Params, adapters: Params, settings: LoraSettings) -> P
     }
 
 
-def _lora_interceptor(scale: float):
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if (
-            context.method_name != "__call__"
-            or not isinstance(module, nn.Dense | nn.Conv)
-            or not module.has_variable("params", A_NAME)
-        ):
-            return next_fun(*args, **kwargs)
-        y = next_fun(*args, **kwargs)
-        a = module.get_variable("params", A_NAME)
-        b = module.get_variable("params", B_NAME)
-        # The same layer (strides, padding, dtype promotion) with r outputs and no bias.
-        down = module.clone(parent=None, features=a.shape[-1], use_bias=False)
-        h = down.apply({"params": {"kernel": a}}, args[0])
-        up = jnp.einsum("...r,ro->...o", h, b.astype(h.dtype))
-        return y + (scale * up).astype(y.dtype)
-
-    return interceptor
-
-
-@contextlib.contextmanager
-def intercept(scale: float) -> Iterator[None]:
-    """Within it, every linen Dense/Conv whose params hold `lora_a`/`lora_b` adds
-    `scale · (x A) B` to its output."""
-    with nn.intercept_methods(_lora_interceptor(scale)):
-        yield
-
-
-@dataclasses.dataclass(frozen=True)
-class InterceptedStableDiffusion(models.StableDiffusion):
-    """The model whose UNet and text encoder calls apply attached adapters (`intercept`)."""
-
-    lora_scale: float = 1.0
-
-    @classmethod
-    def wrap(cls, model: models.StableDiffusion, scale: float) -> InterceptedStableDiffusion:
-        fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
-        return cls(**{**fields, "lora_scale": scale})
-
-    def encode_text(self, text_params: Params, input_ids: jax.Array) -> jax.Array:
-        with intercept(self.lora_scale):
-            return super().encode_text(text_params, input_ids)
-
-    def predict_noise(
-        self, unet_params: Params, latents: jax.Array, timesteps: jax.Array, context: jax.Array
-    ) -> jax.Array:
-        with intercept(self.lora_scale):
-            return super().predict_noise(unet_params, latents, timesteps, context)
+def with_adapter_scale(model: models.StableDiffusion, scale: float) -> models.StableDiffusion:
+    """The model whose UNet and text encoder add `scale · (x A) B` wherever adapters are
+    attached to a layer's kernel (the `intercept` implementation)."""
+    return dataclasses.replace(
+        model,
+        unet=model.unet.clone(lora_scale=scale),
+        text_encoder=model.text_encoder.clone(lora_scale=scale),
+    )
 
 
 def count(adapters: Params) -> int:

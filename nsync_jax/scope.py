@@ -282,7 +282,7 @@ def make_scope(
 
     `lora_config` (`config.lora`) is required by the `lora` and `lora_ti` scopes. With
     `lora.implementation="intercept"` the returned model applies the adapters itself
-    (`lora.InterceptedStableDiffusion`). `style_tokens` are the run's style words
+    (`lora.with_adapter_scale`). `style_tokens` are the run's style words
     (`data.styles.run_tokens`); default `(train_config.style_token,)`. The token scopes
     learn one placeholder per word.
     """
@@ -298,7 +298,7 @@ def make_scope(
                 model, params, style_tokens, train_config.initializer_token
             )
         if settings.implementation == "intercept":
-            model = lora.InterceptedStableDiffusion.wrap(model, settings.scale)
+            model = lora.with_adapter_scale(model, settings.scale)
         lora_scope = LoraScope(
             settings,
             seed=lora_config.seed,

@@ -22,10 +22,9 @@ jax.config.update(
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # Library modules install no log filters when imported; programs do (`cli.setup_logging`).
-# Tests keep the libraries' Flax deprecation notices and orbax's INFO lines out likewise.
-from nsync_jax import checkpoint, library_logs  # noqa: E402
+# Tests keep orbax's INFO lines out likewise.
+from nsync_jax import checkpoint  # noqa: E402
 
-library_logs.drop_deprecation_notices()
 checkpoint.quiet_orbax_logs()
 
 

@@ -182,8 +182,8 @@ def compile_row(args, scope, mode, mesh_name, remat, batch) -> dict:
 def unet_forward_tflops(args, model, params) -> float:
     """FLOPs of one UNet forward on one 64×64-latent image (batch 1, one device)."""
     side = architectures.latent_side(args.arch, args.resolution)
-    context = jax.ShapeDtypeStruct((1, 77, model.unet.cross_attention_dim), jnp.bfloat16)
-    latents = jax.ShapeDtypeStruct((1, model.unet.in_channels, side, side), jnp.bfloat16)
+    context = jax.ShapeDtypeStruct((1, 77, model.unet.config.cross_attention_dim), jnp.bfloat16)
+    latents = jax.ShapeDtypeStruct((1, model.unet.config.in_channels, side, side), jnp.bfloat16)
     timesteps = jax.ShapeDtypeStruct((1,), jnp.int32)
     lowered = jax.jit(model.predict_noise).lower(params["unet"], latents, timesteps, context)
     cost = lowered.compile().cost_analysis()

@@ -209,11 +209,8 @@ def add_placeholder_tokens(
     new_rows = jnp.repeat(new_row, len(placeholders), axis=0)
     table = jnp.concatenate([table, new_rows.astype(table.dtype)], axis=0)
     text_params = _set_path(params["text_encoder"], _EMBEDDING_PATH, table)
-    text_config = copy.deepcopy(model.text_encoder.config)
-    text_config.vocab_size = table.shape[0]
-    text_encoder = type(model.text_encoder)(
-        text_config, dtype=model.text_encoder.dtype, _do_init=False
-    )
+    text_config = dataclasses.replace(model.text_encoder.config, vocab_size=table.shape[0])
+    text_encoder = model.text_encoder.clone(config=text_config)
     model = dataclasses.replace(model, tokenizer=tokenizer, text_encoder=text_encoder)
     return model, {**params, "text_encoder": text_params}, token_id
 

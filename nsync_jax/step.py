@@ -138,8 +138,7 @@ def posterior_moments(
 ) -> tuple[jax.Array, jax.Array]:
     """(mean, std) of the VAE posterior of NCHW `pixels`, in the encoder's NHWC layout and
     unscaled: what `data/latents.py` caches and `sample_posterior` draws from."""
-    posterior = model.vae.apply({"params": vae_params}, pixels, method=model.vae.encode)
-    return posterior.latent_dist.mean, posterior.latent_dist.std
+    return model.posterior_moments(vae_params, pixels)
 
 
 def sample_posterior(
@@ -153,8 +152,7 @@ def sample_posterior(
 def _scaled_latents(
     model: models.StableDiffusion, mean: jax.Array, std: jax.Array, eps: jax.Array
 ) -> jax.Array:
-    latents = mean + std * eps
-    return jnp.transpose(latents, (0, 3, 1, 2)) * model.vae.config.scaling_factor
+    return model.latents_from_moments(mean, std, eps)
 
 
 def negative_every(config: ml_collections.ConfigDict) -> int:

@@ -1,8 +1,9 @@
-"""Loading pretrained Stable Diffusion weights into the Flax modules of `models.py`.
+"""Loading pretrained Stable Diffusion weights into our Flax modules (`nsync_jax/models/`).
 
 A diffusers folder (local, or a hub id fetched with `huggingface_hub.snapshot_download`)
-holds `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/`. The Flax modules are
-built from the components' `config.json`; their weights come from PyTorch `.safetensors`
+holds `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/`. Our modules are
+built from the components' `config.json` (`UNetConfig`, `VAEConfig`, `CLIPTextConfig`,
+which refuse a field value they do not implement); their weights come from PyTorch `.safetensors`
 (safetensors' NumPy API), PyTorch `.bin` (`torch_pickle`) or Flax `.msgpack` files, in
 that order, optionally of a variant (`*.fp16.*`): no torch at run time. Folders written
 by transformers 4 and 5 both load: the tokenizer through `clip_tokenizer`, the text
@@ -30,6 +31,7 @@ silently random-initialised parameter.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -46,7 +48,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import safe_open
 
-from nsync_jax import clip_tokenizer, errors, models, torch_pickle, trees, unet_memory
+from nsync_jax import clip_tokenizer, errors, models, torch_pickle, trees
+from nsync_jax.models import clip
+from nsync_jax.models import unet as unet_lib
+from nsync_jax.models import vae as vae_lib
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
@@ -107,44 +112,6 @@ _LEGACY_TORCH = {
 # Buffers (not parameters) some PyTorch checkpoints store, e.g. older CLIP text encoders.
 _TORCH_BUFFERS = re.compile(r"(^|\.)position_ids$")
 _FLAX_LEAVES = ("kernel", "scale", "embedding", "bias")
-
-# PyTorch config fields the Flax classes do not have, with the only value the Flax
-# classes implement; any other value would build a different network, so it is an error.
-_UNSUPPORTED = {
-    "unet": {
-        "center_input_sample": False,
-        "act_fn": "silu",
-        "norm_num_groups": 32,
-        "norm_eps": 1e-5,
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
-        "dual_cross_attention": False,
-        "class_embed_type": None,
-        "num_class_embeds": None,
-        "encoder_hid_dim": None,
-        "resnet_time_scale_shift": "default",
-        "resnet_skip_time_act": False,
-        "resnet_out_scale_factor": 1.0,
-        "time_embedding_type": "positional",
-        "time_embedding_dim": None,
-        "time_embedding_act_fn": None,
-        "timestep_post_act": None,
-        "time_cond_proj_dim": None,
-        "conv_in_kernel": 3,
-        "conv_out_kernel": 3,
-        "attention_type": "default",
-        "class_embeddings_concat": False,
-        "mid_block_only_cross_attention": None,
-        "cross_attention_norm": None,
-    },
-    "vae": {
-        "shift_factor": None,
-        "use_quant_conv": True,
-        "use_post_quant_conv": True,
-        "mid_block_add_attention": True,
-    },
-}
-
 
 # ---------------------------------------------------------------------------------------
 # Names and layouts, shared with export.py.
@@ -446,84 +413,55 @@ def _read_json(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _check_supported(component: str, config: dict[str, Any], path: str) -> None:
-    for field, value in _UNSUPPORTED.get(component, {}).items():
-        if field in config and config[field] != value:
-            raise errors.ConfigError(
-                f"{path}: {field}={config[field]!r} is not supported by the Flax "
-                f"{component} (only {value!r})"
-            )
-
-
 def load_modules(directory: str, model_config: ml_collections.ConfigDict) -> models.StableDiffusion:
-    """The Flax modules, tokenizer and scheduler config of a local diffusers folder.
+    """Our modules, the tokenizer and the scheduler config of a local diffusers folder.
 
     Reads configs and the tokenizer (either layout, `clip_tokenizer.load`), no weights.
 
     Raises:
       errors.NotFound: a config file or the tokenizer is missing.
-      errors.ConfigError: a config the Flax classes do not implement, a tokenizer that
-        does not fit the text encoder, a `model.resolution` the model cannot divide, or
-        an attention/remat option that is unknown or unavailable on this backend.
+      errors.ConfigError: a config our modules do not implement (naming the file and the
+        field), a tokenizer that does not fit the text encoder, a `model.resolution` the
+        model cannot divide, or an attention/remat option that is unknown or unavailable on
+        this backend.
     """
-    compute_dtype = models.dtype_from_name(model_config.compute_dtype)
-    memory = unet_memory.MemoryOptions.from_config(model_config)
-    unet_path = os.path.join(directory, "unet", "config.json")
-    unet_config = _read_json(unet_path)
-    _check_supported("unet", unet_config, unet_path)
-    if unet_config.get("upcast_attention"):
-        logging.warning(
-            "%s sets upcast_attention, which the Flax UNet lacks: attention runs in "
-            "model.compute_dtype=%s (fine in float32; may overflow in float16)",
-            unet_path,
-            model_config.compute_dtype,
-        )
-    vae_path = os.path.join(directory, "vae", "config.json")
-    vae_config = _read_json(vae_path)
-    _check_supported("vae", vae_config, vae_path)
-    text_path = os.path.join(directory, "text_encoder", "config.json")
-    _read_json(text_path)  # A clear NotFound before transformers' own error.
-    text_config = models.CLIPTextConfig.from_pretrained(os.path.dirname(text_path))
+    configs = {}
+    for component, parse in (
+        ("unet", unet_lib.UNetConfig.from_dict),
+        ("vae", vae_lib.VAEConfig.from_dict),
+        ("text_encoder", clip.CLIPTextConfig.from_dict),
+    ):
+        path = os.path.join(directory, component, "config.json")
+        try:
+            configs[component] = parse(_read_json(path))
+        except errors.ConfigError as e:
+            raise errors.ConfigError(f"{os.path.abspath(path)}: {e}") from e
     tokenizer = clip_tokenizer.load(os.path.join(directory, "tokenizer"))
-    if len(tokenizer) != text_config.vocab_size:
+    if len(tokenizer) != configs["text_encoder"].vocab_size:
         raise errors.ConfigError(
             f"{directory}: tokenizer has {len(tokenizer)} tokens but the text encoder's "
-            f"vocab_size is {text_config.vocab_size}"
+            f"vocab_size is {configs['text_encoder'].vocab_size}"
         )
     scheduler_config = _read_json(os.path.join(directory, "scheduler", "scheduler_config.json"))
-    unet = models.FlaxUNet2DConditionModel.from_config(
-        unet_config, dtype=compute_dtype, **memory.unet_attributes()
-    )
-    vae = models.FlaxAutoencoderKL.from_config(vae_config, dtype=compute_dtype)
-    models.check_resolution(model_config.resolution, unet, vae)
-    return models.StableDiffusion(
-        unet=unet,
-        vae=vae,
-        text_encoder=models.FlaxCLIPTextModel(text_config, dtype=compute_dtype, _do_init=False),
-        tokenizer=tokenizer,
-        scheduler_config=scheduler_config,
-        resolution=model_config.resolution,
-        memory=memory,
+    return models.build(
+        model_config,
+        configs["unet"],
+        configs["vae"],
+        configs["text_encoder"],
+        tokenizer,
+        scheduler_config,
     )
 
 
 def param_shapes(model: models.StableDiffusion, param_dtype: jnp.dtype) -> Params:
     """Every component's parameter tree as `jax.ShapeDtypeStruct`s, in `param_dtype`."""
-    rng = jax.random.key(0)
-    seq_len = model.text_encoder.config.max_position_embeddings
-    shapes = {
-        "unet": jax.eval_shape(model.unet.init_weights, rng),
-        "vae": jax.eval_shape(model.vae.init_weights, rng),
-        "text_encoder": jax.eval_shape(
-            lambda r: model.text_encoder.init_weights(r, (1, seq_len)), rng
-        ),
-    }
+    shapes = jax.eval_shape(functools.partial(models.init_params, model), jax.random.key(0))
 
     def in_dtype(x):
         dtype = param_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
         return jax.ShapeDtypeStruct(x.shape, dtype)
 
-    return jax.tree.map(in_dtype, flax.core.unfreeze(shapes))
+    return jax.tree.map(in_dtype, shapes)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Stable Diffusion components: the one seam to the diffusers and transformers Flax classes.
+"""Stable Diffusion as the trainer and the samplers see it: our UNet, VAE and CLIP text
+encoder (`unet.py`, `vae.py`, `clip.py`), the tokenizer and the noise-schedule config.
 
 `build_tiny(config.model, rng)` returns a `StableDiffusion` (the modules, tokenizer,
 noise-schedule config and the UNet's attention/remat options of `unet_memory.py`) and its
@@ -6,34 +7,27 @@ parameters as `{"unet": ..., "vae": ..., "text_encoder": ...}`: small random mod
 config, for tests and the demo. A pretrained diffusers folder or hub id is loaded into
 these modules by `weights.py` (`export.py` writes one back for PyTorch); `runs.build_model`
 picks between the two by `model.source`.
-
-diffusers 0.39 is the last release with Flax models and transformers 4.57 the last with
-`FlaxCLIPTextModel`; both log deprecation notices, which we drop (`library_logs.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import tempfile
 from typing import Any
 
-import flax.core
 import jax
 import jax.numpy as jnp
 import ml_collections
+from transformers import CLIPTokenizer
 
-from nsync_jax import errors, library_logs, unet_memory
-
-with library_logs.quiet_import():  # Some of diffusers' Flax modules log on import.
-    from diffusers import (
-        FlaxAutoencoderKL,
-        FlaxDDPMScheduler,
-        FlaxUNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
+from nsync_jax import errors, unet_memory
+from nsync_jax.models import clip
+from nsync_jax.models import unet as unet_lib
+from nsync_jax.models import vae as vae_lib
 
 Params = dict[str, Any]
 
@@ -41,14 +35,14 @@ Params = dict[str, Any]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def side_multiple(unet: FlaxUNet2DConditionModel, vae: FlaxAutoencoderKL) -> int:
+def side_multiple(unet: unet_lib.UNet2DConditionModel, vae: vae_lib.AutoencoderKL) -> int:
     """What every image side must be a multiple of: the product of the VAE's and the UNet's
     halvings (see `check_resolution`); 64 for SD 1.x and 2.x."""
-    return 2 ** (len(vae.block_out_channels) - 1 + len(unet.down_block_types) - 1)
+    return 2 ** (len(vae.config.block_out_channels) - 1 + len(unet.config.down_block_types) - 1)
 
 
 def check_resolution(
-    resolution: int, unet: FlaxUNet2DConditionModel, vae: FlaxAutoencoderKL
+    resolution: int, unet: unet_lib.UNet2DConditionModel, vae: vae_lib.AutoencoderKL
 ) -> None:
     """Raises unless the model can take images of side `resolution`.
 
@@ -60,8 +54,8 @@ def check_resolution(
     Raises:
       errors.ConfigError: naming `model.resolution`, the multiple and the nearest values.
     """
-    vae_halvings = len(vae.block_out_channels) - 1
-    unet_halvings = len(unet.down_block_types) - 1
+    vae_halvings = len(vae.config.block_out_channels) - 1
+    unet_halvings = len(unet.config.down_block_types) - 1
     multiple = side_multiple(unet, vae)
     if resolution > 0 and resolution % multiple == 0:
         return
@@ -81,8 +75,7 @@ def dtype_from_name(name: str) -> jnp.dtype:
 
 
 def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
-    """Casts floating leaves to `dtype` (diffusers' own `to_bf16` calls the removed
-    `jax.tree_map`)."""
+    """Casts floating leaves to `dtype`."""
 
     def cast(x):
         if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
@@ -96,9 +89,9 @@ def cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
 class StableDiffusion:
     """The Stable Diffusion parts a trainer and a sampler need; parameters live apart."""
 
-    unet: FlaxUNet2DConditionModel
-    vae: FlaxAutoencoderKL
-    text_encoder: FlaxCLIPTextModel
+    unet: unet_lib.UNet2DConditionModel
+    vae: vae_lib.AutoencoderKL
+    text_encoder: clip.CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
     resolution: int
@@ -109,13 +102,12 @@ class StableDiffusion:
     memory: unet_memory.MemoryOptions = unet_memory.MemoryOptions()
 
     def __post_init__(self):
-        # `chunked` is a UNet attribute, the rest apply at call time: both must agree.
-        chunked = self.memory.unet_attributes()["use_memory_efficient_attention"]
-        if self.unet.use_memory_efficient_attention != chunked:
+        # The UNet's fields carry the options; `full` remat wraps the call: both must agree.
+        built = {k: getattr(self.unet, k) for k in ("attention", "remat", "remat_policy")}
+        if built != self.memory.unet_attributes():
             raise ValueError(
-                f"the UNet was built with use_memory_efficient_attention="
-                f"{self.unet.use_memory_efficient_attention}, but model.attention="
-                f"{self.memory.attention!r}: build it with `memory.unet_attributes()`"
+                f"the UNet was built with {built}, but model.attention/remat ask for "
+                f"{self.memory.unet_attributes()}: build it with `memory.unet_attributes()`"
             )
 
     @property
@@ -143,22 +135,46 @@ class StableDiffusion:
         ).input_ids
 
     def encode_text(self, text_params: Params, input_ids: jax.Array) -> jax.Array:
-        return self.text_encoder(input_ids, params=text_params, train=False)[0]
+        """The UNet's context: the text encoder's last hidden state [B, L, D]."""
+        return self.text_encoder.apply({"params": text_params}, input_ids).last_hidden_state
+
+    def scale_latents(self, latents: jax.Array) -> jax.Array:
+        """VAE latents to the UNet's scale: (z − shift_factor) · scaling_factor."""
+        config = self.vae.config
+        return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
+
+    def unscale_latents(self, latents: jax.Array) -> jax.Array:
+        """The inverse of `scale_latents`."""
+        config = self.vae.config
+        return latents / config.scaling_factor + (config.shift_factor or 0.0)
+
+    def posterior_moments(
+        self, vae_params: Params, pixels: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """(mean, std) of the VAE posterior of NCHW `pixels`, NHWC and unscaled (the layout
+        latent caches store)."""
+        mean, logvar = self.vae.apply({"params": vae_params}, pixels, method=self.vae.encode)
+        std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
+        return jnp.transpose(mean, (0, 2, 3, 1)), jnp.transpose(std, (0, 2, 3, 1))
+
+    def latents_from_moments(self, mean: jax.Array, std: jax.Array, eps: jax.Array) -> jax.Array:
+        """Scaled NCHW latents `mean + std·ε` from NHWC moments and noise."""
+        return self.scale_latents(jnp.transpose(mean + std * eps, (0, 3, 1, 2)))
 
     def encode_images(self, vae_params: Params, pixels: jax.Array, rng: jax.Array) -> jax.Array:
         """Scaled VAE posterior sample, NCHW, from NCHW pixels in [-1, 1]."""
         if self.identity_vae:
             return jnp.concatenate([pixels, jnp.zeros_like(pixels[:, :1])], axis=1)
-        posterior = self.vae.apply({"params": vae_params}, pixels, method=self.vae.encode)
-        latents = posterior.latent_dist.sample(rng)  # NHWC
-        return jnp.transpose(latents, (0, 3, 1, 2)) * self.vae.config.scaling_factor
+        mean, std = self.posterior_moments(vae_params, pixels)
+        return self.latents_from_moments(mean, std, jax.random.normal(rng, mean.shape))
 
     def decode_latents(self, vae_params: Params, latents: jax.Array) -> jax.Array:
         """NCHW pixels in [-1, 1] from scaled NCHW latents."""
         if self.identity_vae:
             return latents[:, :3]
-        latents = latents / self.vae.config.scaling_factor
-        return self.vae.apply({"params": vae_params}, latents, method=self.vae.decode).sample
+        return self.vae.apply(
+            {"params": vae_params}, self.unscale_latents(latents), method=self.vae.decode
+        )
 
     def predict_noise(
         self, unet_params: Params, latents: jax.Array, timesteps: jax.Array, context: jax.Array
@@ -255,6 +271,10 @@ def write_tiny_tokenizer(
     return directory
 
 
+# The tiny models' GroupNorm groups (the published models' value): channels are multiples.
+TINY_NORM_GROUPS = 32
+
+
 def _tiny_scheduler_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return {
         "num_train_timesteps": cfg.num_train_timesteps,
@@ -268,12 +288,50 @@ def _tiny_scheduler_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
+def build(
+    model_config: ml_collections.ConfigDict,
+    unet_config: unet_lib.UNetConfig,
+    vae_config: vae_lib.VAEConfig,
+    text_config: clip.CLIPTextConfig,
+    tokenizer: CLIPTokenizer,
+    scheduler_config: dict[str, Any],
+    identity_vae: bool = False,
+) -> StableDiffusion:
+    """The modules of these configs with the `model` group's dtype and memory options."""
+    compute_dtype = dtype_from_name(model_config.compute_dtype)
+    memory = unet_memory.MemoryOptions.from_config(model_config)
+    unet = unet_lib.UNet2DConditionModel(
+        unet_config, dtype=compute_dtype, **memory.unet_attributes()
+    )
+    vae = vae_lib.AutoencoderKL(vae_config, dtype=compute_dtype)
+    check_resolution(model_config.resolution, unet, vae)
+    return StableDiffusion(
+        unet=unet,
+        vae=vae,
+        text_encoder=clip.CLIPTextModel(text_config, dtype=compute_dtype),
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        resolution=model_config.resolution,
+        identity_vae=identity_vae,
+        memory=memory,
+    )
+
+
+def init_params(model: StableDiffusion, rng: jax.Array) -> Params:
+    """Random parameters of every component (float32, plain dicts)."""
+    unet_rng, vae_rng, text_rng = jax.random.split(rng, 3)
+    max_length = model.text_encoder.config.max_position_embeddings
+    return {
+        "unet": model.unet.init_weights(unet_rng),
+        "vae": model.vae.init_weights(vae_rng),
+        "text_encoder": model.text_encoder.init_weights(text_rng, (1, max_length)),
+    }
+
+
 def build_tiny(
     model_config: ml_collections.ConfigDict, rng: jax.Array, tokenizer_dir: str | None = None
 ) -> tuple[StableDiffusion, Params]:
     """Random-init tiny Stable Diffusion of the real structure, from `model_config.tiny`.
-
-    Flax's UNet hard-codes GroupNorm(32), so channel counts are multiples of 32.
 
     Raises:
       errors.ConfigError: a channel count, `identity_vae` or `model.resolution` the
@@ -281,13 +339,11 @@ def build_tiny(
         parameter is initialised).
     """
     cfg = model_config.tiny
-    compute_dtype = dtype_from_name(model_config.compute_dtype)
-    memory = unet_memory.MemoryOptions.from_config(model_config)
     for channels in (*cfg.unet_channels, *cfg.vae_channels):
-        if channels % 32:
+        if channels % TINY_NORM_GROUPS:
             raise errors.ConfigError(
-                f"model.tiny channel count {channels} is not a multiple of 32 "
-                "(diffusers' Flax UNet and VAE use GroupNorm(32))"
+                f"model.tiny channel count {channels} is not a multiple of "
+                f"{TINY_NORM_GROUPS} (the tiny UNet and VAE use GroupNorm({TINY_NORM_GROUPS}))"
             )
     if cfg.identity_vae and len(cfg.vae_channels) != 1:
         raise errors.ConfigError(
@@ -297,7 +353,7 @@ def build_tiny(
     tokenizer_dir = tokenizer_dir or tempfile.mkdtemp(prefix="nsync-tokenizer-")
     tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tokenizer_dir, cfg.max_length))
     n_down = len(cfg.unet_channels)
-    unet = FlaxUNet2DConditionModel(
+    unet_config = unet_lib.UNetConfig(
         sample_size=model_config.resolution // 2 ** (len(cfg.vae_channels) - 1),
         in_channels=4,
         out_channels=4,
@@ -307,10 +363,9 @@ def build_tiny(
         layers_per_block=cfg.layers_per_block,
         attention_head_dim=cfg.attention_head_dim,
         cross_attention_dim=cfg.text_hidden,
-        dtype=compute_dtype,
-        **memory.unet_attributes(),
+        norm_num_groups=TINY_NORM_GROUPS,
     )
-    vae = FlaxAutoencoderKL(
+    vae_config = vae_lib.VAEConfig(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
@@ -318,12 +373,10 @@ def build_tiny(
         block_out_channels=tuple(cfg.vae_channels),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=TINY_NORM_GROUPS,
         sample_size=model_config.resolution,
-        dtype=compute_dtype,
     )
-    check_resolution(model_config.resolution, unet, vae)
-    text_config = CLIPTextConfig(
+    text_config = clip.CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.text_hidden,
         intermediate_size=4 * cfg.text_hidden,
@@ -334,27 +387,17 @@ def build_tiny(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    text_encoder = FlaxCLIPTextModel(text_config, dtype=compute_dtype, _do_init=False)
-    unet_rng, vae_rng, text_rng = jax.random.split(rng, 3)
-    # Jitted: eager init compiles op by op and takes several times longer.
-    params = {
-        "unet": jax.jit(unet.init_weights)(unet_rng),
-        "vae": jax.jit(vae.init_weights)(vae_rng),
-        "text_encoder": jax.jit(text_encoder.init_weights, static_argnums=1)(
-            text_rng, (1, cfg.max_length)
-        ),
-    }
-    params = jax.tree.map(jnp.asarray, flax.core.unfreeze(params))
-    model = StableDiffusion(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler_config=_tiny_scheduler_config(cfg),
-        resolution=model_config.resolution,
+    model = build(
+        model_config,
+        unet_config,
+        vae_config,
+        text_config,
+        tokenizer,
+        _tiny_scheduler_config(cfg),
         identity_vae=cfg.identity_vae,
-        memory=memory,
     )
+    # Jitted: eager init compiles op by op and takes several times longer.
+    params = jax.jit(functools.partial(init_params, model))(rng)
     return model, cast_floating(params, dtype_from_name(model_config.param_dtype))
 
 
@@ -381,8 +424,6 @@ def build_random(
         raise errors.ConfigError(
             f"model.architecture={arch!r} is not one of {sorted(architectures.ARCHS)}"
         )
-    compute_dtype = dtype_from_name(model_config.compute_dtype)
-    memory = unet_memory.MemoryOptions.from_config(model_config)
     text_cfg = architectures.text_config(arch)
     tokenizer_dir = tempfile.mkdtemp(prefix="nsync-tokenizer-")
     tokenizer = CLIPTokenizer.from_pretrained(
@@ -396,45 +437,23 @@ def build_random(
         model_config.resolution // architectures.ARCHS[arch]["vae_scale_factor"]
     )
     vae_cfg["sample_size"] = model_config.resolution
-    unet = FlaxUNet2DConditionModel(**unet_cfg, dtype=compute_dtype, **memory.unet_attributes())
-    vae = FlaxAutoencoderKL(**vae_cfg, norm_num_groups=32, dtype=compute_dtype)
-    check_resolution(model_config.resolution, unet, vae)
     text_cfg.update(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    text_encoder = FlaxCLIPTextModel(
-        CLIPTextConfig(**text_cfg), dtype=compute_dtype, _do_init=False
+    model = build(
+        model_config,
+        unet_lib.UNetConfig.from_dict(unet_cfg),
+        vae_lib.VAEConfig.from_dict(vae_cfg),
+        clip.CLIPTextConfig.from_dict(text_cfg),
+        tokenizer,
+        architectures.scheduler_config(arch),
     )
-    max_length = text_cfg["max_position_embeddings"]
-
-    def init(rng):
-        unet_rng, vae_rng, text_rng = jax.random.split(rng, 3)
-        return {
-            "unet": unet.init_weights(unet_rng),
-            "vae": vae.init_weights(vae_rng),
-            "text_encoder": text_encoder.init_weights(text_rng, (1, max_length)),
-        }
-
     param_dtype = dtype_from_name(model_config.param_dtype)
 
     def init_cast(rng):
-        return cast_floating(flax.core.unfreeze(init(rng)), param_dtype)
+        return cast_floating(init_params(model, rng), param_dtype)
 
     params = jax.eval_shape(init_cast, rng) if abstract else jax.jit(init_cast)(rng)
-    model = StableDiffusion(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler_config=architectures.scheduler_config(arch),
-        resolution=model_config.resolution,
-        memory=memory,
-    )
     return model, params
-
-
-def make_scheduler(model: StableDiffusion) -> FlaxDDPMScheduler:
-    """The training noise scheduler (DDPM) with the model's schedule config."""
-    return FlaxDDPMScheduler.from_config(model.scheduler_config)

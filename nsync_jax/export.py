@@ -176,17 +176,19 @@ def _write_component(
         )
     state = torch_state_dict(component_params, dtype)
     what = f"exported {component}"
-    if base_files:  # Checked in the base's names; written in ours (transformers 4's).
+    reference = None
+    if base_files:
         reference = weights.torch_file_shapes(base_files)
-        stored_key = weights.stored_key_rule(component, reference)
-        check_torch_keys(what, {stored_key(k): v for k, v in state.items()}, reference)
     else:
         try:
             reference = torch_reference_shapes(component, target)
         except ImportError:
             logging.warning("torch is not installed: %s keys checked only by the rule", what)
-        else:
-            check_torch_keys(what, state, reference)
+    if reference is not None:
+        # Checked in the reference's names (transformers 5 drops `text_model.`); written in
+        # ours, which transformers 4 and 5 both read.
+        stored_key = weights.stored_key_rule(component, reference)
+        check_torch_keys(what, {stored_key(k): v for k, v in state.items()}, reference)
     save_file(
         state,
         os.path.join(target, weights.WEIGHT_FILES[component]["safetensors"]),

@@ -1,20 +1,18 @@
 """Published Stable Diffusion UNet and CLIP-text architectures, as plain dicts.
 
-Shapes only, nothing downloaded: the throughput benchmarks build random-init models of these
-architectures. Both the PyTorch and the JAX benchmark import this module, so it imports
-nothing (not even numpy). The keys are diffusers' `UNet2DConditionModel` and transformers'
-`CLIPTextConfig` argument names, so each framework builds the same network from one dict:
+Shapes only, nothing downloaded: the memory report and the throughput benchmarks build
+random-init models of these architectures. Both the PyTorch and the JAX benchmark import
+this module, so it imports nothing (not even numpy). The keys are the fields of the
+components' `config.json` (diffusers' `UNet2DConditionModel`, transformers'
+`CLIPTextConfig`), so each framework builds the same network from one dict:
 
     diffusers.UNet2DConditionModel(**unet_config("sd15"))
-    diffusers.FlaxUNet2DConditionModel(**unet_config("sd15"))
+    nsync_jax.models.unet.UNetConfig.from_dict(unet_config("sd15"))
     transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_config("sd15")))
 
-Only keys that both UNet classes take appear. The Flax class (diffusers 0.39) has no
-`norm_num_groups`, `act_fn`, `norm_eps`, ... fields: it hard-codes GroupNorm(32), SiLU and
-eps 1e-5, which are also the PyTorch defaults, so every width here is a multiple of 32.
+Fields left out take the defaults both sides share (GroupNorm(32), SiLU, eps 1e-5).
 
-Parameter counts (random init, diffusers 0.39, transformers 4.57), which match the
-published checkpoints:
+Parameter counts (random init), which match the published checkpoints:
 
 | arch       | UNet                    | text encoder                   |
 |------------|-------------------------|--------------------------------|
@@ -125,7 +123,7 @@ ARCHS: dict[str, dict] = {
             "out_channels": 4,
             "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-            "block_out_channels": (32, 64),  # Multiples of 32: GroupNorm(32), see above.
+            "block_out_channels": (32, 64),  # Multiples of 32: GroupNorm(32).
             "layers_per_block": 1,
             "attention_head_dim": 8,
             "cross_attention_dim": 32,

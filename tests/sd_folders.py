@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from typing import Any
 
 import diffusers
@@ -62,14 +63,32 @@ def _write_tokenizer(directory: str, *, sd2: bool, layout: str) -> None:
             json.dump(config, f, indent=2)
 
 
-def _strip_text_model_prefix(directory: str) -> None:
-    """Rewrites the text encoder's safetensors keys as transformers 5 names them."""
-    for name in os.listdir(directory):
+def _rewrite_text_encoder(
+    directory: str, *, prefixed: bool, safe_serialization: bool, variant: str | None
+) -> None:
+    """Writes the text encoder's weights in one layout: keys with or without `text_model.`
+    (transformers 4 / 5), as safetensors or a PyTorch pickle `.bin` (transformers 4)."""
+    tensors = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
         if name.endswith(".safetensors"):
-            path = os.path.join(directory, name)
-            tensors = load_file(path)
-            renamed = {k.removeprefix("text_model."): v for k, v in tensors.items()}
-            save_file(renamed, path, metadata={"format": "pt"})
+            tensors.update(load_file(path))
+        elif name.endswith(".bin"):
+            tensors.update(torch.load(path, weights_only=True))
+        else:
+            continue
+        os.remove(path)
+    renamed = {}
+    for key, value in tensors.items():
+        key = key.removeprefix("text_model.")
+        renamed[f"text_model.{key}" if prefixed else key] = value
+    stem = "model" if safe_serialization else "pytorch_model"
+    ext = "safetensors" if safe_serialization else "bin"
+    name = f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}"
+    if safe_serialization:
+        save_file(renamed, os.path.join(directory, name), metadata={"format": "pt"})
+    else:
+        torch.save(renamed, os.path.join(directory, name))
 
 
 def write_pipeline(
@@ -159,9 +178,16 @@ def write_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     ).save_pretrained(root, safe_serialization=safe_serialization, variant=variant)
-    if layout == "transformers5":
-        _write_tokenizer(tokenizer_dir, sd2=sd2, layout=layout)
-        _strip_text_model_prefix(os.path.join(root, "text_encoder"))
+    # The installed transformers wrote its own layout; lay the tokenizer and text encoder
+    # out as the requested version writes them.
+    shutil.rmtree(tokenizer_dir)
+    _write_tokenizer(tokenizer_dir, sd2=sd2, layout=layout)
+    _rewrite_text_encoder(
+        os.path.join(root, "text_encoder"),
+        prefixed=layout == "transformers4",
+        safe_serialization=safe_serialization,
+        variant=variant,
+    )
     return {**modules, "tokenizer": tokenizer}
 
 

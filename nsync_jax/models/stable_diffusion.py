@@ -140,22 +140,21 @@ class StableDiffusion:
 
     def scale_latents(self, latents: jax.Array) -> jax.Array:
         """VAE latents to the UNet's scale: (z − shift_factor) · scaling_factor."""
-        config = self.vae.config
-        return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
+        return vae_lib.scale_latents(latents, self.vae.config)
 
     def unscale_latents(self, latents: jax.Array) -> jax.Array:
         """The inverse of `scale_latents`."""
-        config = self.vae.config
-        return latents / config.scaling_factor + (config.shift_factor or 0.0)
+        return vae_lib.unscale_latents(latents, self.vae.config)
 
     def posterior_moments(
         self, vae_params: Params, pixels: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
-        """(mean, std) of the VAE posterior of NCHW `pixels`, NHWC and unscaled (the layout
-        latent caches store)."""
-        mean, logvar = self.vae.apply({"params": vae_params}, pixels, method=self.vae.encode)
-        std = jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
-        return jnp.transpose(mean, (0, 2, 3, 1)), jnp.transpose(std, (0, 2, 3, 1))
+        """(mean, std) of the VAE posterior of NCHW `pixels`, NHWC and unscaled: the layout
+        latent caches store, and the one the posterior noise is drawn in."""
+        posterior = self.vae.apply({"params": vae_params}, pixels, method=self.vae.encode)
+        return jnp.transpose(posterior.mean, (0, 2, 3, 1)), jnp.transpose(
+            posterior.std, (0, 2, 3, 1)
+        )
 
     def latents_from_moments(self, mean: jax.Array, std: jax.Array, eps: jax.Array) -> jax.Array:
         """Scaled NCHW latents `mean + std·ε` from NHWC moments and noise."""

@@ -229,7 +229,7 @@ def euler(config: Mapping[str, Any], num_steps: int) -> Sampler:
     """Euler's method on the probability-flow ODE in σ = √((1−ᾱ)/ᾱ) (Karras et al. 2022,
     arXiv 2206.00364, Algorithm 2 without churn), as `EulerDiscreteScheduler`.
 
-    The state is x = x_t·√(1+σ²), starting at noise·σ_max (times √(1+σ_max²) ... for
+    The state is x = x_t·√(1+σ²), starting at noise·σ_max (noise·√(1+σ_max²) with
     `leading` spacing, as diffusers); the model sees x/√(1+σ²). With x̂0 from its output,
     x_next = x + (x − x̂0)/σ · (σ_next − σ). σ between training steps is linear in t
     (Euler's default `linspace` timesteps are fractional); the last σ is 0 or σ_0
@@ -400,8 +400,8 @@ def dpm_solver(config: Mapping[str, Any], num_steps: int) -> Sampler:
     return Sampler(_f32(t), 1.0, init_state, _unscaled, step)
 
 
-# Adams-Bashforth weights of PLMS on (the new output, the last three before it), by the
-# number of outputs it has: Liu et al. 2022, eq. 12.
+# Adams-Bashforth weights of PLMS (Liu et al. 2022) on (the new output, the last three
+# before it), by the number of outputs it has so far.
 _PLMS_WEIGHTS = {
     1: (1.0, 0.0, 0.0, 0.0),
     2: (3 / 2, -1 / 2, 0.0, 0.0),
@@ -416,8 +416,8 @@ def _pndm_calls(
     """Timesteps of PNDM's model calls and, per call, how its step combines outputs.
 
     Follows `PNDMScheduler`'s counter: without `skip_prk_steps`, three Runge-Kutta steps
-    of four calls each (at t, t − ⌊T/n⌋/2 twice, t − ⌊T/n⌋) warm up the history; with it,
-    the first step is taken twice, the second time with the mean of both outputs.
+    of four calls each (at t, t − h twice and t − 2h, h = ⌊⌊T/n⌋/2⌋) warm up the history;
+    with it, the first step is taken twice, the second time with the mean of both outputs.
 
     Args:
       base: ascending inference timesteps.
@@ -463,7 +463,7 @@ def _pndm_calls(
 def pndm(config: Mapping[str, Any], num_steps: int) -> Sampler:
     """Pseudo numerical methods (Liu et al. 2022, arXiv 2202.09778), as `PNDMScheduler`.
 
-    Every call moves x from t to prev with the DDIM-like transfer of the paper's eq. 11,
+    Every call moves x from t to prev with the paper's transfer (a DDIM step in ε),
       x_prev = √(ᾱ_prev/ᾱ_t)·x − (ᾱ_prev − ᾱ_t)·ε / (ᾱ_t√(1−ᾱ_prev) + √(ᾱ_t(1−ᾱ_t)ᾱ_prev)),
     where ε combines model outputs: linear multistep (PLMS, Adams-Bashforth of order up to 4)
     once three earlier outputs exist, Runge-Kutta stages (PRK) before that unless

@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from nsync_jax import errors
+from nsync_jax.models import schedules
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -37,20 +37,18 @@ class NoiseSchedule(NamedTuple):
 
 
 def make_schedule(scheduler_config: dict[str, Any]) -> NoiseSchedule:
-    """ᾱ_t from a diffusers scheduler config (linear or scaled_linear betas)."""
-    steps = scheduler_config["num_train_timesteps"]
-    start, end = scheduler_config["beta_start"], scheduler_config["beta_end"]
-    kind = scheduler_config.get("beta_schedule", "linear")
-    if kind == "scaled_linear":
-        betas = np.linspace(start**0.5, end**0.5, steps, dtype=np.float64) ** 2
-    elif kind == "linear":
-        betas = np.linspace(start, end, steps, dtype=np.float64)
-    else:
-        raise ValueError(f"beta_schedule {kind!r} is not supported (linear, scaled_linear)")
-    prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type {prediction_type!r}: expected {PREDICTION_TYPES}")
-    alphas_cumprod = np.cumprod(1.0 - betas)
+    """ᾱ_t and the training target of a diffusers scheduler config.
+
+    Any schedule of `schedules.betas` (linear, scaled_linear, squaredcos_cap_v2 or trained
+    betas, with zero-terminal-SNR rescaling when the config asks); ᾱ is computed in
+    float64 and stored in float32.
+
+    Raises:
+      ValueError: for an unsupported beta schedule, or a prediction type other than
+        `PREDICTION_TYPES` (training has no x_0 target).
+    """
+    prediction_type = schedules.prediction_type(scheduler_config, PREDICTION_TYPES)
+    alphas_cumprod = schedules.alphas_cumprod(scheduler_config)
     return NoiseSchedule(jnp.asarray(alphas_cumprod, jnp.float32), prediction_type)
 
 

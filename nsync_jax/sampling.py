@@ -1,9 +1,10 @@
 """Text-to-image sampling with classifier-free guidance, spread over the devices of a mesh.
 
 The denoising loop is one jitted function: text encoding, the scheduler's loop as a
-`jax.lax.fori_loop`, and VAE decoding. Schedulers are diffusers' Flax ones, picked by name
-(`SCHEDULERS`) and configured from the model's own scheduler config, so a pretrained
-model samples with the noise schedule it was trained with.
+`jax.lax.fori_loop`, and VAE decoding. Schedulers are our samplers (`models.samplers`,
+stepping as diffusers' PNDM, DDIM, Euler and DPM-Solver schedulers do), picked by name
+(`SCHEDULERS`) and configured from the model's own scheduler config, so a pretrained model
+samples with the noise schedule it was trained with.
 
 Determinism: image i's initial noise is `normal(fold_in(key(seed), image_seeds[i]))`, and
 every later operation acts on each image alone (GroupNorm, attention and the schedulers
@@ -29,33 +30,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from diffusers import (
-    FlaxDDIMScheduler,
-    FlaxDPMSolverMultistepScheduler,
-    FlaxEulerDiscreteScheduler,
-    FlaxPNDMScheduler,
-)
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from nsync_jax import hosts, models, runs, sharding
+from nsync_jax import hosts, models, sharding
+from nsync_jax.models import samplers
 
 Params = dict[str, Any]
 
-SCHEDULERS = {
-    "pndm": FlaxPNDMScheduler,  # SD 1.5's default; PRK warm-up unless skip_prk_steps.
-    "ddim": FlaxDDIMScheduler,
-    "euler": FlaxEulerDiscreteScheduler,
-    "dpm_solver": FlaxDPMSolverMultistepScheduler,
-}
+# "pndm" is SD 1.5's default (with its PRK warm-up unless the config sets skip_prk_steps).
+SCHEDULERS = tuple(samplers.SAMPLERS)
 
 
-def make_scheduler(name: str, scheduler_config: dict[str, Any]) -> Any:
-    """The Flax scheduler `name` with the model's noise-schedule config."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler {name!r} is not one of {sorted(SCHEDULERS)}")
-    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    return SCHEDULERS[name].from_config(config)
+def make_scheduler(name: str, scheduler_config: dict[str, Any], num_steps: int) -> samplers.Sampler:
+    """The sampler `name` for `num_steps` steps with the model's noise-schedule config."""
+    return samplers.make_sampler(name, scheduler_config, num_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +70,8 @@ class SamplerSettings:
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.scheduler == "pndm" and self.num_steps < 4:
-            # PNDM's PRK warm-up indexes the last 4 inference steps.
+            # PNDM's PRK warm-up runs on the last 4 inference steps (unless the model's
+            # config skips it, which these settings cannot know).
             raise ValueError(f"the pndm scheduler needs num_steps >= 4, got {self.num_steps}")
         if self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
@@ -130,20 +120,19 @@ def make_denoise_fn(
     [B, ...] the scheduler steps with (`classifier_free` for K = 2). Other arguments and
     the result as `make_generate_fn`'s.
     """
-    scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
+    scheduler = make_scheduler(settings.scheduler, model.scheduler_config, settings.num_steps)
 
     def denoise(params, contexts, combine, image_seeds, seed):
         batch, k = contexts.shape[:2]
         context = contexts.reshape((batch * k,) + contexts.shape[2:])
-        shape = (batch, *model.latent_shape)
-        state = scheduler.set_timesteps(scheduler.create_state(), settings.num_steps, shape)
-        # After set_timesteps: Euler's sigma depends on the inference timesteps.
-        latents = initial_noise(seed, image_seeds, model.latent_shape) * state.init_noise_sigma
+        noise = initial_noise(seed, image_seeds, model.latent_shape)
+        latents = noise * scheduler.init_noise_sigma
+        state = scheduler.init_state(latents)
 
         def body(i, carry):
             latents, state = carry
-            t = state.timesteps[i]
-            model_input = scheduler.scale_model_input(state, latents, t)
+            t = jnp.asarray(scheduler.timesteps)[i]
+            model_input = scheduler.scale_model_input(state, latents, i)
             if k > 1:
                 model_input = jnp.repeat(model_input, k, axis=0)
             # Float timesteps: Euler's are fractional; integer ones embed identically.
@@ -152,12 +141,10 @@ def make_denoise_fn(
                 params["unet"], model_input.astype(model.unet.dtype), timesteps, context
             ).astype(jnp.float32)
             prediction = combine(prediction.reshape((batch, k) + prediction.shape[1:]))
-            latents, state = scheduler.step(state, prediction, t, latents, return_dict=False)
-            return latents, state
+            return scheduler.step(state, prediction, i, latents)
 
-        # The loop length is the scheduler's, not num_steps: PNDM adds PRK/PLMS steps.
-        num_calls = state.timesteps.shape[0]
-        latents, _ = jax.lax.fori_loop(0, num_calls, body, (latents, state))
+        # The loop length is the sampler's, not num_steps: PNDM makes extra calls.
+        latents, _ = jax.lax.fori_loop(0, scheduler.num_calls, body, (latents, state))
         pixels = model.decode_latents(params["vae"], latents.astype(model.vae.dtype))
         images = jnp.transpose(pixels.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5
         return jnp.clip(images, 0.0, 1.0)
@@ -422,7 +409,11 @@ def sample_to_dir(
         raise ValueError("no prompts to sample")
     if num_per_prompt < 1:
         raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
-    model, params = model_and_params or runs.build_base(config)
+    if model_and_params is None:
+        from nsync_jax import runs  # Only this path loads a model (and its weight readers).
+
+        model_and_params = runs.build_base(config)
+    model, params = model_and_params
     sampler = make_sampler(config, config.sample, model, params, devices)
     expanded = [p for p in prompts for _ in range(num_per_prompt)]
     images = generate_all_processes(sampler, expanded, list(range(len(expanded))))

@@ -1,9 +1,9 @@
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from diffusers import FlaxDDPMScheduler
-from diffusers.schedulers.scheduling_utils_flax import add_noise_common, get_velocity_common
+import torch
 
 from nsync_jax import diffusion, errors
 
@@ -14,25 +14,62 @@ CONFIG = {
     "beta_schedule": "scaled_linear",
 }
 
+SCHEDULES = [
+    {**CONFIG, "beta_schedule": "linear"},
+    CONFIG,
+    {**CONFIG, "beta_schedule": "squaredcos_cap_v2"},
+    {"num_train_timesteps": 1000},  # diffusers' defaults: linear from 1e-4 to 0.02.
+    {"num_train_timesteps": 50, "trained_betas": np.linspace(1e-3, 0.2, 50).tolist()},
+]
+SCHEDULE_IDS = ["linear", "scaled_linear", "cosine", "defaults", "trained"]
 
+
+@pytest.mark.parametrize("rescale", [False, True], ids=["plain", "zero_snr"])
+@pytest.mark.parametrize("config", SCHEDULES, ids=SCHEDULE_IDS)
+def test_alphas_cumprod_match_diffusers(config, rescale):
+    config = {**config, "rescale_betas_zero_snr": rescale}
+    ours = np.asarray(diffusion.make_schedule(config).alphas_cumprod)
+    ref = diffusers.DDPMScheduler(**config).alphas_cumprod.numpy()
+    # diffusers computes the betas in float32, we in float64: ≤ 1.4e-6 apart relative where
+    # ᾱ > 1e-3. Where rescaling takes ᾱ towards 0 its float32 rounding is larger relative
+    # to ᾱ, hence the absolute term (ᾱ lies in [0, 1]).
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    if rescale:  # Lin et al. 2023: pure noise at the last step, ᾱ_0 unchanged.
+        plain = diffusion.make_schedule(dict(config, rescale_betas_zero_snr=False))
+        assert ours[-1] == 0.0 and ours[-2] > 0.0
+        np.testing.assert_allclose(ours[0], plain.alphas_cumprod[0], rtol=1e-6)
+
+
+def test_cosine_schedule_is_the_closed_form():
+    """ᾱ_t = f(t+1)/f(0), f(τ) = cos²((τ/T + 0.008)/1.008·π/2), until β reaches its cap."""
+    schedule = diffusion.make_schedule({**CONFIG, "beta_schedule": "squaredcos_cap_v2"})
+    t = np.arange(1000)
+
+    def f(tau):
+        return np.cos((tau / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2
+
+    expected = f(t + 1) / f(0)
+    uncapped = t < 990  # Only the last few betas hit the 0.999 cap.
+    np.testing.assert_allclose(schedule.alphas_cumprod[uncapped], expected[uncapped], rtol=1e-5)
+
+
+@pytest.mark.parametrize("rescale", [False, True], ids=["plain", "zero_snr"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_matches_diffusers_schedule_noise_and_target(prediction_type):
-    config = {**CONFIG, "prediction_type": prediction_type}
+def test_matches_diffusers_noise_and_target(prediction_type, rescale):
+    config = {**CONFIG, "prediction_type": prediction_type, "rescale_betas_zero_snr": rescale}
     schedule = diffusion.make_schedule(config)
-    ours = FlaxDDPMScheduler.from_config(config)
-    state = ours.create_state()
-    np.testing.assert_allclose(schedule.alphas_cumprod, state.common.alphas_cumprod, rtol=1e-6)
+    ref = diffusers.DDPMScheduler(**config)
     x0 = jax.random.normal(jax.random.key(0), (3, 4, 8, 8))
     noise, t = diffusion.sample_noise(schedule, jax.random.key(1), x0.shape)
     assert t.shape == (3,) and bool(jnp.all((t >= 0) & (t < 1000)))
+    t = t.at[0].set(999)  # The last step: pure noise under rescaling.
     noised = diffusion.add_noise(schedule, x0, noise, t)
+    x0_t, noise_t, t_t = (torch.from_numpy(np.array(a)) for a in (x0, noise, t))
     np.testing.assert_allclose(
-        noised.noisy, add_noise_common(state.common, x0, noise, t), rtol=1e-5, atol=1e-6
+        noised.noisy, ref.add_noise(x0_t, noise_t, t_t).numpy(), rtol=1e-5, atol=1e-5
     )
-    expected = (
-        noise if prediction_type == "epsilon" else get_velocity_common(state.common, x0, noise, t)
-    )
-    np.testing.assert_allclose(noised.target, expected, rtol=1e-5, atol=1e-6)
+    expected = noise if prediction_type == "epsilon" else ref.get_velocity(x0_t, noise_t, t_t)
+    np.testing.assert_allclose(noised.target, np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_schedule_config():
@@ -49,8 +86,8 @@ def test_mse_is_fp32():
 
 def _alphas_cumprod(prediction_type):
     """ᾱ_t as diffusers' scheduler computes it, in float64: the reference for the weights."""
-    state = FlaxDDPMScheduler.from_config({**CONFIG, "prediction_type": prediction_type})
-    return np.asarray(state.create_state().common.alphas_cumprod, np.float64)
+    scheduler = diffusers.DDPMScheduler(**CONFIG, prediction_type=prediction_type)
+    return scheduler.alphas_cumprod.numpy().astype(np.float64)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -16,9 +16,9 @@ norm) runs on S; its last hidden state conditions the UNet. `pos` is clamped to
 n = 8). A prompt without the placeholder (truncated) places V where the paper's
 `attention_mask.sum() − 3` would: two tokens before EOS.
 
-Flax's `FlaxCLIPTextModel` has no `inputs_embeds` argument, so the text transformer's
-submodules are called through `module.apply(..., method=...)`. Shapes are static and
-every row of the batch is spliced at its own position (a `vmap`).
+Our `CLIPTextModel` takes the spliced sequence as `token_embeds`, in place of its token
+lookup. Shapes are static and every row of the batch is spliced at its own position (a
+`vmap`).
 """
 
 from __future__ import annotations
@@ -69,22 +69,6 @@ def splice_embeddings(token_embeds: jax.Array, style: jax.Array, positions: jax.
     return jax.vmap(one)(token_embeds, style, positions)
 
 
-def _spliced_forward(module: Any, input_ids: jax.Array, style: jax.Array, positions: jax.Array):
-    """Run inside `FlaxCLIPTextModule.apply`: embeddings, splice, encoder, final norm."""
-    text = module.text_model
-    embeds = text.embeddings.token_embedding(input_ids.astype("i4"))
-    spliced = splice_embeddings(embeds, style, positions)
-    position_ids = jnp.arange(input_ids.shape[-1], dtype="i4")[None]
-    hidden = spliced + text.embeddings.position_embedding(position_ids)
-    hidden = text.encoder(
-        inputs_embeds=hidden,
-        attention_mask=jnp.ones(input_ids.shape, "i4"),
-        deterministic=True,
-        return_dict=False,
-    )[0]
-    return text.final_layer_norm(hidden)
-
-
 def encode_spliced(
     model: models.StableDiffusion,
     text_params: Params,
@@ -97,9 +81,11 @@ def encode_spliced(
     positions = placeholder_positions(
         input_ids, placeholder_id, model.tokenizer.eos_token_id, style.shape[1]
     )
-    return model.text_encoder.module.apply(
-        {"params": text_params}, input_ids, style, positions, method=_spliced_forward
-    )
+    encoder = model.text_encoder
+    variables = {"params": text_params}
+    embeds = encoder.apply(variables, input_ids, method=encoder.embed_tokens)
+    spliced = splice_embeddings(embeds, style, positions)
+    return encoder.apply(variables, input_ids, token_embeds=spliced).last_hidden_state
 
 
 def placeholder_token(

@@ -16,9 +16,9 @@ norm) runs on S; its last hidden state conditions the UNet. `pos` is clamped to
 n = 8). A prompt without the placeholder (truncated) places V where the paper's
 `attention_mask.sum() − 3` would: two tokens before EOS.
 
-Our `CLIPTextModel` takes the spliced sequence as `token_embeds`, in place of its token
-lookup. Shapes are static and every row of the batch is spliced at its own position (a
-`vmap`).
+Our `CLIPTextModel` takes the spliced token embeddings as `token_embeds` (positions are
+added inside, as for a plain prompt). Shapes are static and every row of the batch is
+spliced at its own position (a `vmap`).
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def encode_spliced(
     positions = placeholder_positions(
         input_ids, placeholder_id, model.tokenizer.eos_token_id, style.shape[1]
     )
-    encoder = model.text_encoder
     variables = {"params": text_params}
+    encoder = model.text_encoder
     embeds = encoder.apply(variables, input_ids, method=encoder.embed_tokens)
     spliced = splice_embeddings(embeds, style, positions)
     return encoder.apply(variables, input_ids, token_embeds=spliced).last_hidden_state

@@ -4,7 +4,7 @@ The multi-style benchmark's SupCon term embeds x̂0 with a frozen image encoder;
 (arXiv 2412.03957) pre-trains that representation with SupCon on the labels. On the
 digits the published CLIP cannot be downloaded, so the first runs used the tiny tower
 with random weights (`train.supcon_encoder="tiny"`). This script trains that same tower
-(`style_contrast`'s tiny `CLIPVisionConfig`, the same `style_contrast.embed`
+(`style_contrast.TINY_VISION`, the same `style_contrast.embed`
 preprocessing) with `supcon.supcon` over the rendering labels of `data/digits.py`
 (plain, palette, stripes, styled), two views per image: the image, and the image with
 Gaussian noise of a random scale and a random blur (what an x̂0 at a high noise level
@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import serialization
-from transformers import CLIPVisionConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -133,10 +132,9 @@ def main() -> None:
     print(f"trained tower: {after}", flush=True)
 
     os.makedirs(args.out, exist_ok=True)
-    config = CLIPVisionConfig(**style_contrast._TINY_VISION)
-    config.projection_dim = style_contrast._TINY_PROJECTION
-    config.architectures = ["CLIPVisionModelWithProjection"]
-    config.save_pretrained(args.out)
+    config = {**encoder.config.to_dict(), "architectures": ["CLIPVisionModelWithProjection"]}
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
     with open(os.path.join(args.out, "flax_model.msgpack"), "wb") as f:
         f.write(serialization.msgpack_serialize(jax.device_get(params)))
     loaded_encoder, loaded = clip_embed.load_hf(args.out, metric="supcon")

@@ -30,25 +30,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from transformers import CLIPVisionConfig
 
 from nsync_jax import diffusion, errors, models, supcon
 from nsync_jax import step as step_lib
 from nsync_jax.evaluation import clip_embed, images
+from nsync_jax.models import clip
 
 IMAGE_ENCODER = "image_encoder"  # Key of the encoder's parameters in the frozen tree.
 VIEWS = ("noise", "captions")
 TINY_ENCODER = "tiny"
-# The tiny encoder: a 2-layer CLIP ViT on 16 px inputs, random weights.
-_TINY_VISION = dict(
+# The tiny encoder: a 2-layer CLIP ViT on 16 px inputs with a 32-wide head, random weights.
+TINY_VISION = clip.CLIPVisionConfig(
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,
     num_attention_heads=4,
     image_size=16,
     patch_size=4,
+    projection_dim=32,
 )
-_TINY_PROJECTION = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,16 +103,17 @@ class SupconSettings:
 def load_encoder(settings: SupconSettings, seed: int) -> tuple[clip_embed.ClipImageEncoder, Any]:
     """The frozen image encoder and its parameters (`"tiny"`: random, from `seed`)."""
     if settings.encoder == TINY_ENCODER:
-        encoder = clip_embed.ClipImageEncoder(CLIPVisionConfig(**_TINY_VISION), _TINY_PROJECTION)
+        encoder = clip_embed.ClipImageEncoder(TINY_VISION)
         return encoder, _lecun_kernels(clip_embed.init_params(encoder, jax.random.key(seed)))
     return clip_embed.load_hf(settings.encoder, metric="supcon")
 
 
 def _lecun_kernels(params: Any) -> Any:
-    """Kernels rescaled to std 1/√fan_in. transformers' Flax CLIP draws them with std 0.01
-    (its weights are meant to be loaded), and at that scale the class token of a random
-    tower barely sees the image: every embedding has cosine > 0.999 with every other one,
-    and SupCon over them is flat (log(2B − 1) whatever the labels)."""
+    """Kernels rescaled to std 1/√fan_in. Our CLIP draws them with std 0.01, as
+    transformers' former Flax CLIP did (its weights are meant to be loaded), and at that
+    scale the class token of a random tower barely sees the image: every embedding has
+    cosine > 0.999 with every other one, and SupCon over them is flat (log(2B − 1)
+    whatever the labels)."""
 
     def rescale(path, x):
         if path[-1].key != "kernel":

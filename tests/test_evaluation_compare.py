@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from transformers import CLIPVisionConfig
 
 from configs import default
 from nsync_jax import sharding
 from nsync_jax.evaluation import clip_embed, compare, images, metrics
+from nsync_jax.models.clip import CLIPVisionConfig
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,9 @@ def tiny_embedders():
         num_attention_heads=2,
         image_size=16,
         patch_size=8,
+        projection_dim=12,
     )
-    encoder = clip_embed.ClipImageEncoder(vision, 12)
+    encoder = clip_embed.ClipImageEncoder(vision)
     params = clip_embed.init_params(encoder, jax.random.key(0))
     w = np.random.default_rng(0).normal(size=(8 * 8 * 3, 16)).astype(np.float32)
 

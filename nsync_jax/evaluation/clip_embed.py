@@ -1,12 +1,11 @@
 """CLIP ViT image embedders for the CSD style score and CMMD.
 
-Both are transformers' Flax CLIP vision tower (`FlaxCLIPVisionTransformer`, the module
-inside `FlaxCLIPVisionModel`) followed by a bias-free linear head on the post-LayerNorm
-class token, and an L2 normalisation:
+Both are our CLIP vision tower with a bias-free linear head on the post-LayerNorm class
+token (`models.clip.CLIPVisionModelWithProjection`), and an L2 normalisation:
 
   * CMMD (Jayasumana et al. 2024): CLIP ViT-L/14-336; the head is CLIP's
-    `visual_projection` (transformers 4.57 has no `FlaxCLIPVisionModelWithProjection`),
-    loaded from a Hugging Face folder (`model.safetensors` or `flax_model.msgpack`).
+    `visual_projection`, loaded from a Hugging Face folder (`model.safetensors`,
+    `pytorch_model.bin` or `flax_model.msgpack`).
   * CSD (Somepalli et al. 2024): a CLIP ViT-L/14 (224 px) backbone fine-tuned for style,
     plus the style head `last_layer_style`. The released checkpoint is a torch pickle
     whose `model_state_dict` uses OpenAI CLIP's `VisualTransformer` names under
@@ -17,53 +16,46 @@ class token, and an L2 normalisation:
     used as `x @ W`; any `proj` in the file is ignored, and the content head
     (`last_layer_content`) is not used.
 
-Parameters are `{"vision_model": <FlaxCLIPVisionTransformer params>, "visual_projection":
-{"kernel": (hidden, dim)}}`, the layout of transformers' Flax `CLIPModel`, so an HF msgpack
-maps one to one. Inputs are NHWC, already normalised with CLIP's mean/std.
+Parameters are `{"vision_model": <CLIPVisionTransformer params>, "visual_projection":
+{"kernel": (hidden, dim)}}`, the layout of transformers' former Flax `CLIPModel`, so an HF
+msgpack maps one to one; the head's width is the config's `projection_dim`. Inputs are NHWC,
+already normalised with CLIP's mean/std.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from transformers import CLIPVisionConfig
-from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionTransformer
 
-from nsync_jax import models  # noqa: F401  (filters the Flax deprecation notices)
 from nsync_jax.evaluation import weights
+from nsync_jax.models import clip
 
 
-class ClipImageEncoder(nn.Module):
-    """CLIP vision tower + bias-free projection -> L2-normalised (batch, dim) embeddings."""
-
-    config: CLIPVisionConfig
-    projection_dim: int
-
-    def setup(self):
-        self.vision_model = FlaxCLIPVisionTransformer(self.config)
-        self.visual_projection = nn.Dense(self.projection_dim, use_bias=False)
+class ClipImageEncoder(clip.CLIPVisionModelWithProjection):
+    """CLIP vision tower + bias-free projection -> L2-normalised (batch, projection_dim)."""
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
-        pooled = self.vision_model(pixels, deterministic=True)[1]  # post_layernorm(CLS)
-        embedding = self.visual_projection(pooled)
+        embedding = super().__call__(pixels).image_embeds
         return embedding / jnp.linalg.norm(embedding, axis=-1, keepdims=True)
+
+    @property
+    def projection_dim(self) -> int:
+        return self.config.projection_dim
 
 
 def param_shapes(encoder: ClipImageEncoder) -> Any:
-    size = encoder.config.image_size
-    return jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
+    return jax.eval_shape(encoder.init_weights, jax.random.key(0))
 
 
 def init_params(encoder: ClipImageEncoder, rng: jax.Array) -> Any:
     """Random parameters (tests only: metrics never run on random weights)."""
-    size = encoder.config.image_size
-    return jax.jit(encoder.init)(rng, jnp.zeros((1, size, size, 3)))["params"]
+    return jax.jit(encoder.init_weights)(rng)
 
 
 # --- Hugging Face CLIP (CMMD) ------------------------------------------------------------
@@ -89,20 +81,20 @@ def hf_flax_source(name: str) -> weights.Source:
     return name.replace("/", "."), lambda w: w
 
 
-def hf_vision_config(config: dict[str, Any]) -> tuple[CLIPVisionConfig, int]:
-    """The vision config and projection width from an HF `config.json` (CLIP or vision)."""
+def hf_vision_config(config: dict[str, Any]) -> clip.CLIPVisionConfig:
+    """The vision config, projection width included, of an HF `config.json` (CLIP or
+    vision)."""
     if "vision_config" in config:  # A full CLIPModel folder: the projection width is top-level.
-        vision = CLIPVisionConfig.from_dict(config["vision_config"])
-        return vision, int(config.get("projection_dim", vision.projection_dim))
-    vision = CLIPVisionConfig.from_dict(config)
-    return vision, int(vision.projection_dim)
+        vision = clip.CLIPVisionConfig.from_dict(config["vision_config"])
+        width = int(config.get("projection_dim", vision.projection_dim))
+        return dataclasses.replace(vision, projection_dim=width)
+    return clip.CLIPVisionConfig.from_dict(config)
 
 
 def load_hf(path: str, metric: str = "cmmd") -> tuple[ClipImageEncoder, Any]:
     """CLIP vision tower + `visual_projection` from a Hugging Face folder."""
     config, flat = weights.read_hf_folder(path, metric)
-    vision, projection_dim = hf_vision_config(config)
-    encoder = ClipImageEncoder(vision, projection_dim)
+    encoder = ClipImageEncoder(hf_vision_config(config))
     flax_named = any(k.endswith(".kernel") for k in flat)
     source = hf_flax_source if flax_named else hf_torch_source
     return encoder, weights.assign(param_shapes(encoder), flat, source, metric, path)
@@ -168,8 +160,9 @@ def openai_vision_config(
     backbone: str = "backbone.",
     head: str = "last_layer_style",
     num_heads: int | None = None,
-) -> tuple[CLIPVisionConfig, int]:
-    """Vision config inferred from OpenAI-layout shapes (heads = width // 64, as OpenAI)."""
+) -> clip.CLIPVisionConfig:
+    """Vision config inferred from OpenAI-layout shapes (heads = width // 64, as OpenAI);
+    `projection_dim` is the head's width."""
     for key in (backbone + "conv1.weight", backbone + "positional_embedding", head):
         if key not in flat:
             raise weights.WeightsError(f"{metric}: {path!r} has no array {key!r}")
@@ -180,7 +173,7 @@ def openai_vision_config(
     fc = backbone + "transformer.resblocks.0.mlp.c_fc.weight"
     if not layers or fc not in flat:
         raise weights.WeightsError(f"{metric}: {path!r} has no array {fc!r}")
-    config = CLIPVisionConfig(
+    return clip.CLIPVisionConfig(
         hidden_size=int(width),
         intermediate_size=int(flat[fc].shape[0]),
         num_hidden_layers=max(layers) + 1,
@@ -189,8 +182,8 @@ def openai_vision_config(
         patch_size=int(patch),
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
+        projection_dim=int(flat[head].shape[1]),
     )
-    return config, int(flat[head].shape[1])
 
 
 def csd_from_state_dict(
@@ -198,8 +191,7 @@ def csd_from_state_dict(
 ) -> tuple[ClipImageEncoder, Any]:
     """CSD encoder and parameters from its (possibly `module.`-prefixed) state dict."""
     flat = weights.strip_prefix(flat, "module.")
-    config, dim = openai_vision_config(flat, "csd", path, num_heads=num_heads)
-    encoder = ClipImageEncoder(config, dim)
+    encoder = ClipImageEncoder(openai_vision_config(flat, "csd", path, num_heads=num_heads))
     return encoder, weights.assign(param_shapes(encoder), flat, openai_source, "csd", path)
 
 

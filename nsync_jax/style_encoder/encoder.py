@@ -11,8 +11,8 @@ Input: NHWC pixels in [-1, 1] at the tower's `image_size` (the paper normalises 
 mean = std = 0.5, i.e. the [-1, 1] the diffusion model reads, not CLIP's statistics);
 `tower_inputs` resizes the training batch's NCHW pixels to that.
 
-Parameters are `{"vision_model": <FlaxCLIPVisionTransformer params>, "projection":
-{"kernel", "bias"}}`: the tower in the layout of transformers' Flax CLIP (as
+Parameters are `{"vision_model": <models.clip.CLIPVisionTransformer params>, "projection":
+{"kernel", "bias"}}`: the tower in the layout of transformers' former Flax CLIP (as
 `evaluation/clip_embed.py` holds it), so a Hugging Face CLIP or CLIPVisionModel folder
 loads into it with the evaluation loaders, and `export_torch` writes it back as a
 `CLIPVisionModel` folder plus `projection.safetensors` (torch `Linear` layout).
@@ -29,12 +29,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from transformers import CLIPVisionConfig
-from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionTransformer
 
 from nsync_jax import errors, torch_files
 from nsync_jax.evaluation import clip_embed
 from nsync_jax.evaluation import weights as eval_weights
+from nsync_jax.models import clip, layers
 
 HEADS = ("linear", "slice")
 TOWER_SOURCES = ("tiny", "pretrained")
@@ -46,28 +45,28 @@ class StyleEncoder(nn.Module):
     """CLIP vision tower → pooled output → linear projection → [B, n, D] style tokens.
 
     Attributes:
-      vision_config: the tower's config (transformers `CLIPVisionConfig`).
+      vision_config: the tower's config.
       num_tokens: n, the style tokens.
       token_dim: D, the text encoder's width.
       head: "linear" (the method) or "slice" (the ablation without the projection).
     """
 
-    vision_config: CLIPVisionConfig
+    vision_config: clip.CLIPVisionConfig
     num_tokens: int
     token_dim: int
     head: str = "linear"
 
     def setup(self):
-        self.vision_model = FlaxCLIPVisionTransformer(self.vision_config)
+        self.vision_model = clip.CLIPVisionTransformer(self.vision_config)
         if self.head == "linear":
-            self.projection = nn.Dense(self.num_tokens * self.token_dim)
+            self.projection = layers.Dense(self.num_tokens * self.token_dim)
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
-        hidden, pooled = self.vision_model(pixels, deterministic=True)[:2]
+        tower = self.vision_model(pixels)
         if self.head == "linear":
-            tokens = self.projection(pooled)
+            tokens = self.projection(tower.pooler_output)
             return tokens.reshape(pixels.shape[0], self.num_tokens, self.token_dim)
-        tokens = hidden[:, : self.num_tokens, : self.token_dim]
+        tokens = tower.last_hidden_state[:, : self.num_tokens, : self.token_dim]
         return jnp.pad(tokens, ((0, 0), (0, 0), (0, self.token_dim - tokens.shape[-1])))
 
 
@@ -81,9 +80,9 @@ def tower_inputs(pixels_nchw: jax.Array, image_size: int) -> jax.Array:
     return jax.image.resize(nhwc, shape, "linear", antialias=True)
 
 
-def tiny_vision_config(tiny: ml_collections.ConfigDict) -> CLIPVisionConfig:
+def tiny_vision_config(tiny: ml_collections.ConfigDict) -> clip.CLIPVisionConfig:
     """A small random tower from `style.tiny_tower` (tests, the digits testbed)."""
-    return CLIPVisionConfig(
+    return clip.CLIPVisionConfig(
         hidden_size=tiny.hidden,
         intermediate_size=4 * tiny.hidden,
         num_hidden_layers=tiny.layers,
@@ -114,17 +113,15 @@ def _shapes(encoder: StyleEncoder) -> Any:
     return jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
 
 
-def load_tower(path: str) -> tuple[CLIPVisionConfig, Any]:
+def load_tower(path: str) -> tuple[clip.CLIPVisionConfig, Any]:
     """(config, parameters) of the vision tower of a Hugging Face CLIP (`CLIPModel`) or
     `CLIPVisionModel` folder (safetensors, msgpack or .bin), e.g. CLIP ViT-L/14."""
     config, flat = eval_weights.read_hf_folder(path, "style_encoder")
-    vision, _ = clip_embed.hf_vision_config(config)
-    tower = FlaxCLIPVisionTransformer(vision)
-    size = vision.image_size
-    shapes = jax.eval_shape(tower.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    vision = clip_embed.hf_vision_config(config)
+    shapes = jax.eval_shape(clip.CLIPVisionTransformer(vision).init_weights, jax.random.key(0))
     flax_named = any(k.endswith(".kernel") for k in flat)
     source = clip_embed.hf_flax_source if flax_named else clip_embed.hf_torch_source
-    expected = {"vision_model": shapes["params"]}
+    expected = {"vision_model": shapes}
     return vision, eval_weights.assign(expected, flat, source, "style_encoder", path)[
         "vision_model"
     ]
@@ -189,8 +186,7 @@ def export_torch(output_dir: str, encoder: StyleEncoder, params: Any) -> dict[st
         flat[torch_name] = np.ascontiguousarray(inverse(torch_files.to_numpy(leaf)), np.float32)
     # transformers' CLIPVisionEmbeddings keeps position_ids as a buffer; it is not saved.
     save_file(flat, os.path.join(vision_dir, "model.safetensors"), metadata={"format": "pt"})
-    config = encoder.vision_config.to_dict()
-    config["architectures"] = ["CLIPVisionModel"]
+    config = encoder.vision_config.to_dict()  # architectures: ["CLIPVisionModel"]
     with open(os.path.join(vision_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     written = {"vision": vision_dir}

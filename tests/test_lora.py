@@ -12,6 +12,7 @@ from configs import demo
 from nsync_jax import lora, optim
 from nsync_jax import scope as scope_lib
 from nsync_jax import step as step_lib
+from nsync_jax.models import layers
 
 
 def _config(scope="lora", **lora_fields):
@@ -98,13 +99,19 @@ def _perturb(tree, seed):
 
 
 class _Layers(nn.Module):
-    """A Dense and two Convs with stride and padding, as the UNet has them."""
+    """A Dense and two Convs with stride and padding, as the UNet has them (our layers,
+    which add attached adapters times `lora_scale`)."""
+
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Conv(8, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name="conv1")(x)
-        x = nn.Conv(6, (1, 1), name="proj_in")(jax.nn.silu(x))
-        return nn.Dense(5, name="to_q")(x)
+        scale = self.lora_scale
+        x = layers.Conv(8, (3, 3), strides=(2, 2), lora_scale=scale, name="conv1")(x)
+        x = layers.Conv(6, (1, 1), padding="VALID", lora_scale=scale, name="proj_in")(
+            jax.nn.silu(x)
+        )
+        return layers.Dense(5, lora_scale=scale, name="to_q")(x)
 
 
 def test_merge_and_intercept_agree_in_values_and_gradients():
@@ -120,8 +127,8 @@ def test_merge_and_intercept_agree_in_values_and_gradients():
             p = lora.merge_component(params["net"], adapters["net"], settings.scale)
             return jnp.sum(jnp.sin(module.apply({"params": p}, x)))
         p = lora.attach_component(params["net"], adapters["net"])
-        with lora.intercept(settings.scale):
-            return jnp.sum(jnp.sin(module.apply({"params": p}, x)))
+        scaled = module.clone(lora_scale=settings.scale)
+        return jnp.sum(jnp.sin(scaled.apply({"params": p}, x)))
 
     value_m, grad_m = jax.jit(jax.value_and_grad(loss), static_argnums=1)(adapters, "merge")
     value_i, grad_i = jax.jit(jax.value_and_grad(loss), static_argnums=1)(adapters, "intercept")
@@ -172,7 +179,11 @@ def test_nsync_step_updates_only_the_adapters(tiny_sd):
     config = _config("lora", implementation="intercept", unet_targets="attention,proj")
     config.train.mode = "nsync"
     s, model, params = scope_lib.make_scope(config.train, model, params, config.lora)
-    assert isinstance(model, lora.InterceptedStableDiffusion)
+    assert (
+        model.unet.lora_scale
+        == model.text_encoder.lora_scale
+        == config.lora.alpha / config.lora.rank
+    )
     trainable, frozen = s.split(params)
     tx = optim.make_optimizer(config)
     state = step_lib.init_state(trainable, frozen, tx, jax.random.key(0))

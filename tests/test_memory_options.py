@@ -1,5 +1,6 @@
-"""The UNet's attention kernels and remat (`unet_memory.py`): same outputs, same gradients,
-same parameters as diffusers' own call, and remat really in the program.
+"""The UNet's attention kernels and remat (`unet_memory.py`, module fields of our UNet):
+same outputs, same gradients, same parameters as the plain `xla` call, and remat really in
+the program.
 
 Numerics run on a one-level tiny UNet (a down, a mid and an up block; the mid block holds
 self- and cross-attention) to keep each compile short; the program and parameter-tree
@@ -19,6 +20,7 @@ from flax.traverse_util import flatten_dict
 
 from configs import demo
 from nsync_jax import errors, lora, models, unet_memory, weights
+from nsync_jax.models import layers
 
 POLICY = "dots_with_no_batch_dims_saveable"
 # fp32 on CPU: reordered sums (dot_product's fused softmax, chunked's online softmax) move
@@ -38,19 +40,21 @@ def small_config(**options):
 
 
 def with_memory(model, **options):
-    """`model` with other memory options (the UNet rebuilt if `chunked` changes)."""
+    """`model` with other memory options (the UNet rebuilt with their fields)."""
     memory = unet_memory.MemoryOptions(**options)
     unet = model.unet.clone(**memory.unet_attributes())
     return dataclasses.replace(model, unet=unet, memory=memory)
 
 
 def two_level_unet(model):
-    """The demo config's UNet shape: every block class diffusers' UNet builds."""
-    return model.unet.clone(
+    """The demo config's UNet shape: every block kind the UNet builds."""
+    config = dataclasses.replace(
+        model.unet.config,
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
+    return model.unet.clone(config=config)
 
 
 def random_like(shapes, seed):
@@ -118,7 +122,11 @@ def assert_trees_close(actual, expected, tol):
 def test_build_tiny_takes_the_options(small):
     model = small[0]
     assert model.memory == unet_memory.MemoryOptions("chunked", "blocks", POLICY)
-    assert model.unet.use_memory_efficient_attention
+    assert (model.unet.attention, model.unet.remat, model.unet.remat_policy) == (
+        "chunked",
+        "blocks",
+        POLICY,
+    )
 
 
 @pytest.mark.parametrize("attention", ["dot_product", "chunked"])
@@ -178,14 +186,12 @@ def test_remat_is_in_the_program(small, remat, policy, levels, count):
 
 
 def test_params_tree_is_the_same_for_every_option(small):
-    """Initialised inside the options' interceptors and with chunked's attribute: the
-    names and shapes diffusers' own UNet has (and pretrained files hold)."""
+    """Initialised with each option's fields: the names and shapes pretrained files hold."""
     model = small[0]
 
     def shapes(memory):
         unet = two_level_unet(model).clone(**memory.unet_attributes())
-        with memory.intercept():
-            tree = jax.eval_shape(unet.init_weights, jax.random.key(0))
+        tree = jax.eval_shape(unet.init_weights, jax.random.key(0))
         return {k: (v.shape, v.dtype) for k, v in flatten_dict(tree).items()}
 
     expected = shapes(unet_memory.MemoryOptions())
@@ -221,27 +227,35 @@ def test_splash_off_tpu_is_a_config_error_at_set_up(tmp_path):
 def test_pretrained_modules_take_the_options(small, tmp_path):
     model = small[0]
     directory = tmp_path / "sd"
-    model.unet.save_config(str(directory / "unet"))
-    model.vae.save_config(str(directory / "vae"))
-    model.text_encoder.config.save_pretrained(str(directory / "text_encoder"))
+    configs = {
+        "unet": model.unet.config.to_dict(),
+        "vae": model.vae.config.to_dict(),
+        "text_encoder": model.text_encoder.config.to_dict(),
+        "scheduler": model.scheduler_config,
+    }
+    for component, config in configs.items():
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        os.makedirs(directory / component)
+        with open(directory / component / name, "w") as f:
+            json.dump(config, f)
     model.tokenizer.save_pretrained(str(directory / "tokenizer"))
-    os.makedirs(directory / "scheduler")
-    with open(directory / "scheduler" / "scheduler_config.json", "w") as f:
-        json.dump(model.scheduler_config, f)
-    for options, chunked in [({"attention": "chunked"}, True), ({"remat": "full"}, False)]:
+    for options, attention in [({"attention": "chunked"}, "chunked"), ({"remat": "full"}, "xla")]:
         loaded = weights.load_modules(str(directory), small_config(**options))
-        assert loaded.unet.use_memory_efficient_attention is chunked
+        assert loaded.unet.attention == attention
+        assert loaded.unet.remat == "none"  # `full` wraps the whole call instead.
         assert loaded.memory == unet_memory.MemoryOptions(**options)
 
 
-def test_lora_wrapper_keeps_the_options(small):
+def test_lora_scale_keeps_the_options(small):
     model = with_memory(small[0], attention="dot_product", remat="full")
-    assert lora.InterceptedStableDiffusion.wrap(model, 1.0).memory == model.memory
+    scaled = lora.with_adapter_scale(model, 2.0)
+    assert scaled.memory == model.memory and scaled.unet.attention == "dot_product"
+    assert scaled.unet.lora_scale == scaled.text_encoder.lora_scale == 2.0
 
 
 def test_a_model_whose_unet_disagrees_is_refused(small):
     model = small[0]
-    with pytest.raises(ValueError, match="use_memory_efficient_attention"):
+    with pytest.raises(ValueError, match="the UNet was built with"):
         dataclasses.replace(model, memory=unet_memory.MemoryOptions())
 
 
@@ -262,9 +276,9 @@ def test_splash_kernel_matches_dot_product_in_interpret_mode():
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 
     (_, got), got_grads = output_and_grads(
-        functools.partial(unet_memory.splash_kernel, interpret=True)
+        functools.partial(layers.splash_attention, interpret=True)
     )
-    (_, want), want_grads = output_and_grads(unet_memory.dot_product_kernel)
+    (_, want), want_grads = output_and_grads(layers.dot_product_attention)
     np.testing.assert_allclose(got, want, atol=2e-5)
     for g, w in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, atol=2e-5)

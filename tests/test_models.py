@@ -1,4 +1,3 @@
-import io
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from nsync_jax import errors, library_logs, models
+from nsync_jax import errors, models
 
 
 @pytest.fixture
@@ -63,29 +62,6 @@ def test_cast_floating_keeps_integers():
 def test_unknown_dtype_is_an_error():  # An unknown model.source: test_runs.py.
     with pytest.raises(ValueError, match="unknown dtype"):
         models.dtype_from_name("float8")
-
-
-def test_deprecation_notices_are_filtered():
-    import diffusers.utils.logging as dlog
-
-    library_logs.drop_deprecation_notices()  # What `cli.setup_logging` (and conftest) install.
-    handler = dlog.get_logger().handlers[0]  # The library's own stderr handler.
-    buffer = io.StringIO()
-    old = handler.setStream(buffer)
-    try:
-        unet = models.FlaxUNet2DConditionModel(
-            sample_size=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
-            cross_attention_dim=32,
-        )
-        jax.eval_shape(unet.init_weights, jax.random.key(0))  # setup() logs the notice.
-        dlog.get_logger("diffusers.test").warning("a real warning")
-    finally:
-        handler.setStream(old)
-    assert "Flax classes are deprecated" not in buffer.getvalue()
-    assert "a real warning" in buffer.getvalue()
 
 
 def test_identity_vae_latents_are_the_pixels():

@@ -158,7 +158,8 @@ def _arch(arch: str) -> dict:
 
 
 def unet_config(arch: str) -> dict:
-    """Keyword arguments of `UNet2DConditionModel` / `FlaxUNet2DConditionModel` for `arch`.
+    """The `unet/config.json` fields of `arch` (diffusers' `UNet2DConditionModel` and our
+    `UNetConfig.from_dict` take them).
 
     Raises:
       ValueError: for an unknown `arch`.
@@ -176,7 +177,7 @@ def text_config(arch: str) -> dict:
 
 
 def vae_config(arch: str) -> dict:
-    """Keyword arguments of `AutoencoderKL` / `FlaxAutoencoderKL` for `arch`'s VAE."""
+    """The `vae/config.json` fields of `arch`'s VAE (`AutoencoderKL`, `VAEConfig.from_dict`)."""
     return dict(_arch(arch)["vae"])
 
 

@@ -1,4 +1,4 @@
-"""LoRA adapters on the Flax UNet and CLIP text encoder, applied without owning the modules.
+"""LoRA adapters on our Flax UNet and CLIP text encoder.
 
 A targeted layer with kernel W (Dense `[in, out]`, Conv `[kh, kw, in, out]`) gets two
 trainable factors, held in Flax layout next to nothing else:

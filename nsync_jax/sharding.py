@@ -2,7 +2,7 @@
 
 Parameters, gradients and optimizer state shard their largest dimension that divides by
 the `fsdp` axis size (replicated when none does, e.g. small biases); batches shard their
-leading dimension over both axes. The mesh uses Auto axes on purpose: the Flax UNet is
+leading dimension over both axes. The mesh uses Auto axes on purpose: our UNet is
 written for GSPMD propagation, and JAX >= 0.10's default Explicit axes would make every
 contraction over a sharded dimension an error.
 """

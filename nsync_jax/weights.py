@@ -100,7 +100,8 @@ _LIST_MODULES = frozenset(
         "to_out",
     }
 )
-# diffusers' Flax VAE attention block keeps the pre-0.14 names; PyTorch renamed them.
+# Our VAE's mid-block attention keeps the pre-0.14 diffusers names (the parameter tree
+# checkpoints hold); PyTorch renamed them.
 _VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 # Older PyTorch VAE checkpoints still use those old names; diffusers renames them at load.
 _LEGACY_TORCH = {

@@ -1,33 +1,30 @@
 """Exported LoRA files load in PyTorch diffusers with every key matched and equal outputs."""
 
-import functools
 import json
 import os
 
+import diffusers
 import jax
 import numpy as np
+import peft  # noqa: F401  (diffusers' load_lora_weights needs it: fail, never skip)
 import pytest
+import torch
 from safetensors import safe_open
 
 from configs import demo
 from nsync_jax import export, lora, lora_export, torch_files
 from nsync_jax import scope as scope_lib
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-peft = pytest.importorskip("peft")
-
-ATOL = 2e-4
+# fp32; the LoRA delta adds one more reordered sum per adapted layer than plain parity.
+RTOL = 2e-5
 PROMPTS = ["a red circle in the style of <s*>", "two blue squares"]
 RANK, ALPHA = 4, 6.0  # alpha != rank, so a lost alpha shows in the outputs.
 
 
-def _match_flax_geglu(unet):
-    """PyTorch GEGLU with the tanh GELU the Flax one uses (see tests/test_export.py)."""
-    for module in unet.modules():
-        if isinstance(module, diffusers.models.activations.GEGLU):
-            module.gelu = functools.partial(torch.nn.functional.gelu, approximate="tanh")
-    return unet
+def assert_close(actual, expected):
+    expected = np.asarray(expected)
+    atol = RTOL * float(np.abs(expected).max())
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=RTOL, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +66,7 @@ def _torch_outputs(pipe, reference):
     ).input_ids
     with torch.no_grad():
         context = pipe.text_encoder(torch.tensor(ids)).last_hidden_state
-        noise = _match_flax_geglu(pipe.unet)(
+        noise = pipe.unet(
             torch.from_numpy(reference["latents"]),
             torch.from_numpy(reference["timesteps"]),
             context,
@@ -112,8 +109,8 @@ def test_lora_loads_in_diffusers_with_equal_outputs(trained, tmp_path, layout, f
         assert config.r == RANK and config.lora_alpha == (RANK if fold_alpha else ALPHA)
 
     context, noise = _torch_outputs(pipe, reference)
-    np.testing.assert_allclose(context, reference["context"], atol=ATOL, rtol=ATOL)
-    np.testing.assert_allclose(noise, reference["noise"], atol=ATOL, rtol=ATOL)
+    assert_close(context, reference["context"])
+    assert_close(noise, reference["noise"])
 
 
 def test_layout_keys_and_alpha(trained, tmp_path):
@@ -174,5 +171,5 @@ def test_merged_pipeline_export(trained, tmp_path):
     assert len(pipe.tokenizer) == scope.token_id
     pipe.load_textual_inversion(output)
     context, noise = _torch_outputs(pipe, reference)
-    np.testing.assert_allclose(context, reference["context"], atol=ATOL, rtol=ATOL)
-    np.testing.assert_allclose(noise, reference["noise"], atol=ATOL, rtol=ATOL)
+    assert_close(context, reference["context"])
+    assert_close(noise, reference["noise"])

@@ -197,8 +197,12 @@ def _write_component(
 
 
 def _save_base_tokenizer(tokenizer: Any, target: str, vocab_size: int) -> None:
-    """Saves `tokenizer` without the tokens added past `vocab_size` (the placeholder)."""
+    """Saves `tokenizer` without the tokens added past `vocab_size` (the placeholders), in
+    both layouts: `vocab.json` + `merges.txt` (what transformers 4 reads) beside what the
+    installed transformers writes (transformers 5: `tokenizer.json`)."""
     tokenizer.save_pretrained(target)
+    # The BPE model's own files: its vocabulary holds no added tokens.
+    tokenizer.backend_tokenizer.model.save(target)
     added_path = os.path.join(target, "added_tokens.json")
     if os.path.isfile(added_path):
         with open(added_path) as f:
@@ -207,7 +211,7 @@ def _save_base_tokenizer(tokenizer: Any, target: str, vocab_size: int) -> None:
             write_json(added_path, added)
         else:
             os.remove(added_path)
-    json_path = os.path.join(target, "tokenizer.json")  # transformers 5 writes only this.
+    json_path = os.path.join(target, "tokenizer.json")
     if os.path.isfile(json_path):
         with open(json_path) as f:
             data = json.load(f)

@@ -48,7 +48,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import safe_open
 
-from nsync_jax import clip_tokenizer, errors, models, torch_pickle, trees
+from nsync_jax import clip_tokenizer, errors, models, torch_pickle, trees, unet_memory
 from nsync_jax.models import clip
 from nsync_jax.models import unet as unet_lib
 from nsync_jax.models import vae as vae_lib
@@ -426,6 +426,7 @@ def load_modules(directory: str, model_config: ml_collections.ConfigDict) -> mod
         model cannot divide, or an attention/remat option that is unknown or unavailable on
         this backend.
     """
+    unet_memory.MemoryOptions.from_config(model_config)  # Refused before any file is read.
     configs = {}
     for component, parse in (
         ("unet", unet_lib.UNetConfig.from_dict),

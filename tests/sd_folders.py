@@ -54,7 +54,8 @@ def _write_tokenizer(directory: str, *, sd2: bool, layout: str) -> None:
         fast = transformers.CLIPTokenizerFast.from_pretrained(directory)
         fast.save_pretrained(directory)
         for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
-            os.remove(os.path.join(directory, name))
+            if os.path.exists(os.path.join(directory, name)):  # transformers 4 wrote them.
+                os.remove(os.path.join(directory, name))
         with open(config_path) as f:
             config = json.load(f)
         config["tokenizer_class"] = "CLIPTokenizer"
@@ -189,6 +190,21 @@ def write_pipeline(
         variant=variant,
     )
     return {**modules, "tokenizer": tokenizer}
+
+
+def save_bin_shards(state_dict: dict[str, torch.Tensor], directory: str, shards: int) -> None:
+    """Writes `state_dict` as `shards` PyTorch pickles and the index naming them, the way
+    transformers 4 saved big text encoders (transformers 5 writes no `.bin`)."""
+    os.makedirs(directory, exist_ok=True)
+    keys = sorted(state_dict)
+    weight_map = {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {k: state_dict[k] for k in keys[i::shards]}
+        torch.save(part, os.path.join(directory, name))
+        weight_map.update(dict.fromkeys(part, name))
+    with open(os.path.join(directory, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
 
 def tiny_clip(directory) -> str:

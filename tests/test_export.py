@@ -270,7 +270,8 @@ def test_export_of_a_transformers5_base_loads_in_transformers4(tmp_path):
     assert filecmp.cmp(os.path.join(base, vae), os.path.join(output, vae), shallow=False)
     text_state = load_file(os.path.join(output, "text_encoder", "model.safetensors"))
     for key, value in torch_models["text_encoder"].state_dict().items():
-        np.testing.assert_array_equal(text_state[key], value.numpy())  # `text_model.` keys.
+        key = "text_model." + key.removeprefix("text_model.")  # Written with the prefix.
+        np.testing.assert_array_equal(text_state[key], value.numpy())
 
     _load_checked(transformers.CLIPTextModel, os.path.join(output, "text_encoder"))
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(output)

@@ -23,9 +23,12 @@ from nsync_jax import diffusion, weights
 # Loss: fp32 parity, 1e-5 relative. Gradients: each leaf within 1e-4 of its own largest
 # entry: a gradient is a long chain of reordered fp32 sums (XLA vs oneDNN convolutions
 # and matmuls, forward and backward), which moves it by a few 1e-6 of its scale here; a
-# wrong name, layout, transpose or activation moves it by far more.
+# wrong name, layout, transpose or activation moves it by far more. Leaves whose gradient
+# is zero in exact arithmetic (the bias of a conv right before a GroupNorm, which removes
+# it) hold only rounding noise: they are held to 1e-6 of the component's largest gradient.
 LOSS_RTOL = 1e-5
 GRAD_TOL = 1e-4
+ZERO_FLOOR = 1e-6
 PROMPTS = ["a red circle in the style of painting", "two blue squares"]
 
 
@@ -109,13 +112,13 @@ def test_loss_and_every_gradient_match_pytorch(pipeline):
     checked = 0
     for component in ("unet", "text_encoder"):
         stored_key = weights.stored_key_rule(component, torch_grads[component])
+        floor = ZERO_FLOOR * max(float(np.abs(g).max()) for g in torch_grads[component].values())
         for path, grad in flatten_dict(grads[component]).items():
             key = stored_key(weights.torch_key(path))
             expected = weights.to_flax_layout(path[-1], torch_grads[component].pop(key))
             scale = float(np.abs(expected).max())
-            assert scale > 0, f"{component} {key}: zero reference gradient"
             error = float(jnp.abs(grad - expected).max())
-            assert error <= GRAD_TOL * scale, (
+            assert error <= max(GRAD_TOL * scale, floor), (
                 f"{component} {key}: gradient differs by {error:.3g} (scale {scale:.3g})"
             )
             checked += 1

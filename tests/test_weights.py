@@ -359,10 +359,10 @@ def test_bin_files_load_without_torch_equal_to_safetensors(sd1, tmp_path, monkey
     torch_models = sd_folders.write_pipeline(bin_root, safe_serialization=False)
     assert os.path.isfile(os.path.join(bin_root, "unet", "diffusion_pytorch_model.bin"))
     # The text encoder sharded, as big hub checkpoints are: an index naming the shards.
-    shutil.rmtree(os.path.join(bin_root, "text_encoder"))
-    torch_models["text_encoder"].save_pretrained(
-        os.path.join(bin_root, "text_encoder"), safe_serialization=False, max_shard_size="20KB"
-    )
+    text_dir = os.path.join(bin_root, "text_encoder")
+    os.remove(os.path.join(text_dir, "pytorch_model.bin"))
+    state = {f"text_model.{k}": v for k, v in torch_models["text_encoder"].state_dict().items()}
+    sd_folders.save_bin_shards(state, text_dir, shards=3)
     fmt, files = weights.find_weights(os.path.join(bin_root, "text_encoder"), "text_encoder")
     assert fmt == "bin" and len(files) > 1
     shapes = weights.param_shapes(

@@ -36,6 +36,11 @@ __all__ = ["BlockSpec", "UNetConfig", "UNet2DConditionModel", "timestep_embeddin
 Dtype = Any
 
 REMATS = ("none", "blocks")
+# The attention kernels that form Q·Kᵀ in the inputs' dtype, so `upcast_attention` casts
+# q and k to fp32 for them. The others already keep scores in fp32 from bf16/fp16 inputs
+# (`jax.nn.dot_product_attention`'s XLA path and cuDNN, splash's Pallas kernel), and need
+# q, k and v of one dtype: upcasting would only cost them their fused kernels.
+_SCORES_IN_INPUT_DTYPE = ("xla", "chunked")
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,8 +179,10 @@ class Attention(_Part):
         k = self.dense(inner, "to_k", use_bias=False)(context)
         v = self.dense(inner, "to_v", use_bias=False)(context)
         q, k, v = (t.reshape(*t.shape[:2], self.heads, self.head_dim) for t in (q, k, v))
-        if self.config.upcast_attention:  # SD 2.x: scores overflow fp16, so all of it in fp32.
-            q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+        if self.config.upcast_attention and self.attention in _SCORES_IN_INPUT_DTYPE:
+            # SD 2.x's scores overflow fp16: form them from fp32 q and k (v stays, as the
+            # softmax weights are cast to v's dtype, like diffusers' upcast processor).
+            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
         out = layers.attention(q, k, v, self.attention).astype(self.dtype)
         return self.dense(self.out_features, "to_out_0")(out.reshape(*out.shape[:2], inner))
 

@@ -594,7 +594,7 @@ def test_launch_train_ctrl_c_saves_the_step_reached_and_exits_130(tmp_path):
     workdir = tmp_path / "run"
     # Many steps and no regular saves: the run cannot end, or save, before the Ctrl-C.
     overrides = {"train.mode": "finetune", "train.num_steps": 1000, "checkpoint.every": 0}
-    overrides["log.every"] = 1
+    overrides.update({"log.every": 1, "sample.every": 0})
 
     def trained_a_step():  # Step 1's row of metrics.jsonl is written.
         path = workdir / metrics.METRICS_FILE

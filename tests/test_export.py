@@ -4,20 +4,18 @@ import filecmp
 import functools
 import os
 
+import diffusers
 import jax
 import numpy as np
 import pytest
+import sd_folders
+import torch
+import transformers
 from safetensors.numpy import load_file
 
 from configs import demo
 from nsync_jax import export, runs, torch_files, weights
 from nsync_jax import scope as scope_lib
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
-
-import sd_folders  # noqa: E402  (needs torch)
 
 ATOL = 1e-4
 PROMPT = "a red circle in the style of <s*>"

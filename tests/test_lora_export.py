@@ -4,18 +4,17 @@ import functools
 import json
 import os
 
+import diffusers
 import jax
 import numpy as np
+import peft
 import pytest
+import torch
 from safetensors import safe_open
 
 from configs import demo
 from nsync_jax import export, lora, lora_export, torch_files
 from nsync_jax import scope as scope_lib
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-peft = pytest.importorskip("peft")
 
 ATOL = 2e-4
 PROMPTS = ["a red circle in the style of <s*>", "two blue squares"]

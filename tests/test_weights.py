@@ -12,22 +12,20 @@ import pickle
 import shutil
 import sys
 
+import diffusers
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sd_folders
+import torch
+import transformers
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
 
 from configs import demo
 from nsync_jax import clip_tokenizer, errors, sharding, torch_pickle, weights
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
-
-import sd_folders  # noqa: E402  (needs torch)
 
 MAX_LENGTH = sd_folders.MAX_LENGTH
 TEXT_HIDDEN = sd_folders.TEXT_HIDDEN

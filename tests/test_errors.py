@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from nsync_jax import cli, negatives, train
+from nsync_jax import cli, export, negatives, train
+from nsync_jax import scope as scope_lib
 
 
 @pytest.fixture
@@ -75,3 +76,18 @@ def test_corrupt_positive_ends_negative_generation_in_one_line(launch, tmp_path)
     assert status == 2
     assert os.path.join(str(tmp_path / "paintings"), "bad.png") in line
     assert "data.on_bad_image=skip" in line
+
+
+def test_export_into_a_folder_that_is_not_empty_is_one_line(launch, tmp_path, tiny_sd, save_run):
+    config = demo.get_config()
+    scope, _, params = scope_lib.make_scope(config.train, *tiny_sd)
+    trainable, frozen = scope.split(params)
+    workdir = str(tmp_path / "run")
+    save_run(workdir, config, trainable, frozen)
+    output = tmp_path / "export"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    status, line = launch(lambda argv: export.export_run(workdir, str(output)))
+    assert status == 2
+    assert f"export directory {output} exists and is not empty" in line
+    assert os.listdir(output) == ["notes.txt"]

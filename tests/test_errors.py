@@ -91,3 +91,55 @@ def test_export_into_a_folder_that_is_not_empty_is_one_line(launch, tmp_path, ti
     assert status == 2
     assert f"export directory {output} exists and is not empty" in line
     assert os.listdir(output) == ["notes.txt"]
+
+
+def _pretrained(name):
+    config = demo.get_config()
+    config.model.source, config.model.pretrained = "pretrained", name
+    return config
+
+
+def test_missing_base_says_what_was_tried_in_our_words(launch, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # conftest.py sets HF_HUB_OFFLINE=1: the hub client looks in its cache only.
+    config = _pretrained("owner/sd-tiny")
+    status, line = launch(lambda argv: train.train(config, str(tmp_path / "run")))
+    assert status == 2
+    assert line == (
+        "error: model.pretrained='owner/sd-tiny' is neither a folder nor a hub model: tried "
+        f"the folder {tmp_path}/owner/sd-tiny (none there) and the hub id 'owner/sd-tiny' "
+        "(not in the local hub cache, and HF_HUB_OFFLINE is set: the hub was not asked)"
+    )
+
+
+def test_unreachable_hub_is_said_in_our_words(launch, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hub_errors
+
+    def no_connection(repo_id, **kwargs):  # What the client raises without a network.
+        raise hub_errors.LocalEntryNotFoundError(
+            "An error happened while trying to locate the files on the Hub and we cannot find "
+            "the appropriate snapshot folder for the specified revision on the local disk. "
+            "Please check your internet connection and try again."
+        )
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_connection)
+    monkeypatch.chdir(tmp_path)
+    status, line = launch(lambda argv: train.train(_pretrained("owner/sd-tiny"), "run"))
+    assert status == 2
+    assert line.endswith(
+        "and the hub id 'owner/sd-tiny' (not in the local hub cache, and the hub could not "
+        "be reached)"
+    )
+    assert "internet" not in line
+
+
+def test_invalid_hub_id_is_said_in_our_words(launch, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, line = launch(lambda argv: train.train(_pretrained("owner/sd..tiny"), "run"))
+    assert status == 2
+    assert line.endswith(
+        f"tried the folder {tmp_path}/owner/sd..tiny (none there) and the hub id "
+        "'owner/sd..tiny' (not a valid hub id)"
+    )

@@ -480,7 +480,7 @@ def test_mistyped_relative_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as info:
         weights.resolve_pretrained(_model_config("owner/sd-tiny"))
     message = str(info.value)
-    assert f"no folder {tmp_path}/owner/sd-tiny, and not found on the hub: " in message
+    assert f"tried the folder {tmp_path}/owner/sd-tiny (none there) and the hub id " in message
     assert "\n" not in message
 
 

@@ -277,10 +277,14 @@ def digits_model():
     return runs.build_base(_digits_config())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("views", ["noise", "captions"])
-def test_supcon_term_is_supcon_of_the_x0_embeddings(digits_model, views):
-    """About 65 s for the first view on a shared 2-core machine (compiles), 5 s the next."""
+def _supcon_case(digits_model, views):
+    """The SupCon term of the digits config on one batch, and its value by hand.
+
+    Returns:
+      (aux, params, branch, outputs, draws, by_hand): the term's arguments, and
+      `by_hand(params, branch, draws)`, its value from both branches' x̂0 through the
+      identity VAE, embedded, then SupCon.
+    """
     model, params = digits_model
     config = _digits_config()
     config.train.supcon_views = views
@@ -296,16 +300,21 @@ def test_supcon_term_is_supcon_of_the_x0_embeddings(digits_model, views):
     ids = jnp.asarray(model.tokenize(["a <palette> drawing"] * b), jnp.int32)
     branch = {"pixels": pixels, "input_ids": ids, "input_ids_view": ids[:, ::-1],
               "label": jnp.array([0, 1, 2, 0, 1, 2])}  # fmt: skip
-    latents = model.encode_images(params["vae"], pixels, None)
-    noise, t = diffusion.sample_noise(schedule, jax.random.key(1), latents.shape)
-    noised = diffusion.add_noise(schedule, latents, noise, t)
-    context = model.encode_text(params["text_encoder"], ids)
-    prediction = model.predict_noise(params["unet"], noised.noisy, t, context)
-    outputs = {"latents": latents, "noisy": noised.noisy, "timesteps": t, "context": context,
-               "prediction": prediction}  # fmt: skip
+
+    @jax.jit  # The diffusion forward the step runs before the term (compiled: eager is slow).
+    def forward(params):
+        latents = model.encode_images(params["vae"], pixels, None)
+        noise, t = diffusion.sample_noise(schedule, jax.random.key(1), latents.shape)
+        noisy = diffusion.add_noise(schedule, latents, noise, t).noisy
+        context = model.encode_text(params["text_encoder"], ids)
+        prediction = model.predict_noise(params["unet"], noisy, t, context)
+        return {"latents": latents, "noisy": noisy, "timesteps": t, "context": context,
+                "prediction": prediction}  # fmt: skip
+
+    outputs = forward(params)
+    latents, t, context = outputs["latents"], outputs["timesteps"], outputs["context"]
     draws = {} if aux.draws is None else aux.draws(latents.shape, jax.random.key(2))
 
-    # By hand: both branches' x̂0, through the identity VAE, embedded, then SupCon.
     @jax.jit
     def by_hand(params, branch, draws):
         def x0(noisy, timesteps, ctx):
@@ -319,21 +328,36 @@ def test_supcon_term_is_supcon_of_the_x0_embeddings(digits_model, views):
             second = x0(noisy2.noisy, draws["timesteps"], context)
         else:
             ctx2 = model.encode_text(params["text_encoder"], branch["input_ids_view"])
-            second = x0(noised.noisy, t, ctx2)
-        first = x0(noised.noisy, t, context)
+            second = x0(outputs["noisy"], t, ctx2)
+        first = x0(outputs["noisy"], t, context)
         feats = jnp.stack(
             [style_contrast.embed(encoder, params[style_contrast.IMAGE_ENCODER], x)
              for x in (first, second)], axis=1,
         )  # fmt: skip
         return supcon.supcon(feats, branch["label"])
 
-    want = by_hand(params, branch, draws)
-    got = jax.jit(aux.fn)(params, branch, outputs, draws)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    return aux, params, branch, outputs, draws, by_hand
+
+
+# One form in the default suite; the noise form compiles its own, second set (slow).
+@pytest.mark.parametrize("views", ["captions", pytest.param("noise", marks=pytest.mark.slow)])
+def test_supcon_term_is_supcon_of_the_x0_embeddings(digits_model, views):
+    """The value `loss_supcon` logs, against the same SupCon computed by hand."""
+    aux, params, branch, outputs, draws, by_hand = _supcon_case(digits_model, views)
+    fn = jax.jit(aux.fn)
+    got = fn(params, branch, outputs, draws)
+    np.testing.assert_allclose(got, by_hand(params, branch, draws), rtol=1e-5)
     # The labels matter: all distinct gives another value (NT-Xent between the views).
-    other = jax.jit(aux.fn)(params, {**branch, "label": jnp.arange(b)}, outputs, draws)
+    other = fn(params, {**branch, "label": jnp.arange(len(branch["label"]))}, outputs, draws)
     assert not np.isclose(other, got)
-    # It reaches the UNet: a finite, non-zero gradient.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("views", ["noise", "captions"])
+def test_supcon_term_reaches_the_unet(digits_model, views):
+    """A finite, non-zero gradient of the term in the UNet. About a minute on a shared
+    2-core machine for the first view (compiles), seconds the next."""
+    aux, params, branch, outputs, draws, _ = _supcon_case(digits_model, views)
     grad = jax.grad(lambda unet: aux.fn({**params, "unet": unet}, branch, outputs, draws))(
         params["unet"]
     )

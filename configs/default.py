@@ -164,7 +164,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.fsdp = 1  # FSDP axis size (parameters and optimizer state sharded).
 
     config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every = 1000  # Steps between async saves; 0 saves only at the end/SIGTERM.
+    config.checkpoint.every = 1000  # Steps between saves; 0: only at the end, SIGTERM or Ctrl-C.
     config.checkpoint.keep = 3  # Newest checkpoints kept in <workdir>/checkpoints.
     config.checkpoint.restore_step = -1  # Resume from this saved step; -1 for the newest.
 

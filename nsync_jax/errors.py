@@ -15,3 +15,8 @@ class ConfigError(UserError, ValueError):
 
 class NotFound(UserError, FileNotFoundError):
     """A file, folder, data set or checkpoint that does not exist where the config says."""
+
+
+class AlreadyExists(UserError, FileExistsError):
+    """An output folder or file already there that a run would write over (e.g. an export
+    into a folder that is not empty)."""

@@ -42,7 +42,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
-from nsync_jax import clip_tokenizer, lora, lora_export, models, trees, weights
+from nsync_jax import clip_tokenizer, errors, lora, lora_export, models, trees, weights
 from nsync_jax import scope as scope_lib
 from nsync_jax.torch_files import save_learned_tokens, to_numpy, write_json
 
@@ -253,13 +253,17 @@ def export_pipeline(
       `output_dir`.
 
     Raises:
-      ValueError: unknown scope or dtype, a non-empty `output_dir`, or a converted state
-        dict that does not match the PyTorch class (names the tensors).
+      errors.AlreadyExists: `output_dir` is not empty.
+      ValueError: unknown scope or dtype, or a converted state dict that does not match the
+        PyTorch class (names the tensors).
     """
     if torch_dtype not in TORCH_DTYPES:
         raise ValueError(f"torch_dtype={torch_dtype!r}: expected one of {sorted(TORCH_DTYPES)}")
     if os.path.isdir(output_dir) and os.listdir(output_dir):
-        raise ValueError(f"export directory {output_dir} exists and is not empty")
+        raise errors.AlreadyExists(
+            f"export directory {output_dir} exists and is not empty: name a new or empty "
+            "folder (--output)"
+        )
     dtype = TORCH_DTYPES[torch_dtype]
     table_rows = params["text_encoder"]["text_model"]["embeddings"]["token_embedding"][
         "embedding"

@@ -177,7 +177,7 @@ def _decodable(
                 positives.image(row[example_id])
             except BadImageError as e:
                 if on_bad_image != "skip":
-                    raise
+                    raise e.refused() from e
                 bad[example_id] = str(e)
         if example_id not in bad:
             good.append((example_id, k))

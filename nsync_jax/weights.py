@@ -496,9 +496,26 @@ def _hub_patterns(components: list[str], fmt: str, variant: str) -> list[str]:
     return patterns
 
 
-def _hub_failure(error: Exception) -> str:
+def _hub_failure(error: Exception, revision: str | None) -> str:
+    """Why the hub gave no snapshot, in our words: the client's own text speaks of its cache
+    and "your internet connection" whatever the cause."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hub_errors
+
+    if isinstance(error, hub_errors.LocalEntryNotFoundError):
+        if constants.HF_HUB_OFFLINE:
+            return "not in the local hub cache, and HF_HUB_OFFLINE is set: the hub was not asked"
+        return "not in the local hub cache, and the hub could not be reached"
+    if isinstance(error, hub_errors.GatedRepoError):
+        return "the hub model is gated: accept its terms on its page, then `hf auth login`"
+    if isinstance(error, hub_errors.RepositoryNotFoundError):
+        return "the hub has no such model (or it is private: `hf auth login`)"
+    if isinstance(error, hub_errors.RevisionNotFoundError):
+        return f"the hub model has no revision {revision!r} (model.revision)"
+    if isinstance(error, hub_errors.HFValidationError):
+        return "not a valid hub id"
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return f"the hub download failed: {type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def resolve_pretrained(model_config: ml_collections.ConfigDict) -> str:
@@ -546,8 +563,9 @@ def resolve_pretrained(model_config: ml_collections.ConfigDict) -> str:
             # id it cannot take).
             except (OSError, ValueError) as e:
                 raise errors.NotFound(
-                    f"model.pretrained={pretrained!r}: no folder {where}, and not found on "
-                    f"the hub: {_hub_failure(e)}"
+                    f"model.pretrained={pretrained!r} is neither a folder nor a hub model: "
+                    f"tried the folder {where} (none there) and the hub id {name!r} "
+                    f"({_hub_failure(e, revision)})"
                 ) from e
         else:
             directory = huggingface_hub.snapshot_download(

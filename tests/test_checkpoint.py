@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import jax
@@ -21,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorboard_events
 
 from configs import default, demo
 from nsync_jax import checkpoint, metrics, optim, projection, sharding
 from nsync_jax import step as step_lib
 from nsync_jax import train as train_lib
+from nsync_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -320,50 +321,32 @@ def test_loop_saves_every_k_and_at_the_end_and_resumes_exactly(
     # Step 5 ran twice (before the stop and after the resume) but is logged once, and
     # TensorBoard is told to drop the first run's events after step 4.
     assert [r["step"] for r in metrics.read_metrics(str(workdir))] == [2, 4, 5]
-    assert 5 in _tensorboard_purge_steps(workdir / "tensorboard")
+    tensorboard_events.assert_shows_metrics_jsonl(str(workdir))
 
 
-def _tensorboard_purge_steps(directory):
-    """Steps of the SessionLog.START events (TensorBoard's purge marks) in `directory`."""
-    from tensorboardX.proto import event_pb2
-
-    steps = []
-    for name in os.listdir(directory):
-        with open(os.path.join(directory, name), "rb") as f:
-            data = f.read()
-        offset = 0
-        while offset < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc.
-            length = int.from_bytes(data[offset : offset + 8], "little")
-            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-            offset += 16 + length
-            if event.HasField("session_log") and event.session_log.status == 1:  # START
-                steps.append(event.step)
-    return steps
-
-
-def test_ctrl_c_saves_the_step_reached_interrupts_and_resumes_exactly(finetune_reference, tmp_path):
+def test_ctrl_c_saves_the_step_reached_interrupts_and_resumes_exactly(
+    finetune_reference, tmp_path, monkeypatch, caplog
+):
     _, expected = finetune_reference
     workdir = tmp_path / "run"
-    overrides = {"train.mode": "finetune", "checkpoint.every": 1}
+    # No regular saves: before the last step, only the stop can write a checkpoint.
+    overrides = {"train.mode": "finetune", "checkpoint.every": 0}
+    make_batch = pipeline.PairedBatches.batch
 
-    def press_ctrl_c():  # As soon as the first save (step 1) has started.
-        deadline = time.monotonic() + 300
-        while not glob.glob(os.path.join(checkpoint.checkpoint_dir(workdir), "1*")):
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGINT)
+    def ctrl_c_during_step_3(batches, step):
+        if step == 2:  # The batch of the step that ends at 3: the loop sees the signal then.
+            os.kill(os.getpid(), signal.SIGINT)
+        return make_batch(batches, step)
 
-    presser = threading.Thread(target=press_ctrl_c, daemon=True)
-    presser.start()
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(pipeline.PairedBatches, "batch", ctrl_c_during_step_3)
+    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
         _train_in_process(workdir, **overrides)
-    presser.join()
-    stopped_at = checkpoint.latest_step(workdir)
-    assert 1 <= stopped_at < 5
+    monkeypatch.undo()
+    assert checkpoint.saved_steps(workdir) == [3]
+    assert "interrupted: saved step 3 to " in caplog.text
     final = _train_in_process(workdir, **overrides)
     _assert_trees_equal(final, expected)
-    assert checkpoint.latest_step(workdir) == 5
+    assert checkpoint.saved_steps(workdir) == [3, 5]
 
 
 def test_loop_resumes_amortized_negatives_exactly_mid_period(tmp_path):
@@ -512,17 +495,17 @@ def _env():
     return env
 
 
-def _start_and_signal(workdir, overrides, sig, after_step):
-    """Starts a run and sends `sig` once checkpoint `after_step` is complete."""
+def _start_and_signal(workdir, overrides, sig, ready):
+    """Starts a run and sends `sig` once `ready()` (e.g. a checkpoint is complete)."""
     log_path = os.path.join(str(workdir) + ".log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             _command(workdir, overrides), cwd=REPO, env=_env(), stdout=log, stderr=log
         )
         deadline = time.monotonic() + 600
-        while not os.path.isdir(checkpoint.step_dir(workdir, after_step)):
+        while not ready():
             assert proc.poll() is None, open(log_path).read()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint in time"
+            assert time.monotonic() < deadline, "not ready in time"
             time.sleep(0.05)
         proc.send_signal(sig)
         rc = proc.wait(timeout=300)
@@ -558,7 +541,9 @@ def test_sigkill_between_saves_then_resume_is_bitwise_equal(tmp_path):
     expected = _train_in_process(tmp_path / "reference", **overrides)
     like = jax.tree.map(jnp.asarray, expected)
     workdir = tmp_path / "run"
-    rc, log = _start_and_signal(workdir, overrides, signal.SIGKILL, after_step=2)
+    rc, log = _start_and_signal(
+        workdir, overrides, signal.SIGKILL, lambda: os.path.isdir(checkpoint.step_dir(workdir, 2))
+    )
     assert rc == -signal.SIGKILL
     resumed_from = checkpoint.latest_step(workdir)
     assert 2 <= resumed_from < 6, log[-2000:]  # Killed between saves, before the end.
@@ -574,7 +559,9 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(finetune_reference, tmp_pa
     like = jax.tree.map(jnp.asarray, expected)
     overrides = {"train.mode": "finetune", "checkpoint.every": 1}
     workdir = tmp_path / "run"
-    rc, log = _start_and_signal(workdir, overrides, signal.SIGTERM, after_step=1)
+    rc, log = _start_and_signal(
+        workdir, overrides, signal.SIGTERM, lambda: os.path.isdir(checkpoint.step_dir(workdir, 1))
+    )
     assert rc == 0, log[-3000:]
     assert "preempted: saved step" in log
     stopped_at = int(log.split("preempted: saved step ")[1].split()[0])
@@ -582,6 +569,27 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(finetune_reference, tmp_pa
     stderr = _resume(workdir, overrides)
     assert f"resuming from step {stopped_at}" in stderr
     _assert_trees_equal(_final_arrays(workdir, like), expected)
+
+
+@pytest.mark.slow
+def test_launch_train_ctrl_c_saves_the_step_reached_and_exits_130(tmp_path):
+    """A few minutes on a shared two-core machine (start-up and compile)."""
+    workdir = tmp_path / "run"
+    # Many steps and no regular saves: the run cannot end, or save, before the Ctrl-C.
+    overrides = {"train.mode": "finetune", "train.num_steps": 1000, "checkpoint.every": 0}
+    overrides.update({"log.every": 1, "sample.every": 0})
+
+    def trained_a_step():  # Step 1's row of metrics.jsonl is written.
+        path = workdir / metrics.METRICS_FILE
+        return os.path.exists(path) and os.path.getsize(path) > 0
+
+    rc, log = _start_and_signal(workdir, overrides, signal.SIGINT, trained_a_step)
+    assert rc == 130, log[-3000:]
+    assert "interrupted: saved step " in log, log[-3000:]
+    stopped_at = int(log.split("interrupted: saved step ")[1].split()[0])
+    assert checkpoint.saved_steps(workdir) == [stopped_at], log[-3000:]
+    assert 1 <= stopped_at < 1000
+    assert log.rstrip().endswith("error: interrupted"), log[-3000:]
 
 
 def test_orbax_info_lines_are_dropped_but_its_warnings_kept():

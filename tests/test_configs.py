@@ -11,12 +11,11 @@ import importlib
 
 import jax
 import pytest
+import sd_folders
 import tensorflow_datasets as tfds
 from negative_stores import write_store
 
 from nsync_jax import train
-
-sd_folders = pytest.importorskip("sd_folders")
 
 NUM_EXAMPLES = 4
 REAL_CONFIGS = ("monet", "vangogh", "ukiyoe", "monet_lora", "monet_unet")

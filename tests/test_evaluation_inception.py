@@ -280,11 +280,37 @@ def test_preprocess_ranges_and_sizes():
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (120, 90, 3), np.uint8))
     for variant in inception.VARIANTS:
         x = inception.preprocess(image, variant)
-        assert x.shape == (299, 299, 3) and x.min() >= -1 and x.max() <= 1
-    # pytorch-fid keeps the whole image (no crop): a constant image stays constant.
-    flat = Image.new("RGB", (64, 40), (255, 0, 0))
-    x = inception.preprocess(flat, "pytorch_fid")
-    np.testing.assert_allclose(x[..., 0], 1.0) and np.testing.assert_allclose(x[..., 1], -1.0)
+        assert x.shape == (299, 299, 3), variant
+        # [-1, 1], and all of it: a random image has pixels near 0 and 255.
+        assert -1.0 <= x.min() < -0.9, variant
+        assert 0.9 < x.max() <= 1.0, variant
+
+
+def test_preprocess_keeps_the_whole_image_or_centre_crops():
+    # A wide image, red with green outer eighths. pytorch-fid stretches the whole image to
+    # 299 x 299 (its edges stay green); torchvision scales the shorter side to 299 (64 x 40
+    # to 478 x 299), then the centre crop drops 89 columns each side: the green is cut away.
+    pixels = np.zeros((40, 64, 3), np.uint8)
+    pixels[..., 0] = 255
+    pixels[:, :8] = pixels[:, -8:] = (0, 255, 0)
+    image = Image.fromarray(pixels)
+    red, green = np.array([1.0, -1.0, -1.0]), np.array([-1.0, 1.0, -1.0])
+
+    whole = inception.preprocess(image, "pytorch_fid")
+    expected = F.interpolate(
+        torch.from_numpy(pixels / np.float32(255.0)).permute(2, 0, 1)[None],
+        size=(299, 299),
+        mode="bilinear",
+        align_corners=False,
+    )[0].permute(1, 2, 0)
+    np.testing.assert_allclose(whole, 2.0 * expected.numpy() - 1.0, atol=1e-5)
+    # Output columns 0-34 and 264-298 read only source columns 0-7 and 56-63.
+    np.testing.assert_allclose(whole[:, :35], np.broadcast_to(green, (299, 35, 3)), atol=1e-6)
+    np.testing.assert_allclose(whole[:, -35:], np.broadcast_to(green, (299, 35, 3)), atol=1e-6)
+    np.testing.assert_allclose(whole[:, 149], np.broadcast_to(red, (299, 3)), atol=1e-6)
+
+    cropped = inception.preprocess(image, "torchvision")
+    np.testing.assert_allclose(cropped, np.broadcast_to(red, (299, 299, 3)), atol=1e-6)
 
 
 def test_trunk_has_torchvisions_parameter_count():

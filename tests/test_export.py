@@ -13,7 +13,7 @@ import transformers
 from safetensors.numpy import load_file
 
 from configs import demo
-from nsync_jax import export, runs, torch_files, weights
+from nsync_jax import errors, export, runs, torch_files, weights
 from nsync_jax import scope as scope_lib
 
 RTOL = 1e-5  # fp32 parity; the absolute floor is 1e-5 of the reference's largest value.
@@ -211,7 +211,7 @@ def test_key_check_names_the_tensor(unet_export):
         export.check_torch_keys("unet", state, reference)
     half = export.torch_state_dict(params["vae"], np.float16)
     assert {a.dtype for a in half.values()} == {np.dtype(np.float16)}
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(errors.AlreadyExists, match="not empty"):
         export.export_pipeline(model, params, output, scope=scope_lib.UnetScope())
 
 

@@ -6,7 +6,7 @@ import os
 import diffusers
 import jax
 import numpy as np
-import peft  # noqa: F401  (diffusers' load_lora_weights needs it: fail, never skip)
+import peft
 import pytest
 import torch
 from safetensors import safe_open

@@ -36,7 +36,8 @@ project_jit = jax.jit(project, static_argnums=(2, 3, 4))
 
 
 def reference(pos, neg, rule, granularity, eps):
-    """Returns (u leaves as float64, cosine, coefficient, atol scale for u, atol for coef)."""
+    """Returns (u leaves as float64, cosine, coefficient, atol scale of each u leaf, atol for
+    coef)."""
     p = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(pos)]
     n = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(neg)]
     shapes = [np.shape(x) for x in jax.tree.leaves(pos)]
@@ -58,17 +59,29 @@ def reference(pos, neg, rule, granularity, eps):
     if granularity == "global":
         coefs = [coefficient(p_all, d_all)] * len(p)
         coef = coefs[0]
-        coef_atol = ratio(p_all, d_all)
+        ratios = [ratio(p_all, d_all)] * len(p)
     else:
         coefs = [coefficient(pi, di) for pi, di in zip(p, d, strict=True)]
         coef = float(np.mean(coefs))
-        coef_atol = max(ratio(pi, di) for pi, di in zip(p, d, strict=True))
+        ratios = [ratio(pi, di) for pi, di in zip(p, d, strict=True)]
+    coef_atol = max(ratios, default=0.0)
     scale = 2.0 if rule == "v42" else 1.0
     u = [(scale * pi - c * di).reshape(s) for pi, di, c, s in zip(p, d, coefs, shapes, strict=True)]
     pn, pp, nn = p_all @ n_all, p_all @ p_all, n_all @ n_all
     cosine = 0.0 if pp == 0 or nn == 0 else pn / np.sqrt(pp * nn)
-    u_scale = scale * np.linalg.norm(p_all) + max(abs(c) for c in coefs) * np.linalg.norm(d_all)
-    return u, cosine, coef, u_scale, coef_atol
+
+    # Leaf by leaf, u = s p - c d rounds in float32 like its largest terms, s |p| and
+    # |c| |d|, and c itself is off by about 1e-7 |p| / |d| over its group (the tree, or
+    # the leaf): that error reaches u in proportion to this leaf's |d|. A whole-tree scale
+    # would hide a wrong small leaf beside a large one.
+    def biggest(x):
+        return float(np.max(np.abs(x), initial=0.0))
+
+    u_scales = [
+        scale * biggest(pi) + (abs(c) + r) * biggest(di)
+        for pi, di, c, r in zip(p, d, coefs, ratios, strict=True)
+    ]
+    return u, cosine, coef, u_scales, coef_atol
 
 
 # Relative tolerance of an output leaf: about one unit in the last place of its dtype.
@@ -76,9 +89,11 @@ RTOL = {np.dtype(np.float32): 1e-5, np.dtype(BF16): 2.0**-7, np.dtype(np.float16
 
 
 def assert_matches_reference(pos, neg, rule, granularity, eps, u, cosine, coef):
-    ref_u, ref_cos, ref_coef, u_scale, coef_atol = reference(pos, neg, rule, granularity, eps)
-    for leaf, orig, ref in zip(jax.tree.leaves(u), jax.tree.leaves(pos), ref_u, strict=True):
-        assert leaf.dtype == orig.dtype and leaf.shape == orig.shape
+    ref_u, ref_cos, ref_coef, u_scales, coef_atol = reference(pos, neg, rule, granularity, eps)
+    leaves = zip(jax.tree.leaves(u), jax.tree.leaves(pos), ref_u, u_scales, strict=True)
+    for leaf, orig, ref, u_scale in leaves:
+        assert leaf.dtype == orig.dtype
+        assert leaf.shape == orig.shape
         assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
         # Absolute part: float32 rounding in the sums, and the spacing of the output dtype
         # near 0 (float16 cannot hold values under 6e-8).
@@ -88,6 +103,26 @@ def assert_matches_reference(pos, neg, rule, granularity, eps, u, cosine, coef):
         )
     np.testing.assert_allclose(float(cosine), ref_cos, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(coef), ref_coef, rtol=1e-4, atol=1e-5 * coef_atol)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_reference_check_sees_a_wrong_small_leaf_beside_a_large_one(granularity):
+    # Gradients of a large kernel and a small bias: 1 % off in the bias must fail, though
+    # it is far below the rounding of the whole tree's norm.
+    rng = np.random.default_rng(12)
+
+    def tree():
+        return {
+            "kernel": (100 * rng.normal(size=(64, 64))).astype(np.float32),
+            "bias": (0.01 * rng.normal(size=(3,))).astype(np.float32),
+        }
+
+    pos, neg = tree(), tree()
+    u, cosine, coef = project_jit(pos, neg, "paper", granularity, 1e-12)
+    assert_matches_reference(pos, neg, "paper", granularity, 1e-12, u, cosine, coef)
+    wrong = {**u, "bias": u["bias"] * np.float32(1.01)}
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        assert_matches_reference(pos, neg, "paper", granularity, 1e-12, wrong, cosine, coef)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 
 from configs import demo
-from nsync_jax import errors, runs
+from nsync_jax import errors, runs, train
 from nsync_jax import scope as scope_lib
 
 
 def test_build_base_is_the_model_training_uses(tiny_sd):
-    _, params = runs.build_base(demo.get_config())
-    jax.tree.map(np.testing.assert_array_equal, params, tiny_sd[1])
+    # `tiny_sd` (conftest.py: `runs.build_base`) stands in for the base a run trains from:
+    # it must equal the initial state `train.setup` builds, trainable and frozen merged.
+    trainer = train.setup(demo.get_config(), jax.devices()[:1])
+    state = jax.device_get(trainer.state)
+    trained_from = trainer.scope.merge(state.trainable, state.frozen)
+    assert jax.tree.structure(trained_from) == jax.tree.structure(tiny_sd[1])
+    jax.tree.map(np.testing.assert_array_equal, trained_from, jax.device_get(tiny_sd[1]))
 
 
 def test_unknown_model_source_is_an_error():

@@ -66,6 +66,7 @@ def test_sample_from_a_reference_image(tmp_path):
     Image.fromarray(np.full((40, 48, 3), 200, np.uint8)).save(reference)
     sample = style_encoder_tiny.get_config().sample
     sample.scheduler, sample.num_steps, sample.batch_per_device = "ddim", 3, 1
+    images = {}
     for guidance in (0.0, 1.0):
         sample.style_guidance = guidance
         out = str(tmp_path / f"out{guidance}")
@@ -73,4 +74,10 @@ def test_sample_from_a_reference_image(tmp_path):
         assert len(paths) == 2 and os.path.exists(os.path.join(out, "grid.png"))
         records = [json.loads(line) for line in open(os.path.join(out, "prompts.jsonl"))]
         assert records[0]["style_image"] == reference and records[1]["image_seed"] == 1
-        assert np.asarray(Image.open(paths[0])).shape == (32, 32, 3)
+        assert records[0]["style_guidance"] == guidance
+        images[guidance] = [np.asarray(Image.open(path)) for path in paths]
+        assert images[guidance][0].shape == (32, 32, 3)
+    # Same seeds, other guidance: the predictions differ by (s_t - 1)(ε(c_ts) - ε(c_t)),
+    # s_t = 7.5 (module docstring), so every image changes.
+    for plain, dual in zip(images[0.0], images[1.0], strict=True):
+        assert not np.array_equal(plain, dual)

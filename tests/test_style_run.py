@@ -76,7 +76,8 @@ def test_real_config_sets_up_on_a_diffusers_folder_and_a_clip_tower(tmp_path):
     """configs/style_encoder.py on stand-ins for SD 1.x (a tiny diffusers folder written by
     PyTorch) and CLIP ViT-L/14 (a tiny CLIPVisionModel folder); only paths and sizes are
     overridden, so a field the config sets that cannot start a run fails here."""
-    sd_folders = pytest.importorskip("sd_folders")
+    import sd_folders
+
     from configs import style_encoder
 
     sd_folders.write_pipeline(str(tmp_path / "sd"))

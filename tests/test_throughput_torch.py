@@ -5,21 +5,20 @@ import math
 import os
 import sys
 
+import diffusers  # noqa: F401  (the benchmark imports it; the test extra)
 import jax
 import numpy as np
 import pytest
+import torch
 
 from nsync_jax import projection
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
 
 # Benchmark-only code lives under benchmarks/, which the benchmark scripts import as
 # sibling modules; the test reaches it the same way.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-import throughput_torch  # noqa: E402
+import throughput_torch
 
-from nsync_jax import architectures as sd_arch  # noqa: E402
+from nsync_jax import architectures as sd_arch
 
 MODES = ("finetune", "nsync", "nsync_every4")
 

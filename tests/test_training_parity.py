@@ -68,9 +68,7 @@ def _jax_loss_and_grads(model, params, inputs):
         latents = model.latents_from_moments(mean, std, inputs["eps"])
         noised = diffusion.add_noise(schedule, latents, inputs["noise"], inputs["timesteps"])
         context = model.encode_text(trainable["text_encoder"], inputs["ids"])
-        prediction = model.predict_noise(
-            trainable["unet"], noised.noisy, noised.timesteps, context
-        )
+        prediction = model.predict_noise(trainable["unet"], noised.noisy, noised.timesteps, context)
         return diffusion.mse(prediction, noised.target)
 
     trainable = {"unet": params["unet"], "text_encoder": params["text_encoder"]}

@@ -179,9 +179,15 @@ def test_buffers_and_legacy_vae_attention_names_load(sd1, sd1_shapes, tmp_path):
     text["text_model.embeddings.position_ids"] = np.arange(MAX_LENGTH)[None]
     os.makedirs(tmp_path / "text")
     save_file(text, str(tmp_path / "text" / "model.safetensors"))
-    weights.load_component_params(
+    loaded = weights.load_component_params(
         str(tmp_path / "text"), "text_encoder", shapes["text_encoder"], jnp.float32
     )
+    # The buffer is dropped; every parameter is as loaded from the folder without it.
+    reference = weights.load_component_params(
+        os.path.join(root, "text_encoder"), "text_encoder", shapes["text_encoder"], jnp.float32
+    )
+    assert jax.tree.structure(loaded) == jax.tree.structure(reference)
+    jax.tree.map(np.testing.assert_array_equal, loaded, reference)
 
     vae = load_file(os.path.join(root, "vae", "diffusion_pytorch_model.safetensors"))
     legacy = {}
@@ -463,7 +469,7 @@ def test_mistyped_relative_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as info:
         weights.resolve_pretrained(_model_config("owner/sd-tiny"))
     message = str(info.value)
-    assert f"no folder {tmp_path}/owner/sd-tiny, and not found on the hub: " in message
+    assert f"tried the folder {tmp_path}/owner/sd-tiny (none there) and the hub id " in message
     assert "\n" not in message
 
 

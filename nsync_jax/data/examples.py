@@ -35,13 +35,23 @@ from nsync_jax import errors
 DECODE_ERRORS = (OSError, ValueError, SyntaxError)
 
 
-class BadImageError(ValueError):
-    """An image that cannot be read or decoded; the message names the example."""
+class BadImageError(errors.UserError, ValueError):
+    """An image that cannot be read or decoded; the message names the example and its file.
 
-    def __init__(self, example_id: str, name: str, cause: BaseException | str):
+    A user error: where `data.on_bad_image="error"` stops on one, the launch scripts end
+    with its one line, which `refused()` makes say how to skip such images instead.
+    """
+
+    def __init__(self, example_id: str, name: str, cause: BaseException | str, hint: str = ""):
         self.example_id = example_id
         self.name = name
-        super().__init__(f"cannot read image of example {example_id!r} ({name}): {cause}")
+        self.cause = cause
+        super().__init__(f"cannot read image of example {example_id!r} ({name}): {cause}{hint}")
+
+    def refused(self) -> BadImageError:
+        """This error as `data.on_bad_image="error"` raises it: naming the skip setting."""
+        hint = "; to leave out images that cannot be read, set data.on_bad_image=skip"
+        return BadImageError(self.example_id, self.name, self.cause, hint)
 
 
 class ExampleSet(Protocol):

@@ -102,7 +102,7 @@ def encode_shard(
                 good.append(i - rows.start)
             except BadImageError as e:
                 if on_bad_image != "skip":
-                    raise
+                    raise e.refused() from e
                 logging.warning("latent cache: skipping bad image: %s", e)
                 bad[i - rows.start] = True
         if not good:

@@ -277,7 +277,7 @@ class PairedBatches:
 
     def _mark_bad(self, index: int, error: BadImageError) -> None:
         if self.on_bad_image == "error":
-            raise error
+            raise error.refused() from error
         self.bad.add(index)
         logging.warning(
             "skipping bad image (%d skipped so far, data.on_bad_image='skip'): %s",

@@ -10,6 +10,7 @@ import os
 
 def __getattr__(name: str):
     # Lazily, so `nsync_jax.models.layers` and friends import without the bundle.
-    if name.startswith("_") or os.path.exists(os.path.join(os.path.dirname(__file__), name + ".py")):
+    submodule = os.path.join(os.path.dirname(__file__), name + ".py")
+    if name.startswith("_") or os.path.exists(submodule):
         raise AttributeError(name)  # A submodule: the import system loads it.
     return getattr(importlib.import_module("nsync_jax.models.stable_diffusion"), name)

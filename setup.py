@@ -26,7 +26,8 @@ setup(
     extras_require={
         # torch (CPU build) and diffusers' PyTorch classes check our loading and export;
         # peft: diffusers' load_lora_weights needs it (tests/test_lora_export.py);
-        # scikit-learn: the style benchmark's digits and scorers (tests/test_digits.py).
+        # scikit-learn: the style benchmark's digits and scorers (tests/test_digits.py);
+        # matplotlib: the style benchmark's plots (a slow test runs the benchmark).
         "bench": ["scikit-learn>=1.4", "matplotlib>=3.8"],
         "test": [
             "pytest>=8",
@@ -37,6 +38,7 @@ setup(
             "diffusers>=0.42",
             "peft>=0.17",
             "scikit-learn>=1.4",
+            "matplotlib>=3.8",
         ],
     },
 )

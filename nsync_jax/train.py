@@ -374,10 +374,19 @@ def make_step_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, bui
     )
 
 
-def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
+def setup(
+    config: ml_collections.ConfigDict,
+    devices=None,
+    base: tuple[models.StableDiffusion, Any] | None = None,
+) -> Trainer:
     """Builds mesh, data, model, scope, optimizer, sharded state, batches, the compiled step.
 
-    `devices` defaults to all of them; tests pass a subset to compare mesh layouts.
+    Args:
+      config: the run's config.
+      devices: all of them by default; tests pass a subset to compare mesh layouts.
+      base: `(model, params)` as `runs.build_base(config)` gives them, already built (and
+        left unchanged: scopes copy what they change), for many set-ups of one base model;
+        None builds it here.
     """
     validate_config(config)
     mesh = make_mesh(config, devices)
@@ -391,8 +400,17 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     negatives = None
     if config.train.mode == "nsync":
         negatives = sources.load_negatives(config.negatives, config.data, config.model.resolution)
-    model, params = runs.build_base(
-        config, shardings_fn=lambda tree: sharding.tree_shardings(mesh, tree)
+    if base is None:
+        base = runs.build_base(
+            config, shardings_fn=lambda tree: sharding.tree_shardings(mesh, tree)
+        )
+    model, params = base
+    del base
+    # Before the state is built: a bucket the model cannot take fails at once.
+    buckets = buckets_lib.resolve(config.data.buckets, config.model.resolution)
+    multiple = models.side_multiple(model.unet, model.vae)
+    buckets_lib.check_multiple(
+        buckets, multiple, f"the VAE and the UNet halve each side {multiple.bit_length() - 1} times"
     )
     built = build_state(config, mesh, model, params)
     del params
@@ -400,11 +418,6 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Trainer:
     # Built (not compiled: jit is lazy) before any latent caching, so a setting the model
     # cannot take, such as a timestep range past its schedule, fails first.
     step_fn = make_step_fn(config, mesh, built)
-    buckets = buckets_lib.resolve(config.data.buckets, config.model.resolution)
-    multiple = models.side_multiple(model.unet, model.vae)
-    buckets_lib.check_multiple(
-        buckets, multiple, f"the VAE and the UNet halve each side {multiple.bit_length() - 1} times"
-    )
 
     supcon = style_contrast.SupconSettings.from_config(config.train)
     view_template = None
@@ -491,6 +504,7 @@ def train(
     workdir: str,
     devices=None,
     config_file: str | None = None,
+    base: tuple[models.StableDiffusion, Any] | None = None,
 ) -> step_lib.TrainState:
     """Runs `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -500,7 +514,8 @@ def train(
     `sample.every` the pictures of the run (`previews.py`); it ends with `run_summary`.
 
     On many processes, every one calls this: they check first that they run the same
-    config and that `workdir` is one shared folder (`hosts`).
+    config and that `workdir` is one shared folder (`hosts`). `base` is `setup`'s: the base
+    model already built (a resume still checks it against the checkpoint's fingerprint).
     """
     hosts.check_same_config(config)
     validate_config(config)
@@ -509,7 +524,7 @@ def train(
     meta = None
     if resume_step is not None:  # A changed config stops here, before anything is built.
         meta = checkpoint.check_resumable(workdir, resume_step, config)
-    trainer = setup(config, devices)
+    trainer = setup(config, devices, base)
     os.makedirs(workdir, exist_ok=True)
     # Created only now, so a set-up error leaves no async machinery behind, and closed on
     # every way out: a save in flight completes (or raises) before the function returns.

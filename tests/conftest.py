@@ -43,6 +43,15 @@ def tiny_sd():
     return runs.build_base(demo.get_config())
 
 
+@pytest.fixture(scope="session")
+def plumbing_sd():
+    """`tests/plumbing.py`'s one-level model and its params as training builds them, once:
+    `plumbing.base()`. Read-only, as `tiny_sd`."""
+    import plumbing
+
+    return plumbing.base()
+
+
 def _save_run(workdir, config, trainable, frozen, ema=None):
     """Writes a step-0 checkpoint of a run with these parameters, as the loop would.
 

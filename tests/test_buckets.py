@@ -116,11 +116,11 @@ def test_bad_buckets_are_named(value, match):
         buckets.resolve(value, 32)
 
 
-def test_a_bucket_the_model_cannot_take_is_named_at_setup(tmp_path):
+def test_a_bucket_the_model_cannot_take_is_named_at_setup(tmp_path, tiny_sd):
     config = demo.get_config()
     config.data.buckets = ((32, 32), (36, 30))  # 30 is not a multiple of the tiny model's 4.
     with pytest.raises(errors.ConfigError, match="bucket 36x30 .* multiple of 4"):
-        train.setup(config, jax.devices()[:8])
+        train.setup(config, jax.devices()[:8], base=tiny_sd)
     config.data.buckets = BUCKETS
     config.data.cache_latents = True
     with pytest.raises(errors.ConfigError, match="cache_latents does not combine"):

@@ -1,8 +1,9 @@
 """Checkpoints: exact resume, damage and incompatibility detection, keep-last-K, SIGTERM.
 
 Unit tests use a small hand-made `TrainState` (no diffusion model). The end-to-end tests
-train the tiny demo model a few steps; those that run `launch/train.py` in subprocesses
-(SIGKILL and SIGTERM, then resume) take minutes on two cores and are marked slow.
+train the demo config's run a few steps on the one-level plumbing model (`plumbing.py`,
+its base built once); those that run `launch/train.py` in subprocesses (SIGKILL and
+SIGTERM, then resume) take minutes on two cores and are marked slow.
 """
 
 import glob
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import plumbing
 import pytest
 import tensorboard_events
 
@@ -272,6 +274,7 @@ def test_load_run_config_and_restore_trainable_for_export(tmp_path):
 
 
 _DEMO = {
+    **plumbing.MODEL,
     "train.num_steps": 5,
     "train.batch_size": 8,
     "data.demo_count": 16,
@@ -289,8 +292,13 @@ def _demo_config(**overrides):
     return config
 
 
+def _train(config, workdir):
+    """`train.train` on the plumbing model's base, built once (`plumbing.base()`)."""
+    return train_lib.train(config, str(workdir), base=plumbing.base())
+
+
 def _train_in_process(workdir, **overrides):
-    state = train_lib.train(_demo_config(**overrides), str(workdir))
+    state = _train(_demo_config(**overrides), workdir)
     return _host((state.trainable, state.opt_state))
 
 
@@ -352,13 +360,13 @@ def test_ctrl_c_saves_the_step_reached_interrupts_and_resumes_exactly(
 def test_loop_resumes_amortized_negatives_exactly_mid_period(tmp_path):
     # g− is fresh at steps 0 and 3; a resume at step 4 must reuse step 3's saved g−.
     overrides = {"train.scope": "textual_inversion", "nsync.negative_every": 3}
-    reference = train_lib.train(_demo_config(**overrides), str(tmp_path / "ref"))
+    reference = _train(_demo_config(**overrides), str(tmp_path / "ref"))
     workdir = tmp_path / "run"
     shutil.copytree(tmp_path / "ref", workdir)
     shutil.rmtree(checkpoint.step_dir(workdir, 5))
     meta = checkpoint.load_metadata(str(workdir), 4)
     assert any(name.startswith("negative.grad.") for name in meta["checksums"])
-    resumed = train_lib.train(_demo_config(**overrides), str(workdir))
+    resumed = _train(_demo_config(**overrides), str(workdir))
     _assert_trees_equal(
         _host((resumed.trainable, resumed.opt_state, resumed.negative)),
         _host((reference.trainable, reference.opt_state, reference.negative)),
@@ -384,14 +392,14 @@ _OPTIONS = {
 
 
 def test_loop_with_ema_and_every_option_resumes_exactly(tmp_path):
-    reference = train_lib.train(_demo_config(**_OPTIONS), str(tmp_path / "ref"))
+    reference = _train(_demo_config(**_OPTIONS), str(tmp_path / "ref"))
     workdir = tmp_path / "run"
     shutil.copytree(tmp_path / "ref", workdir)
     shutil.rmtree(checkpoint.step_dir(workdir, 5))
     assert any(
         name.startswith("ema.") for name in checkpoint.load_metadata(str(workdir))["checksums"]
     )
-    resumed = train_lib.train(_demo_config(**_OPTIONS), str(workdir))
+    resumed = _train(_demo_config(**_OPTIONS), str(workdir))
     _assert_trees_equal(
         _host((resumed.trainable, resumed.opt_state, resumed.ema)),
         _host((reference.trainable, reference.opt_state, reference.ema)),
@@ -441,20 +449,16 @@ def test_a_checkpoint_from_before_the_training_options_resumes_without_them(tmp_
 def test_loop_refuses_a_changed_config(finetune_reference):
     ref_dir, _ = finetune_reference
     with pytest.raises(ValueError, match=r"\['nsync\.rule'\]"):
-        train_lib.train(_demo_config(**{"train.mode": "finetune", "nsync.rule": "v41"}), ref_dir)
+        _train(_demo_config(**{"train.mode": "finetune", "nsync.rule": "v41"}), ref_dir)
     with pytest.raises(ValueError, match="model.tiny.unet_channels"):
-        train_lib.train(
+        train_lib.train(  # Refused before any model is built.
             _demo_config(**{"train.mode": "finetune", "model.tiny.unet_channels": (32, 32)}),
             ref_dir,
         )
     with pytest.raises(FileNotFoundError, match="restore_step=3: no such checkpoint"):
-        train_lib.train(
-            _demo_config(**{"train.mode": "finetune", "checkpoint.restore_step": 3}), ref_dir
-        )
+        _train(_demo_config(**{"train.mode": "finetune", "checkpoint.restore_step": 3}), ref_dir)
     with pytest.raises(ValueError, match="newer checkpoints \\[5\\]"):
-        train_lib.train(
-            _demo_config(**{"train.mode": "finetune", "checkpoint.restore_step": 4}), ref_dir
-        )
+        _train(_demo_config(**{"train.mode": "finetune", "checkpoint.restore_step": 4}), ref_dir)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # TensorStore.
@@ -465,7 +469,7 @@ def test_loop_stops_on_a_damaged_latest_checkpoint(finetune_reference, tmp_path)
     latest = checkpoint.step_dir(workdir, 5)
     os.remove(max(glob.glob(os.path.join(latest, checkpoint.STATE, "d", "*")), key=os.path.getsize))
     with pytest.raises(checkpoint.CheckpointError, match=latest):
-        train_lib.train(_demo_config(**{"train.mode": "finetune", "train.num_steps": 7}), workdir)
+        _train(_demo_config(**{"train.mode": "finetune", "train.num_steps": 7}), workdir)
     assert checkpoint.saved_steps(workdir) == [4, 5]  # Nothing overwritten, no fresh start.
 
 
@@ -659,21 +663,21 @@ def test_loop_on_a_folder_resumes_and_refuses_changed_files(tmp_path, caplog):
         "checkpoint.every": 2,
     }
     workdir = tmp_path / "run"
-    train_lib.train(_demo_config(**overrides), str(workdir))
+    _train(_demo_config(**overrides), str(workdir))
     assert checkpoint.saved_steps(workdir) == [2]
     meta = checkpoint.load_metadata(str(workdir), 2)
     assert meta["data"]["positives"]["source"]["kind"] == "folder"
     with caplog.at_level("INFO"):
-        state = train_lib.train(_demo_config(**{**overrides, "train.num_steps": 3}), str(workdir))
+        state = _train(_demo_config(**{**overrides, "train.num_steps": 3}), str(workdir))
     assert "resuming from step 2" in caplog.text and int(state.step) == 3
     image = data_dir / "5.png"
     os.utime(image, ns=(1, 10**18))  # Copied elsewhere: same bytes, other time.
-    train_lib.train(_demo_config(**{**overrides, "train.num_steps": 4}), str(workdir))
+    _train(_demo_config(**{**overrides, "train.num_steps": 4}), str(workdir))
     data = bytearray(image.read_bytes())
     data[-20] ^= 1  # Rewritten: same size, other bytes.
     image.write_bytes(bytes(data))
     with pytest.raises(checkpoint.CheckpointError, match=r"positives\.source"):
-        train_lib.train(_demo_config(**{**overrides, "train.num_steps": 4}), str(workdir))
+        _train(_demo_config(**{**overrides, "train.num_steps": 4}), str(workdir))
 
 
 def test_a_checkpoint_of_the_old_format_is_refused_clearly(tmp_path):

@@ -1,15 +1,17 @@
 """Tests of nsync_jax/data/latents.py: the cache's layout, bad images, and that training
-on cached moments gives the pixel path's loss for the same rng (tiny model)."""
+on cached moments gives the pixel path's loss for the same rng (the one-level plumbing
+model, `plumbing.py`)."""
 
 import functools
 import logging
 
 import jax
 import numpy as np
+import plumbing
 import pytest
 
 from configs import demo as demo_config
-from nsync_jax import diffusion, models, scope, step
+from nsync_jax import diffusion, scope, step
 from nsync_jax.data import demo, pipeline
 from nsync_jax.data.examples import LazyExamples
 from nsync_jax.data.latents import LatentCache, assemble, build_latent_cache, encode_shard
@@ -92,15 +94,9 @@ def test_all_bad_is_an_error():
         build_latent_cache(_lazy(2, bad=(0, 1)), _moments, 4, "skip", 4)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    config = demo_config.get_config()
-    model, params = models.build_tiny(config.model, jax.random.key(0))
-    return config, model, params
-
-
-def test_cached_moments_give_the_pixel_loss(tiny):
-    config, model, params = tiny
+def test_cached_moments_give_the_pixel_loss(plumbing_sd):
+    config = plumbing.config()
+    model, params = plumbing_sd
     the_scope = scope.UnetScope()
     trainable, frozen = the_scope.split(params)
     positives = demo.demo_examples(6, config.model.resolution, 0, True)

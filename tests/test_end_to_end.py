@@ -1,33 +1,38 @@
-"""The paths a user takes, end to end through `launch/*.py` run as subprocesses.
+"""The paths a user takes, end to end through `launch/*.py`.
 
 A base model folder written by diffusers' and transformers' PyTorch `save_pretrained`
 (tiny, in the layout transformers 5 writes and in the hub's older one), positives from a
 folder of images of mixed sizes with `metadata.jsonl` and from TFDS, negatives generated
 into a store, training in `nsync` mode on it, a SIGTERM mid-run and a resume, sampling,
 export loaded by diffusers' PyTorch classes, and evaluation with tiny embedder weights the
-test writes. Every subprocess shares the JAX compilation cache of the test session.
+test writes.
 
-The one chain of every launch script is in the default suite; the scope matrix and the
-TFDS chain take minutes on two cores and are marked slow.
+The README walk-through runs twice: in this process in the default suite (each launch
+script run as its command would run it, `tests/launch_in_process.py`: flags, `cli.run`,
+exit status, the SIGTERM raised in this process), and as subprocesses, marked slow, as a
+user types it. The subprocesses share the JAX compilation cache of the test session. The
+scope matrix and the TFDS chain take minutes on two cores and are slow too.
 """
 
+import glob
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import diffusers
 import jax
+import launch_in_process
 import numpy as np
 import pytest
+import sd_folders
+import torch
 from PIL import Image
 
 from nsync_jax import checkpoint, metrics
-
-sd_folders = pytest.importorskip("sd_folders")
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 900
@@ -75,23 +80,66 @@ def launch(script: str, values: dict, expect: int = 0) -> subprocess.CompletedPr
     return result
 
 
-def start_and_signal(values: dict, workdir, sig, after_step: int, log_path):
-    """Starts `launch/train.py`, sends `sig` once checkpoint `after_step` exists."""
+def first_save_started(workdir) -> bool:
+    """Whether the run in `workdir` has begun writing checkpoint 1 (orbax's temporary
+    folder, then `1/`): a signal now stops it a step or two later, well before the end."""
+    return bool(glob.glob(os.path.join(checkpoint.checkpoint_dir(workdir), "1*")))
+
+
+def start_and_signal(values: dict, workdir, sig, log_path):
+    """Starts `launch/train.py` in a subprocess; sends `sig` once its first save started.
+
+    Returns:
+      (exit status, its stdout and stderr).
+    """
     command = [sys.executable, "launch/train.py", *_flags(values)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log, stderr=log)
         try:
             deadline = time.monotonic() + TIMEOUT
-            while not os.path.isdir(checkpoint.step_dir(workdir, after_step)):
+            while not first_save_started(workdir):
                 assert proc.poll() is None, open(log_path).read()[-4000:]
                 assert time.monotonic() < deadline, "no checkpoint in time"
-                time.sleep(0.05)
+                time.sleep(0.005)
             proc.send_signal(sig)
             rc = proc.wait(timeout=TIMEOUT)
         finally:
             if proc.poll() is None:
                 proc.kill()
     return rc, open(log_path).read()
+
+
+def train_in_process_until_sigterm(values: dict, workdir):
+    """Runs `launch/train.py` in this process and SIGTERMs this process (as a scheduler's
+    preemption does) once the first save started.
+
+    Until the run is over, SIGTERM is caught here if the run's own handler is not
+    installed, so a signal that comes too late fails the test instead of ending pytest.
+
+    Returns:
+      (exit status, stderr and log lines).
+    """
+    late, done = [], threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))
+
+    def preempt():
+        deadline = time.monotonic() + TIMEOUT
+        while not first_save_started(workdir):
+            if done.is_set() or time.monotonic() > deadline:
+                return
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=preempt, daemon=True)
+    thread.start()
+    try:
+        result = launch_in_process.run("train", values, expect=None)
+    finally:
+        done.set()
+        thread.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert not late, "SIGTERM came after the run ended: it had no step left to stop at"
+    return result.returncode, result.stderr
 
 
 def write_style_folder(root) -> str:
@@ -172,37 +220,53 @@ def assert_loads_in_diffusers(export_dir, base, trained_unet=True):
     return pipe
 
 
-def test_readme_walk_through_on_a_folder_and_a_save_pretrained_checkpoint(
-    base_t5, style_folder, tmp_path
-):
-    """README "Your own data": negatives, training (SIGTERM, resume), sample, export, evaluate,
-    on configs/monet.py (textual inversion, cached latents) with a transformers-5 base."""
+# The walk-through's training run: long enough that a SIGTERM after the first save stops it
+# before the end, so the resume has steps left to do.
+WALK_THROUGH_STEPS = 4
+
+
+def readme_walk_through(launch_script, train_until_sigterm, base, style_folder, tmp_path, **sizes):
+    """README "Your own data": negatives, training (SIGTERM, resume), sample, export,
+    evaluate, on configs/monet.py (textual inversion, cached latents).
+
+    Args:
+      launch_script: `(script, {flag: value}) -> result` with `.stderr`; asserts exit 0.
+      train_until_sigterm: `({flag: value}, workdir) -> (exit status, log)`.
+      base: the pretrained folder.
+      style_folder: the positives' folder.
+      tmp_path: where the run's files go.
+      **sizes: more config overrides of the stand-ins (dotted names).
+    """
     store, workdir = tmp_path / "negatives", tmp_path / "run"
     values = run_flags(
-        base_t5,
+        base,
         {"source": "folder", "path": style_folder},
-        **{"negatives.path": store, "train.num_steps": 4, "checkpoint.every": 1},
+        **{
+            "negatives.path": store,
+            "train.num_steps": WALK_THROUGH_STEPS,
+            "checkpoint.every": 1,
+            **sizes,
+        },
     )
-    result = launch("generate_negatives", values)
+    result = launch_script("generate_negatives", values)
     assert "complete" in result.stderr
     assert len(open(store / "manifest.jsonl").readlines()) == len(CAPTIONS)
 
-    rc, log = start_and_signal(
-        {**values, "workdir": workdir}, workdir, signal.SIGTERM, 1, tmp_path / "train.log"
-    )
+    rc, log = train_until_sigterm({**values, "workdir": workdir}, workdir)
     assert rc == 0, log[-4000:]
     assert "Traceback" not in log
     stopped = checkpoint.latest_step(str(workdir))
     assert f"preempted: saved step {stopped}" in log
-    if stopped < 4:
-        resumed = launch("train", {**values, "workdir": workdir})
-        assert f"resuming from step {stopped}" in resumed.stderr
-        assert "read only" not in resumed.stderr  # Orbax's note on read-only managers.
-    assert checkpoint.latest_step(str(workdir)) == 4
-    assert [r["step"] for r in metrics.read_metrics(str(workdir))] == [1, 2, 3, 4]
+    assert 1 <= stopped < WALK_THROUGH_STEPS, f"stopped at {stopped}: no resume to check"
+    resumed = launch_script("train", {**values, "workdir": workdir})  # The same command.
+    assert f"resuming from step {stopped}" in resumed.stderr
+    assert "read only" not in resumed.stderr  # Orbax's note on read-only managers.
+    assert checkpoint.latest_step(str(workdir)) == WALK_THROUGH_STEPS
+    rows = metrics.read_metrics(str(workdir))
+    assert [r["step"] for r in rows] == list(range(1, WALK_THROUGH_STEPS + 1))
 
     samples = tmp_path / "samples"
-    launch(
+    launch_script(
         "sample",
         {
             **values,
@@ -214,15 +278,15 @@ def test_readme_walk_through_on_a_folder_and_a_save_pretrained_checkpoint(
     assert (samples / "grid.png").is_file()
 
     export_dir = tmp_path / "export"
-    result = launch("export", {"workdir": workdir, "output": export_dir})
-    assert "exporting step 4" in result.stderr
+    result = launch_script("export", {"workdir": workdir, "output": export_dir})
+    assert f"exporting step {WALK_THROUGH_STEPS}" in result.stderr
     assert "read only" not in result.stderr
-    pipe = assert_loads_in_diffusers(str(export_dir), base_t5, trained_unet=False)
+    pipe = assert_loads_in_diffusers(str(export_dir), base, trained_unet=False)
     pipe.load_textual_inversion(str(export_dir))
     assert "<monet>" in pipe.tokenizer.get_vocab()
 
     clip = sd_folders.tiny_clip(tmp_path / "clip")
-    launch(
+    launch_script(
         "evaluate",
         {
             **values,
@@ -232,8 +296,31 @@ def test_readme_walk_through_on_a_folder_and_a_save_pretrained_checkpoint(
             "config.eval.real_dir": style_folder,
         },
     )
-    report = json.loads((workdir / "eval" / "4" / "metrics.json").read_text())
+    report = json.loads((workdir / "eval" / str(WALK_THROUGH_STEPS) / "metrics.json").read_text())
     assert np.isfinite(report["cmmd"]) and report["num_images"] == len(CAPTIONS)
+
+
+def test_readme_walk_through_in_process(base_t5, style_folder, tmp_path):
+    """The walk-through's commands in this process, on a transformers-5 base."""
+    readme_walk_through(
+        launch_in_process.run,
+        train_in_process_until_sigterm,
+        base_t5,
+        style_folder,
+        tmp_path,
+        # conftest.py's 8 devices: monet.py's global batch of 2 does not divide over them.
+        **{"train.batch_size": 8},
+    )
+
+
+@pytest.mark.slow
+def test_readme_walk_through_as_commands(base_t5, style_folder, tmp_path):
+    """The walk-through's commands as a user types them, each its own process."""
+
+    def train_until_sigterm(values, workdir):
+        return start_and_signal(values, workdir, signal.SIGTERM, tmp_path / "train.log")
+
+    readme_walk_through(launch, train_until_sigterm, base_t5, style_folder, tmp_path)
 
 
 @pytest.fixture(scope="module")

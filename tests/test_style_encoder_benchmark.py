@@ -118,15 +118,28 @@ def test_palette_folder_captions_name_the_style_and_fit_the_tiny_tokenizer(tmp_p
     assert image.shape == (8, 8, 3)
 
 
+def _micro_frame_base(cache) -> str:
+    """A digits base of the frame testbed pretrained 20 steps, as `style_benchmark.py
+    --testbed frame --base_steps 20` makes it (<cache>/frame-base-20/base)."""
+    import style_benchmark
+
+    from nsync_jax import train
+
+    cache = os.path.join(str(cache), "frame-base-20")
+    base = os.path.join(cache, "base")
+    train.train(style_benchmark.base_config(cache, 20, "frame"), base)
+    return base
+
+
 @pytest.mark.slow
 def test_driver_micro_end_to_end(tmp_path):
-    """Every method of one seed at micro sizes on the pretrained digits base; a second
-    sitting reruns nothing."""
+    """Every method of one seed at micro sizes on a digits base (`NSYNC_DIGITS_BASE`, e.g.
+    the benchmark's 12000-step one; else a 20-step base made here); a second sitting reruns
+    nothing."""
     import style_encoder_benchmark as driver
 
-    base = os.environ.get("NSYNC_DIGITS_BASE", driver.DEFAULT_BASE)
-    if not os.path.isdir(base):
-        pytest.skip(f"no pretrained digits base at {base} (style_benchmark.py --testbed frame)")
+    base = os.environ.get("NSYNC_DIGITS_BASE") or _micro_frame_base(tmp_path / "cache")
+    assert os.path.isdir(base), f"no digits base at {base}"
     command = [sys.executable, os.path.join(ROOT, "benchmarks", "style_encoder_benchmark.py")]
     flags = (
         f"--out {tmp_path}/o --base {base} --seeds 0 --train_per_style 8 --refs 1 "

@@ -5,6 +5,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import plumbing
 import pytest
 import tensorboard_events
 
@@ -12,11 +13,11 @@ from configs import demo, monet
 from nsync_jax import errors, loop, metrics, step, train
 
 
-def test_demo_run_writes_metrics_and_tensorboard(tmp_path):
+def test_demo_run_writes_metrics_and_tensorboard(tmp_path, tiny_sd):
     config = demo.get_config()
     config.train.num_steps, config.log.every = 4, 2
     config.mesh.data, config.mesh.fsdp = 2, 4
-    state = train.train(config, str(tmp_path))
+    state = train.train(config, str(tmp_path), base=tiny_sd)
     assert int(state.step) == 4
     rows = metrics.read_metrics(str(tmp_path))
     assert [r["step"] for r in rows] == [2, 4]
@@ -76,11 +77,11 @@ def test_bad_config_is_rejected_before_building(field, value, match):
         train.setup(config)
 
 
-def test_a_timestep_range_past_the_models_schedule_fails_at_setup():
+def test_a_timestep_range_past_the_models_schedule_fails_at_setup(tiny_sd):
     config = demo.get_config()
     config.train.timestep_max = config.model.tiny.num_train_timesteps + 1
     with pytest.raises(errors.ConfigError, match="schedule has 1000 timesteps"):
-        train.setup(config, jax.devices()[:8])
+        train.setup(config, jax.devices()[:8], base=tiny_sd)
 
 
 @pytest.mark.parametrize(
@@ -91,9 +92,9 @@ def test_a_timestep_range_past_the_models_schedule_fails_at_setup():
         ("lora_ti", "nsync", "adamw", "warmup_cosine"),
     ],
 )
-def test_training_options_in_every_scope(scope, mode, optimizer, schedule):
+def test_training_options_in_every_scope(scope, mode, optimizer, schedule, plumbing_sd):
     # The unet scope runs with every option in test_checkpoint's exact-resume test.
-    config = demo.get_config()
+    config = plumbing.config()
     config.train.update(
         scope=scope,
         mode=mode,
@@ -107,7 +108,7 @@ def test_training_options_in_every_scope(scope, mode, optimizer, schedule):
     config.data.update(demo_count=8, caption_dropout=0.5)
     config.optim.update(name=optimizer, schedule=schedule, warmup_steps=1, final_lr_fraction=0.1)
     config.mesh.fsdp = 2
-    trainer = train.setup(config, jax.devices()[:8])
+    trainer = train.setup(config, jax.devices()[:8], base=plumbing_sd)
     before = jax.device_get(trainer.state.trainable)
     timer = loop.StepTimer()  # Keeps the last step's metrics.
     state = loop.run(trainer, trainer.state, 2, [timer])

@@ -1,10 +1,11 @@
 """The demo config with the smallest model that still has every part, for tests of
 plumbing (checkpoints and resumes, data paths, scopes, hooks), not of numerics.
 
-One UNet level (no down- or up-sampling, one cross-attention block each way), a one-block
-VAE, one CLIP text layer and 16 tokens: every compile of its training step costs a
-fraction of the demo model's, which is what the default suite spends its time on. Tests
-of what the model computes keep the demo config (`configs/demo.py`) or real shapes.
+One UNet level (no down- or up-sampling; the text enters through the middle block's
+cross-attention), a one-block VAE, one CLIP text layer and 16 tokens: every compile of its
+training step costs a fraction of the demo model's, and compiling is what the default
+suite spends its time on. Tests of what the model computes keep the demo config
+(`configs/demo.py`) or real shapes.
 
 Tests import this module as `import plumbing` (pytest puts `tests/` on `sys.path`);
 `conftest.py`'s `plumbing_sd` fixture is `base()`.

@@ -6,7 +6,7 @@ Two layouts of `pytorch_lora_weights.safetensors` (module paths from `weights.to
   natively, and what its own LoRA scripts write):
       unet.<module>.lora_A.weight            [r, in]        conv: [r, in, kh, kw]
       unet.<module>.lora_B.weight            [out, r]       conv: [out, r, 1, 1]
-      text_encoder.text_model.encoder.layers.N.self_attn.q_proj.lora_A.weight ...
+      text_encoder.encoder.layers.N.self_attn.q_proj.lora_A.weight ...
   This layout has no per-layer `.alpha` key (the loader rejects one); alpha and the
   targets go in the header as `lora_adapter_metadata` (JSON of `unet.r`,
   `unet.lora_alpha`, `unet.target_modules`, ... as diffusers writes it), or, with
@@ -33,7 +33,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
-from nsync_jax import lora, models
+from nsync_jax import lora, models, weights
 from nsync_jax import scope as scope_lib
 from nsync_jax.torch_files import save_learned_tokens, to_numpy
 
@@ -83,6 +83,8 @@ def peft_state_dict(
     state, targets = {}, {}
     scale_b = settings.scale if fold_alpha else 1.0
     for component, name, a, b in adapter_layers(adapters):
+        if component == "text_encoder":  # transformers 5 names the modules without it.
+            name = name.removeprefix(weights.TEXT_MODEL_PREFIX)
         state[f"{component}.{name}.lora_A.weight"] = a
         state[f"{component}.{name}.lora_B.weight"] = b * np.float32(scale_b)
         targets.setdefault(component, []).append(name)

@@ -78,6 +78,8 @@ def _expected(trainable, fold_alpha):
     """The PEFT state dict the loaded model must hold, per component."""
     expected = {"unet": {}, "text_encoder": {}}
     for component, name, a, b in lora_export.adapter_layers(trainable["lora"]):
+        # The installed transformers' module names (transformers 5: no `text_model.`).
+        name = name.removeprefix("text_model.")
         expected[component][f"{name}.lora_A.weight"] = a
         expected[component][f"{name}.lora_B.weight"] = b * (ALPHA / RANK if fold_alpha else 1)
     return expected
@@ -125,7 +127,7 @@ def test_layout_keys_and_alpha(trained, tmp_path):
         res_a = f.get_tensor("unet.mid_block.resnets.0.conv1.lora_A.weight")
     assert conv_a.shape == (RANK, 32, 1, 1) and conv_b.shape == (64, RANK, 1, 1)
     assert res_a.shape == (RANK, 64, 3, 3)
-    assert "text_encoder.text_model.encoder.layers.1.self_attn.q_proj.lora_B.weight" in keys
+    assert "text_encoder.encoder.layers.1.self_attn.q_proj.lora_B.weight" in keys
     assert not any(k.endswith(".alpha") for k in keys)
     config = json.loads(metadata[lora_export.METADATA_KEY])
     assert config["unet.lora_alpha"] == ALPHA and config["text_encoder.r"] == RANK

@@ -49,6 +49,7 @@ def test_parts_of_another_setting_do_not_merge(tmp_path):
 def test_a_cut_run_resumes_from_its_parts(tmp_path):
     """Micro sizes, two sittings: the second adds a seed and reruns nothing finished."""
     import matplotlib  # noqa: F401  (the plots; in the test extra: fail, never skip)
+
     base = [sys.executable, os.path.join(ROOT, "benchmarks", "style_benchmark.py")]
     flags = "--base_steps 20 --steps 2 --per_class 1 --evals 2 --style_count 16"
     flags += f" --methods finetune --scopes unet --cache {tmp_path}/c --out {tmp_path}/o"
